@@ -1,0 +1,29 @@
+"""dograph_jax: DoGraph data mixing for language-model pretraining, in JAX.
+
+The public surface (optax-style facade over one-concern modules):
+
+* :func:`per_sample_grads`, :func:`per_sample_loss_and_grads` — ``g_i``;
+* :func:`sketch` — random projections ``z_i = R g_i``;
+* :func:`kmeans` — jit-stable Lloyd's K-means;
+* :func:`domain_stats` — per-domain statistics and the similarity graph;
+* :func:`solve_weights` — one weight per domain on the simplex;
+* :func:`dograph_transform` — all of it as an optax transformation;
+* :func:`sample_coefficients` — ``a_i`` for the weighted-loss form.
+"""
+
+from dograph_jax.domain_stats import DomainStats, domain_stats
+from dograph_jax.kmeans import KMeansResult, kmeans
+from dograph_jax.objectives import OBJECTIVES, solve_weights
+from dograph_jax.per_sample import per_sample_grads, per_sample_loss_and_grads
+from dograph_jax.sketch import sketch
+from dograph_jax.transform import (STATIC_ARGS, DoGraphState, dograph_transform,
+                                   sample_coefficients)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DoGraphState", "DomainStats", "KMeansResult", "OBJECTIVES", "STATIC_ARGS",
+    "domain_stats", "dograph_transform", "kmeans", "per_sample_grads",
+    "per_sample_loss_and_grads", "sample_coefficients", "sketch",
+    "solve_weights",
+]

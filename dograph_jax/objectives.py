@@ -1,0 +1,200 @@
+"""Domain weights on the simplex: the four objectives of DESIGN §3.
+
+``w`` lives on the simplex over the domains present in the batch (an empty
+domain has no mean gradient, so it gets weight exactly 0); ``u`` is uniform on
+those domains. Every objective can add the graph term
+``lambda_graph * w^T Lap w`` (similar domains get similar weights).
+
+* ``"uncertainty"`` (default, the paper's best):
+  ``min sum_j w_j^2 (s2_j + eps_abs)``, closed form
+  ``w_j ∝ 1 / (s2_j + eps_abs)``; with the graph term a convex QP.
+  ``eps_abs = eps * mean_j s2_j``; domains with fewer than two samples have no
+  variance of their own and use the batch's pooled within-domain variance.
+* ``"variance"``: ``min sum_j (w_j a_j - mean_l w_l a_l)^2
+  + lambda_dir ||g(w) - g_bar||^2``, ``a_j = ||mu_j||``, ``g(w) = sum_j w_j
+  mu_j``; a convex QP.
+* ``"robust"``: ``max sum_j w_j L_j - temperature * KL(w || u)``, closed form
+  ``softmax(L / temperature)``; with the graph term it is solved by mirror
+  descent (exponentiated gradient) with step ``1 / (temperature + 2
+  lambda_graph ||Lap||)``, whose fixed point is the optimum.
+* ``"alignment"``: ``max sum_j w_j cos(mu_j, g(w)) - lambda_align/2 ||w -
+  u||^2``; non-convex. Solved by ``num_steps`` damped fixed-point steps
+  ``w <- (w + P(u + grad h(w) / lambda_align)) / 2`` with ``h`` the objective
+  without the proximity term and ``P`` the simplex projection: a projected
+  gradient ascent step of size ``1/lambda_align``, whose fixed points are the
+  objective's stationary points. When ``grad h`` is the vector of cosines
+  (which it is up to the dependence of ``g(w)`` on ``w``) this moves ``w``
+  toward the domains best aligned with the update, as DESIGN §3 describes.
+
+Quadratic programmes go through :mod:`dograph_jax.simplex` (jaxopt's
+``ProjectedGradient`` + ``projection_simplex``, or the optax fallback).
+
+Every hyperparameter may be a traced scalar (``optax.inject_hyperparams``):
+no Python control flow depends on their values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from dograph_jax import simplex
+from dograph_jax.domain_stats import DomainStats
+
+Objective = Literal["uncertainty", "variance", "robust", "alignment"]
+OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _uniform(mask_M):
+  """Uniform on the present domains; uniform on all if none is present."""
+  n = jnp.sum(mask_M)
+  return jnp.where(n > 0, jnp.where(mask_M, 1.0, 0.0) / jnp.maximum(n, 1),
+                   1.0 / mask_M.shape[0])
+
+
+def _masked_softmax(logits_M, mask_M):
+  logits = jnp.where(mask_M, logits_M, -jnp.inf)
+  top = jnp.max(logits)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  e = jnp.where(mask_M, jnp.exp(logits - top), 0.0)
+  total = jnp.sum(e)
+  return jnp.where(total > 0, e / jnp.where(total > 0, total, 1.0),
+                   _uniform(mask_M))
+
+
+def effective_variances(stats: DomainStats, eps=1e-6) -> jax.Array:
+  """``s2_j + eps_abs`` as used by ``"uncertainty"`` (module docstring)."""
+  present = stats.counts > 0
+  s2 = jnp.where(stats.counts >= 2, stats.variances, stats.pooled_variance)
+  s2 = jnp.where(present, s2, 0.0)
+  mean = jnp.sum(s2) / jnp.maximum(jnp.sum(present), 1)
+  # The tiny absolute term keeps 1/s2 finite when every variance is 0.
+  return s2 + eps * mean + 1e-30
+
+
+def _uncertainty(stats, lambda_graph, eps, num_steps, backend):
+  present = stats.counts > 0
+  s2 = effective_variances(stats, eps)
+
+  def closed_form():
+    inv = jnp.where(present, 1.0 / s2, 0.0)
+    total = jnp.sum(inv)
+    return jnp.where(total > 0, inv / jnp.where(total > 0, total, 1.0),
+                     _uniform(present))
+
+  def with_graph():
+    q = 2.0 * (jnp.diag(s2) + lambda_graph * stats.laplacian)
+    return simplex.minimize_quadratic(q, jnp.zeros_like(s2), present,
+                                      init=closed_form(), maxiter=num_steps,
+                                      backend=backend)
+
+  return jax.lax.cond(lambda_graph > 0, with_graph, closed_form)
+
+
+def variance_qp(stats: DomainStats, lambda_dir=1.0, lambda_graph=0.0):
+  """``(Q, c)`` of the ``"variance"`` objective as ``0.5 w^T Q w + c^T w``."""
+  present = stats.counts > 0
+  pf = present.astype(jnp.float32)
+  a = jnp.sqrt(jnp.maximum(jnp.diag(stats.gram), 0.0)) * pf
+  centering = jnp.diag(pf) - jnp.outer(pf, pf) / jnp.maximum(jnp.sum(pf), 1.0)
+  q = 2.0 * (a[:, None] * centering * a[None, :])
+  q = q + 2.0 * lambda_dir * stats.gram + 2.0 * lambda_graph * stats.laplacian
+  c = -2.0 * lambda_dir * jnp.dot(stats.means, stats.batch_mean, precision=_HI)
+  return q, c
+
+
+def _variance(stats, lambda_dir, lambda_graph, num_steps, backend):
+  q, c = variance_qp(stats, lambda_dir, lambda_graph)
+  return simplex.minimize_quadratic(q, c, stats.counts > 0,
+                                    maxiter=num_steps, backend=backend)
+
+
+def _robust(stats, temperature, lambda_graph, num_steps):
+  present = stats.counts > 0
+  tau = jnp.maximum(temperature, 1e-6)
+  start = _masked_softmax(stats.losses / tau, present)
+
+  def with_graph():
+    lap_norm = jnp.max(jnp.abs(jnp.linalg.eigvalsh(stats.laplacian)))
+    eta = 1.0 / (tau + 2.0 * lambda_graph * lap_norm)
+
+    def step(_, w):
+      m = jnp.maximum(jnp.sum(present), 1)
+      log_w = jnp.log(jnp.where(present, jnp.maximum(w, 1e-38), 1.0))
+      grad = (-stats.losses + tau * (log_w + jnp.log(m) + 1.0)
+              + 2.0 * lambda_graph * jnp.dot(stats.laplacian, w, precision=_HI))
+      return _masked_softmax(log_w - eta * grad, present)
+
+    return jax.lax.fori_loop(0, num_steps, step, start)
+
+  return jax.lax.cond(lambda_graph > 0, with_graph, lambda: start)
+
+
+def alignment_value(w_M, stats: DomainStats, lambda_align=1.0, lambda_graph=0.0):
+  """The ``"alignment"`` objective (to maximise) at ``w``."""
+  present = stats.counts > 0
+  return (_alignment_h(w_M, stats, lambda_graph)
+          - 0.5 * lambda_align * jnp.sum((w_M - _uniform(present))**2))
+
+
+def _alignment_h(w_M, stats, lambda_graph):
+  g_K = jnp.dot(w_M, stats.means, precision=_HI)
+  g_norm = jnp.sqrt(jnp.sum(g_K**2) + 1e-30)
+  mu_norm = jnp.sqrt(jnp.diag(stats.gram) + 1e-30)
+  cos_M = jnp.dot(stats.means, g_K, precision=_HI) / (mu_norm * g_norm)
+  cos_M = jnp.where(stats.counts > 0, cos_M, 0.0)
+  return (jnp.dot(w_M, cos_M)
+          - lambda_graph * jnp.dot(w_M, jnp.dot(stats.laplacian, w_M, precision=_HI)))
+
+
+def _alignment(stats, lambda_align, lambda_graph, num_steps, backend):
+  present = stats.counts > 0
+  u = _uniform(present)
+  lam = jnp.maximum(lambda_align, 1e-6)
+  grad_h = jax.grad(_alignment_h)
+
+  def step(_, w):
+    target = simplex.project_simplex(u + grad_h(w, stats, lambda_graph) / lam,
+                                     present, backend)
+    return 0.5 * (w + target)
+
+  return jax.lax.fori_loop(0, num_steps, step, u)
+
+
+def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
+                  lambda_graph=0.0, temperature=1.0, lambda_dir=1.0,
+                  lambda_align=1.0, eps=1e-6, num_steps: int = 200,
+                  backend: simplex.Backend = "auto") -> jax.Array:
+  """One weight per model-centric domain, on the simplex (DESIGN §3).
+
+  Args:
+    stats: :class:`~dograph_jax.domain_stats.DomainStats` of the batch.
+    objective: ``"uncertainty"``, ``"variance"``, ``"robust"`` or
+      ``"alignment"`` (module docstring for the formulas).
+    lambda_graph: weight of the Laplacian term ``w^T Lap w`` (all objectives).
+    temperature: ``tau`` of ``"robust"``.
+    lambda_dir: weight of the direction-keeping term of ``"variance"``.
+    lambda_align: proximity-to-uniform weight of ``"alignment"``.
+    eps: relative variance floor of ``"uncertainty"``.
+    num_steps: iteration budget of the iterative solvers (static).
+    backend: QP backend, see :mod:`dograph_jax.simplex`.
+
+  Returns:
+    ``weights_M``, float32, non-negative, summing to 1, zero on empty domains
+    (uniform if every domain is empty).
+  """
+  if objective == "uncertainty":
+    w = _uncertainty(stats, lambda_graph, eps, num_steps, backend)
+  elif objective == "variance":
+    w = _variance(stats, lambda_dir, lambda_graph, num_steps, backend)
+  elif objective == "robust":
+    w = _robust(stats, temperature, lambda_graph, num_steps)
+  elif objective == "alignment":
+    w = _alignment(stats, lambda_align, lambda_graph, num_steps, backend)
+  else:
+    raise ValueError(
+        f"solve_weights: unknown objective {objective!r}; choose one of {OBJECTIVES}.")
+  return w.astype(jnp.float32)

@@ -1,0 +1,320 @@
+"""``dograph_transform``: DoGraph as an optax gradient transformation.
+
+Each ``update`` turns per-sample gradients into one update (DESIGN §1–4):
+
+1. drop non-finite samples (policy below);
+2. sketch every gradient, ``z_i = R g_i`` (``R`` fixed by ``seed`` for the
+   whole run, so centroids and buffered sketches of earlier steps live in the
+   same space);
+3. K-means on the sketches (optionally warm-started from the previous
+   centroids, optionally over a rolling buffer of recent sketches) into
+   ``num_domains`` model-centric domains;
+4. domain statistics and one weight per domain from the chosen objective;
+5. stabilisers: EMA of the weights across steps, a floor on every present
+   domain's weight, renormalisation over the domains present in the batch;
+6. the update ``sum_j w_j mu_j = sum_i a_i g_i``, ``a_i = w_{c(i)} / |C_{c(i)}|``.
+
+It must be the first member of a chain, because it is the one that reduces the
+batch axis::
+
+    tx = optax.chain(dograph_transform(), optax.clip_by_global_norm(1.0),
+                     optax.adamw(lr, weight_decay=0.01))
+    updates, opt_state = tx.update(per_sample_grads, opt_state, params,
+                                   losses=per_sample_losses)
+
+Non-finite policy: a sample whose gradient (or loss, when given) has any
+non-finite entry gets coefficient ``a_i = 0``; it takes no part in clustering,
+statistics or the update, and ``state.nonfinite`` / ``state.nonfinite_total``
+count such samples so a trainer can log them. If every sample is dropped the
+update is zero.
+
+Shape legend: ``B`` batch, ``K`` sketch dimension, ``M`` domains, ``S``
+buffer size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dograph_jax import objectives
+from dograph_jax.domain_stats import domain_stats
+from dograph_jax.kmeans import kmeans, kmeans_plusplus
+from dograph_jax.sketch import DEFAULT_BLOCK_BUDGET, sketch
+
+PyTree = Any
+
+# Arguments of `dograph_transform` that fix shapes or Python control flow:
+# pass them as `static_args` to `optax.inject_hyperparams`.
+STATIC_ARGS = ("num_domains", "sketch_dim", "objective", "seed", "sketch_kind",
+               "kmeans_iters", "distance", "warm_start", "buffer_size",
+               "batch_size", "solver_steps", "solver_backend", "block_budget")
+
+
+class DoGraphState(NamedTuple):
+  """State of :func:`dograph_transform`."""
+  count: jax.Array            # () int32, updates taken
+  key: jax.Array              # (2,) uint32, PRNG key for k-means++ seeding
+  centroids: jax.Array        # (M, K) float32, last centroids (warm start)
+  weights: jax.Array          # (M,) float32, smoothed (EMA) domain weights
+  buffer: jax.Array           # (S, K) float32, recent sketches (S may be 0)
+  buffer_valid: jax.Array     # (S,) bool, which buffer rows hold a sketch
+  raw_weights: jax.Array      # (M,) float32, last solver output
+  applied_weights: jax.Array  # (M,) float32, last weights used in the update
+  counts: jax.Array           # (M,) int32, last batch's samples per domain
+  assignments: jax.Array      # (B,) int32, last domain of each sample; (0,) if batch_size is None
+  coefficients: jax.Array     # (B,) float32, last a_i; (0,) if batch_size is None
+  nonfinite: jax.Array        # () int32, samples dropped in the last update
+  nonfinite_total: jax.Array  # () int32, samples dropped since init
+
+
+def sample_coefficients(weights: jax.Array, assignments: jax.Array,
+                        counts: jax.Array,
+                        sample_mask: jax.Array | None = None) -> jax.Array:
+  """Per-sample coefficients ``a_i = w_{c(i)} / |C_{c(i)}|`` (DESIGN §2).
+
+  ``sum_i a_i g_i = sum_j w_j mu_j``, so a trainer may apply DoGraph's weights
+  as the weighted loss ``sum_i a_i l_i`` (``jax.lax.stop_gradient(a)``)
+  instead of holding per-sample gradients.
+
+  Args:
+    weights: ``(M,)`` domain weights; assignments: ``(B,)`` int;
+    counts: ``(M,)`` samples per domain (masked samples excluded);
+    sample_mask: optional ``(B,)`` bool, ``False`` gives ``a_i = 0``.
+
+  Returns:
+    ``(B,)`` float32 coefficients.
+  """
+  counts = jnp.asarray(counts, jnp.float32)
+  a = weights[assignments] / jnp.maximum(counts[assignments], 1.0)
+  a = jnp.where(counts[assignments] > 0, a, 0.0)
+  if sample_mask is not None:
+    a = jnp.where(sample_mask, a, 0.0)
+  return a.astype(jnp.float32)
+
+
+def _finite_mask(grads: PyTree, losses: jax.Array | None) -> jax.Array:
+  ok = None
+  for g in jax.tree.leaves(grads):
+    leaf_ok = jnp.all(jnp.isfinite(g).reshape(g.shape[0], -1), axis=1)
+    ok = leaf_ok if ok is None else ok & leaf_ok
+  if losses is not None:
+    ok = ok & jnp.isfinite(losses)
+  return ok
+
+
+def _check_per_sample(updates, params, batch_size):
+  leaves = jax.tree.leaves(updates)
+  if not leaves:
+    raise ValueError("dograph_transform: `updates` has no leaves.")
+  if any(x.ndim == 0 for x in leaves):
+    raise ValueError(
+        "dograph_transform expects per-sample gradients with a leading batch "
+        "axis B; got a scalar leaf.")
+  b = leaves[0].shape[0]
+  if any(x.shape[0] != b for x in leaves):
+    raise ValueError(
+        "dograph_transform: per-sample gradient leaves disagree on the leading "
+        f"batch axis: {sorted({x.shape[0] for x in leaves})}.")
+  if params is not None:
+    for g, p in zip(leaves, jax.tree.leaves(params)):
+      if g.shape[1:] != jnp.shape(p):
+        raise ValueError(
+            "dograph_transform expects per-sample gradients (B, *param.shape); "
+            f"got a leaf of shape {g.shape} for a parameter of shape "
+            f"{jnp.shape(p)}. Did you pass the mean gradient, or put the batch "
+            "axis elsewhere?")
+  if batch_size is not None and b != batch_size:
+    raise ValueError(
+        f"dograph_transform was built with batch_size={batch_size} but got "
+        f"per-sample gradients for B={b}.")
+  return b
+
+
+def _smooth(raw_M, prev_M, count, present_M, ema, weight_floor):
+  """EMA across steps, then restrict to present domains and apply the floor."""
+  smoothed = jnp.where(count > 0, ema * prev_M + (1.0 - ema) * raw_M, raw_M)
+  on_present = jnp.where(present_M, smoothed, 0.0)
+  total = jnp.sum(on_present)
+  # If the EMA put all its mass on domains absent from this batch, fall back
+  # to this step's raw weights (which are zero off the present domains).
+  applied = jnp.where(total > 0, on_present / jnp.where(total > 0, total, 1.0),
+                      raw_M)
+  n_present = jnp.maximum(jnp.sum(present_M), 1)
+  floor = jnp.clip(weight_floor, 0.0, 1.0 / n_present)
+  applied = jnp.where(present_M, (1.0 - n_present * floor) * applied + floor, 0.0)
+  return smoothed, applied
+
+
+def dograph_transform(
+    num_domains: int = 11,
+    sketch_dim: int = 256,
+    objective: str = "uncertainty",
+    *,
+    seed: int = 0,
+    sketch_kind: str = "gaussian",
+    kmeans_iters: int = 10,
+    distance: str = "euclidean",
+    warm_start: bool = True,
+    buffer_size: int = 0,
+    batch_size: int | None = None,
+    ema: float = 0.0,
+    weight_floor: float = 0.0,
+    lambda_graph: float = 0.0,
+    temperature: float = 1.0,
+    lambda_dir: float = 1.0,
+    lambda_align: float = 1.0,
+    eps: float = 1e-6,
+    solver_steps: int = 200,
+    solver_backend: str = "auto",
+    block_budget: int = DEFAULT_BLOCK_BUDGET,
+) -> optax.GradientTransformationExtraArgs:
+  """DoGraph: reduce per-sample gradients to a domain-weighted update.
+
+  Args:
+    num_domains: ``M``, number of model-centric domains (paper: 11).
+    sketch_dim: ``K``, dimension of the gradient sketches.
+    objective: ``"uncertainty"`` (default), ``"variance"``, ``"robust"``
+      (needs ``losses``) or ``"alignment"``; see :mod:`dograph_jax.objectives`.
+    seed: fixes the projection ``R`` (for the whole run) and the seeding keys.
+    sketch_kind: ``"gaussian"`` or ``"kronecker"`` (:func:`~dograph_jax.sketch`).
+    kmeans_iters: Lloyd iterations per step.
+    distance: ``"euclidean"`` or ``"cosine"`` K-means.
+    warm_start: start Lloyd from the previous step's centroids (after the
+      first step), which also keeps domain ``j`` the same domain across steps
+      and so makes the EMA meaningful.
+    buffer_size: ``S``; if > 0, cluster on this batch plus the ``S`` most
+      recent sketches of earlier batches (more samples per cluster when ``B``
+      is small); statistics and the update use this batch only.
+    batch_size: ``B``; if given, ``state.assignments`` and
+      ``state.coefficients`` hold the last step's per-sample values (their
+      shape must be known at ``init``) and ``update`` checks ``B``.
+    ema: weight of the previous smoothed weights (0 = no smoothing).
+    weight_floor: minimum weight of every domain present in the batch
+      (clipped to ``1 / present``).
+    lambda_graph, temperature, lambda_dir, lambda_align, eps: objective
+      hyperparameters (:func:`~dograph_jax.objectives.solve_weights`).
+    solver_steps: iteration budget of the iterative weight solvers.
+    solver_backend: ``"auto"``, ``"jaxopt"`` or ``"optax"``.
+    block_budget: largest random block of the dense sketch.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. ``update(updates, state,
+    params=None, *, losses=None)`` takes per-sample gradients (every leaf
+    ``(B, *param.shape)``) and optional per-sample ``losses (B,)``, and
+    returns a pytree shaped like ``params``. Hyperparameters that do not
+    change shapes (``ema``, ``weight_floor``, ``lambda_*``, ``temperature``,
+    ``eps``) may be traced: wrap with ``optax.inject_hyperparams(
+    dograph_transform, static_args=STATIC_ARGS)`` to change them without
+    recompiling.
+
+  References:
+    DESIGN.md §1–4; "Rethinking Data Mixing from the Perspective of Large
+    Language Models" (arXiv 2604.07963), Algorithm 1 and Appendix A.6.
+  """
+  if not isinstance(num_domains, int) or num_domains < 1:
+    raise ValueError(f"dograph_transform: num_domains must be an int >= 1, got {num_domains!r}.")
+  if not isinstance(sketch_dim, int) or sketch_dim < 1:
+    raise ValueError(f"dograph_transform: sketch_dim must be an int >= 1, got {sketch_dim!r}.")
+  if objective not in objectives.OBJECTIVES:
+    raise ValueError(f"dograph_transform: unknown objective {objective!r}; "
+                     f"choose one of {objectives.OBJECTIVES}.")
+  if sketch_kind not in ("gaussian", "kronecker"):
+    raise ValueError(f"dograph_transform: unknown sketch_kind {sketch_kind!r}.")
+  if buffer_size < 0:
+    raise ValueError(f"dograph_transform: buffer_size must be >= 0, got {buffer_size}.")
+  if isinstance(ema, (int, float)) and not 0.0 <= ema < 1.0:
+    raise ValueError(f"dograph_transform: ema must be in [0, 1), got {ema}.")
+  if isinstance(weight_floor, (int, float)) and not 0.0 <= weight_floor <= 1.0 / num_domains:
+    raise ValueError(f"dograph_transform: weight_floor must be in [0, 1/num_domains], "
+                     f"got {weight_floor}.")
+
+  m, k = num_domains, sketch_dim
+  base_key = jax.random.PRNGKey(seed)
+  proj_key = jax.random.fold_in(base_key, 0)
+  per_sample = 0 if batch_size is None else batch_size
+
+  def init_fn(params):
+    del params
+    return DoGraphState(
+        count=jnp.zeros((), jnp.int32),
+        key=jax.random.fold_in(base_key, 1),
+        centroids=jnp.zeros((m, k), jnp.float32),
+        weights=jnp.full((m,), 1.0 / m, jnp.float32),
+        buffer=jnp.zeros((buffer_size, k), jnp.float32),
+        buffer_valid=jnp.zeros((buffer_size,), bool),
+        raw_weights=jnp.full((m,), 1.0 / m, jnp.float32),
+        applied_weights=jnp.full((m,), 1.0 / m, jnp.float32),
+        counts=jnp.zeros((m,), jnp.int32),
+        assignments=jnp.zeros((per_sample,), jnp.int32),
+        coefficients=jnp.zeros((per_sample,), jnp.float32),
+        nonfinite=jnp.zeros((), jnp.int32),
+        nonfinite_total=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
+    del extra_args
+    b = _check_per_sample(updates, params, batch_size)
+    if objective == "robust" and losses is None:
+      raise ValueError("dograph_transform(objective='robust') needs per-sample "
+                       "`losses=` (shape (B,)) in update().")
+    if losses is not None:
+      losses = jnp.asarray(losses)
+      if losses.shape != (b,):
+        raise ValueError(f"dograph_transform: losses must have shape ({b},), "
+                         f"got {losses.shape}.")
+      losses = losses.astype(jnp.float32)
+
+    finite_B = _finite_mask(updates, losses)
+    clean = jax.tree.map(
+        lambda g: jnp.where(finite_B.reshape((b,) + (1,) * (g.ndim - 1)), g, 0),
+        updates)
+    if losses is not None:
+      losses = jnp.where(finite_B, losses, 0.0)
+    z_BxK = sketch(clean, proj_key, k, kind=sketch_kind, block_budget=block_budget)
+
+    key, seed_key = jax.random.split(state.key)
+    points = jnp.concatenate([state.buffer, z_BxK], 0)
+    mask = jnp.concatenate([state.buffer_valid, finite_B], 0)
+    fresh = kmeans_plusplus(points, m, seed_key, mask)
+    init_c = (jnp.where(state.count > 0, state.centroids, fresh)
+              if warm_start else fresh)
+    clusters = kmeans(points, m, seed_key, iters=kmeans_iters,
+                      init_centroids=init_c, distance=distance,
+                      sample_mask=mask)
+    assign_B = clusters.assignments[buffer_size:]
+
+    stats = domain_stats(z_BxK, assign_B, m, losses, sample_mask=finite_B)
+    raw = objectives.solve_weights(
+        stats, objective, lambda_graph=lambda_graph, temperature=temperature,
+        lambda_dir=lambda_dir, lambda_align=lambda_align, eps=eps,
+        num_steps=solver_steps, backend=solver_backend)
+    smoothed, applied = _smooth(raw, state.weights, state.count,
+                                stats.counts > 0, ema, weight_floor)
+    a_B = sample_coefficients(applied, assign_B, stats.counts, finite_B)
+    # sum_i a_i g_i, accumulated in float32 whatever the gradient dtype.
+    out = jax.tree.map(
+        lambda g: jnp.tensordot(a_B.astype(g.dtype), g, axes=1,
+                                preferred_element_type=jnp.float32).astype(g.dtype),
+        clean)
+
+    dropped = jnp.sum(~finite_B).astype(jnp.int32)
+    new_state = DoGraphState(
+        count=optax.safe_increment(state.count),
+        key=key,
+        centroids=clusters.centroids,
+        weights=smoothed.astype(jnp.float32),
+        buffer=points[points.shape[0] - buffer_size:],
+        buffer_valid=mask[mask.shape[0] - buffer_size:],
+        raw_weights=raw,
+        applied_weights=applied.astype(jnp.float32),
+        counts=stats.counts.astype(jnp.int32),
+        assignments=assign_B if batch_size is not None else state.assignments,
+        coefficients=a_B if batch_size is not None else state.coefficients,
+        nonfinite=dropped,
+        nonfinite_total=state.nonfinite_total + dropped)
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
