@@ -11,11 +11,11 @@ The public surface (optax-style facade over one-concern modules):
 * :func:`sample_coefficients` — ``a_i`` for the weighted-loss form.
 """
 
-from dograph_jax.domain_stats import DomainStats, domain_stats
-from dograph_jax.kmeans import KMeansResult, kmeans
+from dograph_jax.domains import DomainStats, domain_stats
+from dograph_jax.clustering import KMeansResult, kmeans
 from dograph_jax.objectives import OBJECTIVES, solve_weights
 from dograph_jax.per_sample import per_sample_grads, per_sample_loss_and_grads
-from dograph_jax.sketch import sketch
+from dograph_jax.projection import sketch
 from dograph_jax.transform import (STATIC_ARGS, DoGraphState, dograph_transform,
                                    sample_coefficients)
 

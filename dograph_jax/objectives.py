@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from dograph_jax import simplex
-from dograph_jax.domain_stats import DomainStats
+from dograph_jax.domains import DomainStats
 
 Objective = Literal["uncertainty", "variance", "robust", "alignment"]
 OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
@@ -171,7 +171,7 @@ def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
   """One weight per model-centric domain, on the simplex (DESIGN §3).
 
   Args:
-    stats: :class:`~dograph_jax.domain_stats.DomainStats` of the batch.
+    stats: :class:`~dograph_jax.domains.DomainStats` of the batch.
     objective: ``"uncertainty"``, ``"variance"``, ``"robust"`` or
       ``"alignment"`` (module docstring for the formulas).
     lambda_graph: weight of the Laplacian term ``w^T Lap w`` (all objectives).

@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import optax
 
 from dograph_jax import objectives
-from dograph_jax.domain_stats import domain_stats
-from dograph_jax.kmeans import kmeans, kmeans_plusplus
-from dograph_jax.sketch import DEFAULT_BLOCK_BUDGET, sketch
+from dograph_jax.domains import domain_stats
+from dograph_jax.clustering import kmeans, kmeans_plusplus
+from dograph_jax.projection import DEFAULT_BLOCK_BUDGET, sketch
 
 PyTree = Any
 
@@ -180,7 +180,7 @@ def dograph_transform(
     objective: ``"uncertainty"`` (default), ``"variance"``, ``"robust"``
       (needs ``losses``) or ``"alignment"``; see :mod:`dograph_jax.objectives`.
     seed: fixes the projection ``R`` (for the whole run) and the seeding keys.
-    sketch_kind: ``"gaussian"`` or ``"kronecker"`` (:func:`~dograph_jax.sketch`).
+    sketch_kind: ``"gaussian"`` or ``"kronecker"`` (:func:`~dograph_jax.projection.sketch`).
     kmeans_iters: Lloyd iterations per step.
     distance: ``"euclidean"`` or ``"cosine"`` K-means.
     warm_start: start Lloyd from the previous step's centroids (after the

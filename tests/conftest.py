@@ -1,0 +1,5 @@
+"""Shared test set-up: CPU only, deterministic, small."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
