@@ -59,7 +59,7 @@ import platform
 import statistics
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,9 +88,15 @@ def _run_once(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def bench(fns: dict[str, Callable[[], Any]], repeats: int,
-          min_time: float) -> dict[str, float]:
-  """Median seconds per call of each zero-argument ``fn``, interleaved."""
+class Timing(NamedTuple):
+  median: float  # seconds per call
+  min: float
+  max: float
+
+
+def bench(fns: dict[Any, Callable[[], Any]], repeats: int,
+          min_time: float) -> dict[Any, Timing]:
+  """Seconds per call of each zero-argument ``fn``, timed in interleaved rounds."""
   calls = {}
   for name, fn in fns.items():
     _run_once(fn)                  # compile
@@ -106,7 +112,17 @@ def bench(fns: dict[str, Callable[[], Any]], repeats: int,
       for _ in range(n):
         jax.block_until_ready(fn())
       samples[name].append((time.perf_counter() - start) / n)
-  return {name: statistics.median(s) for name, s in samples.items()}
+  return {name: Timing(statistics.median(s), min(s), max(s))
+          for name, s in samples.items()}
+
+
+def warn_if_unstable(times: dict[Any, Timing], factor: float = 3.0) -> None:
+  """Flag candidates whose slowest sample is ``factor`` times their fastest."""
+  unstable = [str(name) for name, t in times.items() if t.max > factor * t.min]
+  if unstable:
+    print(f"warning: samples vary by more than {factor:g}x (max/min) for "
+          f"{', '.join(unstable)}: the machine was probably busy; compare the "
+          f"min column or rerun.")
 
 
 def fmt_time(seconds: float) -> str:
@@ -242,28 +258,28 @@ def bench_update(args) -> float:
       "dograph_step": lambda: dograph_step(params, chain_state, batch),
   }, args.repeats, args.min_time)
 
-  ref, ref_step = times["adamw"], times["plain_step"]
+  def row(label, name, ref):
+    t = times[name]
+    return [label, fmt_time(t.median), fmt_time(t.min),
+            fmt_ratio(t.median / times[ref].median)]
+
   rows = [
-      ["update, gradients given:", "", ""],
-      ["  adamw on the mean gradient (reference)", fmt_time(ref), "1.00x"],
-      ["  dograph_transform on per-sample grads", fmt_time(times["dograph"]),
-       fmt_ratio(times["dograph"] / ref)],
-      ["    of which the sketch z = R g alone", fmt_time(times["sketch"]),
-       fmt_ratio(times["sketch"] / ref)],
-      ["  same, sketch_kind='kronecker'", fmt_time(times["kronecker"]),
-       fmt_ratio(times["kronecker"] / ref)],
-      ["  chain(dograph_transform, adamw)", fmt_time(times["chain"]),
-       fmt_ratio(times["chain"] / ref)],
-      ["whole step (grads + update + apply):", "", ""],
-      ["  jax.grad(mean loss) + adamw (reference)", fmt_time(ref_step),
-       "1.00x"],
-      ["  per_sample_grads + dograph + adamw", fmt_time(times["dograph_step"]),
-       fmt_ratio(times["dograph_step"] / ref_step)],
+      ["update, gradients given:", "", "", ""],
+      row("  adamw on the mean gradient (reference)", "adamw", "adamw"),
+      row("  dograph_transform on per-sample grads", "dograph", "adamw"),
+      row("    of which the sketch z = R g alone", "sketch", "adamw"),
+      row("  same, sketch_kind='kronecker'", "kronecker", "adamw"),
+      row("  chain(dograph_transform, adamw)", "chain", "adamw"),
+      ["whole step (grads + update + apply):", "", "", ""],
+      row("  jax.grad(mean loss) + adamw (reference)", "plain_step",
+          "plain_step"),
+      row("  per_sample_grads + dograph + adamw", "dograph_step", "plain_step"),
   ]
-  print_table(["", "median", "ratio"], rows)
+  print_table(["", "median", "min", "ratio"], rows)
   print(f"sketch share of the dograph update: "
-        f"{100 * times['sketch'] / times['dograph']:.0f}%")
-  return ref
+        f"{100 * times['sketch'].median / times['dograph'].median:.0f}%")
+  warn_if_unstable(times)
+  return times["adamw"].median
 
 
 # --------------------------------------------------------------------------
@@ -275,6 +291,7 @@ def bench_kmeans(args) -> None:
   try:
     import sklearn
     from sklearn.cluster import KMeans
+    from threadpoolctl import ThreadpoolController
   except ImportError:
     print("scikit-learn is not installed (pip install scikit-learn): skipped.")
     return
@@ -294,9 +311,18 @@ def bench_kmeans(args) -> None:
     return KMeans(NUM_DOMAINS, algorithm="lloyd", n_init=1, init=c0,
                   max_iter=iters, tol=0.0).fit(x)
 
+  # scikit-learn parallelises Lloyd with OpenMP (all cores by default); the
+  # one-thread run is a stable reference when the cores are contended.
+  controller = ThreadpoolController()
+
+  def sk_fit_one_thread():
+    with controller.limit(limits=1, user_api="openmp"):
+      return sk_fit()
+
   times = bench({
       "jax": lambda: jax_kmeans(x_jax, c0_jax),
       "sklearn": lambda: sk_fit().inertia_,
+      "sklearn_1t": lambda: sk_fit_one_thread().inertia_,
   }, args.repeats, args.min_time)
 
   result = jax_kmeans(x_jax, c0_jax)
@@ -304,24 +330,33 @@ def bench_kmeans(args) -> None:
   jax_inertia, sk_inertia = float(result.inertia), float(fitted.inertia_)
   sk_iters = int(fitted.n_iter_)
   agree = float(np.mean(np.asarray(result.assignments) == fitted.labels_))
+  jax_per_iter = times["jax"].median / iters
 
+  def row(label, name, n_iters, inertia):
+    t = times[name]
+    return [label, fmt_time(t.median), fmt_time(t.min),
+            fmt_time(t.median / n_iters), str(n_iters), f"{inertia:.6g}",
+            fmt_ratio(jax_per_iter / (t.median / n_iters))]
+
+  omp = controller.select(user_api="openmp").info()
+  omp_threads = omp[0]["num_threads"] if omp else "?"
   rows = [
-      ["dograph_jax.kmeans (jit)", fmt_time(times["jax"]),
-       fmt_time(times["jax"] / iters), str(iters), f"{jax_inertia:.6g}"],
-      [f"sklearn KMeans lloyd ({sklearn.__version__})",
-       fmt_time(times["sklearn"]), fmt_time(times["sklearn"] / sk_iters),
-       str(sk_iters), f"{sk_inertia:.6g}"],
+      row("dograph_jax.kmeans (jit)", "jax", iters, jax_inertia),
+      row(f"sklearn {sklearn.__version__} KMeans lloyd, {omp_threads} threads",
+          "sklearn", sk_iters, sk_inertia),
+      row("  same, 1 OpenMP thread", "sklearn_1t", sk_iters, sk_inertia),
   ]
-  print_table(["", "median", "per iter", "iters", "inertia"], rows)
-  print(f"time ratio jax / sklearn: {fmt_ratio(times['jax'] / times['sklearn'])}"
-        f" (per iteration: "
-        f"{fmt_ratio((times['jax'] / iters) / (times['sklearn'] / sk_iters))})")
+  print_table(["", "median", "min", "per iter", "iters", "inertia",
+               "jax / row"], rows)
+  print("jax / row: ratio of the median times per iteration (the iteration "
+        "counts are equal unless noted)")
   print(f"inertia relative difference: "
         f"{abs(jax_inertia - sk_inertia) / sk_inertia:.2e}; "
         f"same assignment for {100 * agree:.1f}% of points")
   if sk_iters < iters:
     print(f"note: sklearn reached a fixed point after {sk_iters} iterations "
-          f"(labels unchanged); the totals are not at equal iterations.")
+          f"(labels unchanged), so the totals are not at equal iterations.")
+  warn_if_unstable(times)
 
 
 # --------------------------------------------------------------------------
@@ -360,20 +395,25 @@ def bench_solvers(args, adamw_time: float | None) -> None:
       fns[objective, lam] = functools.partial(solve, stats)
   times = bench(fns, args.repeats, args.min_time)
 
-  ref = times["uncertainty", 0.0]
-  header = ["objective", "lambda_graph", "median", "vs uncertainty@0"]
+  weights = {name: np.asarray(solve(stats)) for name, solve in solvers.items()}
+  ref = times["uncertainty", 0.0].median
+  header = ["objective", "lambda_graph", "median", "min", "vs uncertainty@0"]
   if adamw_time is not None:
     header.append("vs adamw update")
-  header.append("max w")
+  header += ["max w", "|w - w@0|_1"]
   rows = []
   for (objective, lam), t in times.items():
-    w = np.asarray(solvers[objective, lam](stats))
-    row = [objective, f"{lam:g}", fmt_time(t), fmt_ratio(t / ref)]
+    w = weights[objective, lam]
+    row = [objective, f"{lam:g}", fmt_time(t.median), fmt_time(t.min),
+           fmt_ratio(t.median / ref)]
     if adamw_time is not None:
-      row.append(fmt_ratio(t / adamw_time))
-    row.append(f"{w.max():.3f}")
+      row.append(fmt_ratio(t.median / adamw_time))
+    row += [f"{w.max():.3f}",
+            f"{np.abs(w - weights[objective, 0.0]).sum():.2g}"]
     rows.append(row)
   print_table(header, rows)
+  print("w@0: the same objective's weights with lambda_graph=0")
+  warn_if_unstable(times)
 
 
 # --------------------------------------------------------------------------

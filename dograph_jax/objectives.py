@@ -46,6 +46,7 @@ from dograph_jax.domains import DomainStats
 Objective = Literal["uncertainty", "variance", "robust", "alignment"]
 OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
 _HI = jax.lax.Precision.HIGHEST
+_TINY = 1e-30  # squared norms below this count as zero vectors
 
 
 def _uniform(mask_M):
@@ -142,10 +143,11 @@ def alignment_value(w_M, stats: DomainStats, lambda_align=1.0, lambda_graph=0.0)
 
 def _alignment_h(w_M, stats, lambda_graph):
   g_K = jnp.dot(w_M, stats.means, precision=_HI)
-  g_norm = jnp.sqrt(jnp.sum(g_K**2) + 1e-30)
-  mu_norm = jnp.sqrt(jnp.diag(stats.gram) + 1e-30)
-  cos_M = jnp.dot(stats.means, g_K, precision=_HI) / (mu_norm * g_norm)
-  cos_M = jnp.where(stats.counts > 0, cos_M, 0.0)
+  # Double `where`: a zero vector has cosine 0 and a finite (zero) gradient.
+  g2, mu2_M = jnp.sum(g_K**2), jnp.diag(stats.gram)
+  ok_M = (stats.counts > 0) & (mu2_M > _TINY) & (g2 > _TINY)
+  denom_M = jnp.sqrt(jnp.where(ok_M, mu2_M * g2, 1.0))
+  cos_M = jnp.where(ok_M, jnp.dot(stats.means, g_K, precision=_HI) / denom_M, 0.0)
   return (jnp.dot(w_M, cos_M)
           - lambda_graph * jnp.dot(w_M, jnp.dot(stats.laplacian, w_M, precision=_HI)))
 

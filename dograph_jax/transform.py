@@ -114,11 +114,6 @@ def _check_per_sample(updates, params, batch_size):
     raise ValueError(
         "dograph_transform expects per-sample gradients with a leading batch "
         "axis B; got a scalar leaf.")
-  b = leaves[0].shape[0]
-  if any(x.shape[0] != b for x in leaves):
-    raise ValueError(
-        "dograph_transform: per-sample gradient leaves disagree on the leading "
-        f"batch axis: {sorted({x.shape[0] for x in leaves})}.")
   if params is not None:
     for g, p in zip(leaves, jax.tree.leaves(params)):
       if g.shape[1:] != jnp.shape(p):
@@ -127,6 +122,11 @@ def _check_per_sample(updates, params, batch_size):
             f"got a leaf of shape {g.shape} for a parameter of shape "
             f"{jnp.shape(p)}. Did you pass the mean gradient, or put the batch "
             "axis elsewhere?")
+  b = leaves[0].shape[0]
+  if any(x.shape[0] != b for x in leaves):
+    raise ValueError(
+        "dograph_transform: per-sample gradient leaves disagree on the leading "
+        f"batch axis: {sorted({x.shape[0] for x in leaves})}.")
   if batch_size is not None and b != batch_size:
     raise ValueError(
         f"dograph_transform was built with batch_size={batch_size} but got "
