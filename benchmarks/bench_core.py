@@ -13,8 +13,8 @@ Run as ``python benchmarks/bench_core.py`` (``--quick`` for a smoke run,
      one ``optax.adamw(...).update`` on the batch-mean gradient. Also shown:
      the sketch ``z = R g`` alone (``R`` is regenerated from its key on every
      call, by design), the transform with ``sketch_kind="kronecker"`` and the
-     chain ``dograph_transform -> adamw``. The DoGraph state is the one after a first update (warm-started
-     centroids), as in training.
+     chain ``dograph_transform -> adamw``. The DoGraph state is the one after
+     a first update (warm-started centroids), as in training.
    * *Whole step*, from parameters and batch to new parameters and state:
      ``per_sample_grads`` + ``chain(dograph_transform, adamw)`` +
      ``apply_updates`` against ``jax.grad`` of the mean loss + ``adamw`` +
@@ -29,7 +29,10 @@ Run as ``python benchmarks/bench_core.py`` (``--quick`` for a smoke run,
    not reach a fixed point early; scikit-learn stops as soon as the labels stop
    changing even with ``tol=0``, so its ``n_iter_`` is printed and the time
    per iteration is shown as well. Both inertias (sum of squared distances to
-   the final centroids) are printed.
+   the final centroids) are printed. scikit-learn runs Lloyd on OpenMP threads
+   (all cores by default); it is also timed with one OpenMP thread, a stable
+   reference when the cores are contended (on a small shared VM the
+   multi-threaded time can jump by an order of magnitude for a while).
 
 3. **Weight solver.** ``solve_weights`` (jitted, one function per objective
    and ``lambda_graph``, hyperparameters closed over as in
@@ -38,15 +41,18 @@ Run as ``python benchmarks/bench_core.py`` (``--quick`` for a smoke run,
    batch: per-sample gradients of the MLP on ``B = 48`` examples from 11
    synthetic input distributions, sketched to ``K = 256``, clustered into
    ``M = 11`` domains (k-means++ then 10 Lloyd iterations), with per-sample
-   losses (needed by ``"robust"``).
+   losses (needed by ``"robust"``). The L1 distance of the weights to those
+   of ``lambda_graph = 0`` shows how much the graph term moved them.
 
 Timing: every function is jitted, called once to compile and once more to
 warm up, then timed with ``time.perf_counter`` around calls that each end in
 ``jax.block_until_ready``. A fast function is called several times per sample
 (enough for ``--min-time`` seconds) and the sample is the mean per call. The
 candidates of a table are timed in interleaved rounds (the order rotates each
-round), ``--repeats`` rounds, and the median of each candidate's samples is
-reported. Ratios are of medians.
+round), ``--repeats`` rounds, and the median and the minimum of each
+candidate's samples are reported. Ratios are of medians. A warning is printed
+under a table when a candidate's slowest sample is over 3x its fastest (a busy
+machine).
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ class Timing(NamedTuple):
 
 def bench(fns: dict[Any, Callable[[], Any]], repeats: int,
           min_time: float) -> dict[Any, Timing]:
-  """Seconds per call of each zero-argument ``fn``, timed in interleaved rounds."""
+  """Seconds per call of each zero-argument ``fn``, in interleaved rounds."""
   calls = {}
   for name, fn in fns.items():
     _run_once(fn)                  # compile
@@ -218,15 +224,13 @@ def bench_update(args) -> float:
                                  seed=args.seed)
   kronecker = dg.dograph_transform(NUM_DOMAINS, SKETCH_DIM, batch_size=BATCH,
                                    seed=args.seed, sketch_kind="kronecker")
-  chain = optax.chain(
-      dg.dograph_transform(NUM_DOMAINS, SKETCH_DIM, batch_size=BATCH,
-                           seed=args.seed),
-      optax.adamw(1e-3, weight_decay=0.01))
+  chain = optax.chain(dograph, adamw)
 
   adamw_update = jax.jit(adamw.update)
   dograph_update = jax.jit(dograph.update)
   kronecker_update = jax.jit(kronecker.update)
   chain_update = jax.jit(chain.update)
+  # The projection key that dograph_transform derives from its seed.
   proj_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 0)
   sketch_only = jax.jit(lambda g: dg.sketch(g, proj_key, SKETCH_DIM))
 
@@ -275,7 +279,7 @@ def bench_update(args) -> float:
           "plain_step"),
       row("  per_sample_grads + dograph + adamw", "dograph_step", "plain_step"),
   ]
-  print_table(["", "median", "min", "ratio"], rows)
+  print_table(["", "median", "min", "vs reference"], rows)
   print(f"sketch share of the dograph update: "
         f"{100 * times['sketch'].median / times['dograph'].median:.0f}%")
   warn_if_unstable(times)
@@ -299,7 +303,8 @@ def bench_kmeans(args) -> None:
   rng = np.random.default_rng(args.seed)
   centres = KM_SPREAD * rng.normal(size=(NUM_DOMAINS, KM_DIM))
   labels = rng.integers(0, NUM_DOMAINS, KM_POINTS)
-  x = (centres[labels] + rng.normal(size=(KM_POINTS, KM_DIM))).astype(np.float32)
+  noise = rng.normal(size=(KM_POINTS, KM_DIM))
+  x = (centres[labels] + noise).astype(np.float32)
   c0 = x[rng.choice(KM_POINTS, NUM_DOMAINS, replace=False)].copy()
   x_jax, c0_jax = jnp.asarray(x), jnp.asarray(c0)
 
@@ -363,7 +368,7 @@ def bench_kmeans(args) -> None:
 # Section 3: the weight solvers.
 
 def realistic_stats(seed: int) -> dg.DomainStats:
-  """Domain statistics of a B=48 batch of MLP gradients, as the transform does."""
+  """Domain statistics of a B=48 batch of MLP gradients, as in the transform."""
   key = jax.random.PRNGKey(seed)
   params = init_mlp(key)
   batch = make_batch(jax.random.fold_in(key, 2), SOLVER_BATCH)
@@ -423,8 +428,8 @@ def main() -> None:
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=11,
-                      help="interleaved timing rounds; the median is reported "
-                           "(default 11)")
+                      help="interleaved timing rounds; their median and min "
+                           "are reported (default 11)")
   parser.add_argument("--min-time", type=float, default=0.05,
                       help="seconds of calls per timing sample; fast functions "
                            "are called repeatedly (default 0.05)")
@@ -434,7 +439,8 @@ def main() -> None:
                       help="Lloyd iterations in section 2 (default 20)")
   parser.add_argument("--sections", type=int, nargs="+", choices=(1, 2, 3),
                       default=(1, 2, 3), help="sections to run (default all)")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the data, the model and the sketch")
   args = parser.parse_args()
   if args.quick:
     args.repeats, args.min_time = 3, 0.01
@@ -446,7 +452,8 @@ def main() -> None:
   print(f"dograph_jax {dg.__version__}, jax {jax.__version__}, "
         f"optax {optax.__version__}, numpy {np.__version__}")
   print(f"backend: {jax.default_backend()}, devices: {jax.devices()}, "
-        f"cpu count: {os.cpu_count()}, {platform.processor() or platform.machine()}")
+        f"cpu count: {os.cpu_count()}, "
+        f"{platform.processor() or platform.machine()}")
   print(f"repeats: {args.repeats}, min sample time: {args.min_time} s")
 
   adamw_time = bench_update(args) if 1 in args.sections else None
