@@ -3,7 +3,12 @@
 ``w`` lives on the simplex over the domains present in the batch (an empty
 domain has no mean gradient, so it gets weight exactly 0); ``u`` is uniform on
 those domains. Every objective can add the graph term
-``lambda_graph * w^T Lap w`` (similar domains get similar weights).
+``lambda_graph * scale * w^T Lap w`` (similar domains get similar weights).
+The Laplacian of the cosine graph is of order 1, so ``scale`` puts the term in
+the objective's own units and makes ``lambda_graph`` comparable across models
+and training time: the mean effective variance for ``"uncertainty"``, the
+mean squared domain-gradient norm ``mean_j ||mu_j||^2`` for ``"variance"``,
+and 1 for ``"robust"`` (losses in nats) and ``"alignment"`` (cosines).
 
 * ``"uncertainty"`` (default, the paper's best):
   ``min sum_j w_j^2 (s2_j + eps_abs)``, closed form
@@ -87,7 +92,8 @@ def _uncertainty(stats, lambda_graph, eps, num_steps, backend):
                      _uniform(present))
 
   def with_graph():
-    q = 2.0 * (jnp.diag(s2) + lambda_graph * stats.laplacian)
+    scale = jnp.sum(jnp.where(present, s2, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+    q = 2.0 * (jnp.diag(s2) + lambda_graph * scale * stats.laplacian)
     return simplex.minimize_quadratic(q, jnp.zeros_like(s2), present,
                                       init=closed_form(), maxiter=num_steps,
                                       backend=backend)
@@ -102,7 +108,8 @@ def variance_qp(stats: DomainStats, lambda_dir=1.0, lambda_graph=0.0):
   a = jnp.sqrt(jnp.maximum(jnp.diag(stats.gram), 0.0)) * pf
   centering = jnp.diag(pf) - jnp.outer(pf, pf) / jnp.maximum(jnp.sum(pf), 1.0)
   q = 2.0 * (a[:, None] * centering * a[None, :])
-  q = q + 2.0 * lambda_dir * stats.gram + 2.0 * lambda_graph * stats.laplacian
+  scale = jnp.sum(a**2) / jnp.maximum(jnp.sum(pf), 1.0)
+  q = q + 2.0 * lambda_dir * stats.gram + 2.0 * lambda_graph * scale * stats.laplacian
   c = -2.0 * lambda_dir * jnp.dot(stats.means, stats.batch_mean, precision=_HI)
   return q, c
 
@@ -176,7 +183,8 @@ def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
     stats: :class:`~dograph_jax.domains.DomainStats` of the batch.
     objective: ``"uncertainty"``, ``"variance"``, ``"robust"`` or
       ``"alignment"`` (module docstring for the formulas).
-    lambda_graph: weight of the Laplacian term ``w^T Lap w`` (all objectives).
+    lambda_graph: weight of the Laplacian term ``w^T Lap w`` (all objectives),
+      relative to the objective's own scale (module docstring).
     temperature: ``tau`` of ``"robust"``.
     lambda_dir: weight of the direction-keeping term of ``"variance"``.
     lambda_align: proximity-to-uniform weight of ``"alignment"``.
