@@ -224,3 +224,22 @@ def test_weights_always_on_simplex(stats, objective, lambda_graph, temperature):
   present = np.asarray(stats.counts) > 0
   if present.any():
     assert np.all(w[~present] == 0)
+
+
+def test_falls_back_to_optax_without_jaxopt(monkeypatch):
+  """With jaxopt unimportable, 'auto' uses the optax solver and still solves."""
+  import importlib
+  import sys
+  monkeypatch.setitem(sys.modules, "jaxopt", None)
+  monkeypatch.setitem(sys.modules, "jaxopt.projection", None)
+  fresh = importlib.reload(simplex)
+  try:
+    assert not fresh.HAS_JAXOPT
+    with pytest.raises(ImportError):
+      fresh.minimize_quadratic(jnp.eye(3), jnp.zeros(3), jnp.ones(3, bool), backend="jaxopt")
+    w = fresh.minimize_quadratic(jnp.diag(jnp.asarray([1.0, 2.0, 4.0])), jnp.zeros(3),
+                                 jnp.ones(3, bool), maxiter=2000, tol=1e-9)
+    np.testing.assert_allclose(w, np.array([4, 2, 1]) / 7, atol=1e-4)  # inverse variance
+  finally:
+    monkeypatch.undo()
+    importlib.reload(simplex)

@@ -283,3 +283,12 @@ def test_sample_coefficients():
   a = dg.sample_coefficients(jnp.asarray([0.5, 0.3, 0.2]), jnp.asarray([0, 0, 1, 2, 2]),
                              jnp.asarray([2, 1, 2]), jnp.asarray([True] * 4 + [False]))
   np.testing.assert_allclose(a, [0.25, 0.25, 0.3, 0.1, 0.0], rtol=1e-6)
+
+
+def test_update_dtype_follows_gradients():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+  _, grads = _per_sample(_params(), _batch())
+  grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
+  update, state = _run(dg.dograph_transform(4, 32), grads, params)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(update))
+  assert state.centroids.dtype == jnp.float32 and state.weights.dtype == jnp.float32
