@@ -21,18 +21,7 @@ import optax
 
 import dograph_jax as dg
 from dograph_jax import toy
-
-
-def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
-  """ARI from the contingency table (Hubert & Arabie, 1985)."""
-  table = np.zeros((a.max() + 1, b.max() + 1))
-  np.add.at(table, (a, b), 1)
-  comb = lambda n: n * (n - 1) / 2
-  index = comb(table).sum()
-  rows, cols, total = comb(table.sum(1)).sum(), comb(table.sum(0)).sum(), comb(len(a))
-  expected = rows * cols / total
-  maximum = (rows + cols) / 2
-  return float((index - expected) / (maximum - expected)) if maximum != expected else 1.0
+from dograph_jax.agreement import adjusted_rand_index
 
 
 def main() -> None:
