@@ -60,13 +60,13 @@ class DoGraphState(NamedTuple):
   key: jax.Array              # (2,) uint32, PRNG key for k-means++ seeding
   centroids: jax.Array        # (M, K) float32, last centroids (warm start)
   weights: jax.Array          # (M,) float32, smoothed (EMA) domain weights
-  buffer: jax.Array           # (S, K) float32, recent sketches (S may be 0)
-  buffer_valid: jax.Array     # (S,) bool, which buffer rows hold a sketch
+  buffer: jax.Array | None    # (S, K) float32, recent sketches; None if S == 0
+  buffer_valid: jax.Array | None  # (S,) bool, rows holding a sketch; None if S == 0
   raw_weights: jax.Array      # (M,) float32, last solver output
   applied_weights: jax.Array  # (M,) float32, last weights used in the update
   counts: jax.Array           # (M,) int32, last batch's samples per domain
-  assignments: jax.Array      # (B,) int32, last domain of each sample; (0,) if batch_size is None
-  coefficients: jax.Array     # (B,) float32, last a_i; (0,) if batch_size is None
+  assignments: jax.Array | None   # (B,) int32, last domain of each sample; None if batch_size is None
+  coefficients: jax.Array | None  # (B,) float32, last a_i; None if batch_size is None
   nonfinite: jax.Array        # () int32, samples dropped in the last update
   nonfinite_total: jax.Array  # () int32, samples dropped since init
 
@@ -191,7 +191,8 @@ def dograph_transform(
       is small); statistics and the update use this batch only.
     batch_size: ``B``; if given, ``state.assignments`` and
       ``state.coefficients`` hold the last step's per-sample values (their
-      shape must be known at ``init``) and ``update`` checks ``B``.
+      shape must be known at ``init``; otherwise they are None) and
+      ``update`` checks ``B``.
     ema: weight of the previous smoothed weights (0 = no smoothing).
     weight_floor: minimum weight of every domain present in the batch
       (clipped to ``1 / present``).
@@ -235,7 +236,9 @@ def dograph_transform(
   m, k = num_domains, sketch_dim
   base_key = jax.random.PRNGKey(seed)
   proj_key = jax.random.fold_in(base_key, 0)
-  per_sample = 0 if batch_size is None else batch_size
+  # Optional fields are None rather than zero-sized arrays: checkpointers
+  # (orbax) refuse to save arrays of size 0.
+  has_buffer, has_batch = buffer_size > 0, batch_size is not None
 
   def init_fn(params):
     del params
@@ -244,13 +247,13 @@ def dograph_transform(
         key=jax.random.fold_in(base_key, 1),
         centroids=jnp.zeros((m, k), jnp.float32),
         weights=jnp.full((m,), 1.0 / m, jnp.float32),
-        buffer=jnp.zeros((buffer_size, k), jnp.float32),
-        buffer_valid=jnp.zeros((buffer_size,), bool),
+        buffer=jnp.zeros((buffer_size, k), jnp.float32) if has_buffer else None,
+        buffer_valid=jnp.zeros((buffer_size,), bool) if has_buffer else None,
         raw_weights=jnp.full((m,), 1.0 / m, jnp.float32),
         applied_weights=jnp.full((m,), 1.0 / m, jnp.float32),
         counts=jnp.zeros((m,), jnp.int32),
-        assignments=jnp.zeros((per_sample,), jnp.int32),
-        coefficients=jnp.zeros((per_sample,), jnp.float32),
+        assignments=jnp.zeros((batch_size,), jnp.int32) if has_batch else None,
+        coefficients=jnp.zeros((batch_size,), jnp.float32) if has_batch else None,
         nonfinite=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32))
 
@@ -276,8 +279,11 @@ def dograph_transform(
     z_BxK = sketch(clean, proj_key, k, kind=sketch_kind, block_budget=block_budget)
 
     key, seed_key = jax.random.split(state.key)
-    points = jnp.concatenate([state.buffer, z_BxK], 0)
-    mask = jnp.concatenate([state.buffer_valid, finite_B], 0)
+    if has_buffer:
+      points = jnp.concatenate([state.buffer, z_BxK], 0)
+      mask = jnp.concatenate([state.buffer_valid, finite_B], 0)
+    else:
+      points, mask = z_BxK, finite_B
     fresh = kmeans_plusplus(points, m, seed_key, mask)
     init_c = (jnp.where(state.count > 0, state.centroids, fresh)
               if warm_start else fresh)
@@ -306,13 +312,13 @@ def dograph_transform(
         key=key,
         centroids=clusters.centroids,
         weights=smoothed.astype(jnp.float32),
-        buffer=points[points.shape[0] - buffer_size:],
-        buffer_valid=mask[mask.shape[0] - buffer_size:],
+        buffer=points[points.shape[0] - buffer_size:] if has_buffer else None,
+        buffer_valid=mask[mask.shape[0] - buffer_size:] if has_buffer else None,
         raw_weights=raw,
         applied_weights=applied.astype(jnp.float32),
         counts=stats.counts.astype(jnp.int32),
-        assignments=assign_B if batch_size is not None else state.assignments,
-        coefficients=a_B if batch_size is not None else state.coefficients,
+        assignments=assign_B if has_batch else None,
+        coefficients=a_B if has_batch else None,
         nonfinite=dropped,
         nonfinite_total=state.nonfinite_total + dropped)
     return out, new_state

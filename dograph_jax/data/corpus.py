@@ -1,0 +1,344 @@
+"""Reading a multi-domain text corpus from disk.
+
+Layout: ``data_dir/<split>/`` (``train``, ``validation``) holds, at any depth,
+files of one of these kinds:
+
+* ``*.jsonl`` — one JSON object per line;
+* ``*.jsonl.gz``, ``*.json.gz`` — the same, gzip-compressed (C4 and many
+  SlimPajama mirrors ship JSON lines as ``.json.gz``), streamed line by line;
+* ``*.parquet`` — one record per row, read in record batches with pyarrow.
+
+Two record schemas are understood, and may be mixed:
+
+* SlimPajama / RedPajama:
+  ``{"text": ..., "meta": {"redpajama_set_name": "RedPajamaC4"}}``;
+* plain: ``{"text": ..., "domain": "c4"}``.
+
+The domain is read from a dotted path (``domain_field="meta.redpajama_set_name"``
+or ``"domain"``); the default ``"auto"`` tries the SlimPajama path first, then
+``domain``. A nested level stored as a JSON string (some parquet exports keep
+``meta`` as a string column) is decoded on the way.
+
+Bad input never stops reading: each bad record or file is skipped and counted
+under one reason of :data:`SKIP_REASONS`, and :func:`read_split` logs one
+summary line. Errors are raised only for problems a user must fix: a missing
+directory, a split without files, a domain with no usable document.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SLIMPAJAMA_DOMAIN_FIELD = "meta.redpajama_set_name"
+PLAIN_DOMAIN_FIELD = "domain"
+# Tried in this order, per record, when ``domain_field="auto"``.
+AUTO_DOMAIN_FIELDS = (SLIMPAJAMA_DOMAIN_FIELD, PLAIN_DOMAIN_FIELD)
+
+# Longest suffixes first, so ``x.jsonl.gz`` is not taken for something else.
+FILE_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".parquet")
+
+SKIP_REASONS = {
+    "invalid_utf8": "a line that is not valid UTF-8, or a text with unpaired "
+                    "surrogates (which cannot be written as UTF-8)",
+    "invalid_json": "a line that is not valid JSON",
+    "not_an_object": "a JSON value or row that is not an object",
+    "missing_text": "no text field, or a null one",
+    "non_string_text": "a text field that is not a string",
+    "empty_text": "a text that is empty or only whitespace",
+    "missing_domain": "no domain field, or a null one",
+    "bad_domain": "a domain that is not a non-empty string",
+    "unreadable_file": "a file that could not be opened (counted per file)",
+    "corrupt_file": "a file that could not be decoded to its end, e.g. a "
+                    "truncated gzip stream or a damaged parquet file (counted "
+                    "per file; the records read before the damage are kept)",
+}
+
+
+@dataclasses.dataclass
+class SkipCounts:
+  """What was skipped while reading, by reason (keys of :data:`SKIP_REASONS`).
+
+  Reasons ending in ``_file`` count files; all others count records.
+  """
+  counts: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
+
+  def add(self, reason: str, n: int = 1) -> None:
+    if reason not in SKIP_REASONS:
+      raise KeyError(f"unknown skip reason {reason!r}")
+    self.counts[reason] += n
+
+  def update(self, other: SkipCounts) -> None:
+    self.counts.update(other.counts)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def as_dict(self) -> dict[str, int]:
+    """Non-zero counts, sorted by reason."""
+    return {k: v for k, v in sorted(self.counts.items()) if v}
+
+  def __getitem__(self, reason: str) -> int:
+    return self.counts[reason]
+
+  def __str__(self) -> str:
+    if not self.total:
+      return "nothing skipped"
+    return ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+
+
+def list_split_files(data_dir: str | os.PathLike, split: str) -> list[Path]:
+  """Data files of one split, sorted by path for a stable reading order.
+
+  Raises:
+    FileNotFoundError: ``data_dir`` or ``data_dir/split`` does not exist.
+    ValueError: the split folder holds no file of a known kind.
+  """
+  data_dir = Path(data_dir)
+  if not data_dir.is_dir():
+    raise FileNotFoundError(f"data directory {str(data_dir)!r} does not exist")
+  split_dir = data_dir / split
+  if not split_dir.is_dir():
+    present = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+    raise FileNotFoundError(
+        f"split folder {str(split_dir)!r} does not exist (folders in "
+        f"{str(data_dir)!r}: {present})")
+  # A broken link or an unreadable entry with a data suffix is kept, so that
+  # reading counts it as an unreadable file instead of silently ignoring it.
+  files = sorted(
+      p for p in split_dir.rglob("*")
+      if p.name.endswith(FILE_SUFFIXES) and not p.is_dir())
+  if not files:
+    raise ValueError(
+        f"no data files ({', '.join('*' + s for s in FILE_SUFFIXES)}) under "
+        f"{str(split_dir)!r}")
+  return files
+
+
+def _parse_field_path(field: str) -> tuple[str, ...]:
+  parts = tuple(field.split("."))
+  if not field or not all(parts):
+    raise ValueError(f"invalid field path {field!r}")
+  return parts
+
+
+def _lookup(record: Any, parts: Sequence[str]) -> Any:
+  """``record[p0][p1]...``, or None where a level is missing or not an object."""
+  value = record
+  for key in parts:
+    if isinstance(value, str) and value.startswith("{"):
+      # A nested object stored as a JSON string (parquet exports do this).
+      try:
+        value = json.loads(value)
+      except ValueError:
+        return None
+    if not isinstance(value, dict):
+      return None
+    value = value.get(key)
+  return value
+
+
+def _iter_json_lines(stream, skips: SkipCounts) -> Iterator[Any]:
+  """Parsed JSON values of a binary line stream; blank lines are ignored."""
+  for raw in stream:
+    if not raw.strip():
+      continue
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      skips.add("invalid_utf8")
+      continue
+    try:
+      yield json.loads(line)
+    except ValueError:
+      skips.add("invalid_json")
+
+
+def _iter_parquet_rows(f, columns: set[str]) -> Iterator[dict]:
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  parquet = pq.ParquetFile(f)
+  present = [c for c in parquet.schema_arrow.names if c in columns]
+  if not present:
+    # None of the fields exists: every row lacks text (and domain).
+    for _ in range(parquet.metadata.num_rows):
+      yield {}
+    return
+  for batch in parquet.iter_batches(batch_size=1024, columns=present):
+    yield from batch.to_pylist()
+
+
+# Errors that mean "this file's bytes cannot be decoded": gzip raises
+# BadGzipFile (an OSError) on a bad header, EOFError when truncated and
+# zlib.error on a damaged stream; pyarrow raises ArrowException subclasses.
+def _decode_errors() -> tuple[type[BaseException], ...]:
+  errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+  try:
+    import pyarrow  # pylint: disable=g-import-not-at-top
+    errors += (pyarrow.ArrowException,)
+  except ImportError:
+    pass
+  return errors
+
+
+def iter_file_records(path: str | os.PathLike, skips: SkipCounts, *,
+                      columns: set[str] | None = None) -> Iterator[Any]:
+  """Raw records (usually dicts) of one data file, counting what is skipped.
+
+  Args:
+    path: a ``.jsonl``, ``.jsonl.gz``, ``.json.gz`` or ``.parquet`` file.
+    skips: receives ``invalid_utf8``/``invalid_json`` per bad line and
+      ``unreadable_file``/``corrupt_file`` per bad file.
+    columns: top-level fields to read from parquet (all others are ignored).
+
+  Yields:
+    The parsed value of each line (JSON lines) or each row (parquet).
+  """
+  path = Path(path)
+  try:
+    f = open(path, "rb")  # pylint: disable=consider-using-with
+  except OSError as e:
+    logger.warning("cannot open %s: %s", path, e)
+    skips.add("unreadable_file")
+    return
+  with f:
+    try:
+      if path.name.endswith(".parquet"):
+        yield from _iter_parquet_rows(f, columns or set())
+      elif path.name.endswith(".gz"):
+        with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+          yield from _iter_json_lines(gz, skips)
+      else:
+        yield from _iter_json_lines(f, skips)
+    except _decode_errors() as e:
+      logger.warning("cannot decode %s to its end: %s: %s", path,
+                     type(e).__name__, e)
+      skips.add("corrupt_file")
+
+
+def iter_documents(data_dir: str | os.PathLike, split: str, skips: SkipCounts,
+                   *, domain_field: str = "auto", text_field: str = "text",
+                   seen_domains: set[str] | None = None,
+                   ) -> Iterator[tuple[str, str]]:
+  """Streams the usable ``(domain, text)`` pairs of a split, in file order.
+
+  Args:
+    data_dir: corpus root holding ``<split>/``.
+    split: split folder name, e.g. ``"train"``.
+    skips: receives a count for every skipped record or file.
+    domain_field: dotted path of the domain name, or ``"auto"``.
+    text_field: dotted path of the text.
+    seen_domains: if given, receives every valid domain name met, including
+      those of records skipped for their text.
+
+  Raises:
+    FileNotFoundError, ValueError: as :func:`list_split_files`.
+  """
+  files = list_split_files(data_dir, split)
+  text_parts = _parse_field_path(text_field)
+  if domain_field == "auto":
+    domain_paths = [_parse_field_path(f) for f in AUTO_DOMAIN_FIELDS]
+  else:
+    domain_paths = [_parse_field_path(domain_field)]
+  columns = {text_parts[0]} | {p[0] for p in domain_paths}
+
+  for path in files:
+    for record in iter_file_records(path, skips, columns=columns):
+      if not isinstance(record, dict):
+        skips.add("not_an_object")
+        continue
+      domain = None
+      for parts in domain_paths:
+        domain = _lookup(record, parts)
+        if domain is not None:
+          break
+      if domain is None:
+        skips.add("missing_domain")
+        continue
+      if not isinstance(domain, str) or not domain.strip():
+        skips.add("bad_domain")
+        continue
+      if seen_domains is not None:
+        seen_domains.add(domain)
+      text = _lookup(record, text_parts)
+      if text is None:
+        skips.add("missing_text")
+        continue
+      if not isinstance(text, str):
+        skips.add("non_string_text")
+        continue
+      if not text.strip():
+        skips.add("empty_text")
+        continue
+      try:
+        # JSON escapes can produce lone surrogates, which tokenizers reject
+        # later; catch them here, where the record can still be skipped.
+        text.encode("utf-8")
+      except UnicodeEncodeError:
+        skips.add("invalid_utf8")
+        continue
+      yield domain, text
+
+
+def read_split(data_dir: str | os.PathLike, split: str, *,
+               domain_field: str = "auto", text_field: str = "text",
+               ) -> tuple[dict[str, list[str]], SkipCounts]:
+  """Reads one split into documents grouped by domain.
+
+  Args:
+    data_dir: corpus root; documents are read from ``data_dir/split`` and all
+      folders below it.
+    split: ``"train"``, ``"validation"``, ...
+    domain_field: dotted path of the domain name in a record
+      (``"meta.redpajama_set_name"``, ``"domain"``), or ``"auto"`` to try the
+      SlimPajama path, then ``"domain"``.
+    text_field: dotted path of the document text.
+
+  Returns:
+    ``(docs_by_domain, skips)``: ``docs_by_domain`` maps each domain name to
+    its documents in file order, with the domains sorted by name (so the
+    position of a name is a stable domain id); ``skips`` counts what was
+    skipped, by reason. One summary line is logged.
+
+  Raises:
+    FileNotFoundError: ``data_dir`` or its split folder does not exist.
+    ValueError: the split has no data files, no usable document at all, or a
+      domain whose every record was skipped.
+  """
+  skips = SkipCounts()
+  seen: set[str] = set()
+  docs: dict[str, list[str]] = collections.defaultdict(list)
+  for domain, text in iter_documents(data_dir, split, skips,
+                                     domain_field=domain_field,
+                                     text_field=text_field, seen_domains=seen):
+    docs[domain].append(text)
+
+  where = str(Path(data_dir) / split)
+  empty = sorted(seen - docs.keys())
+  if empty:
+    raise ValueError(
+        f"domain(s) {empty} in {where!r} have no usable document (skipped: "
+        f"{skips})")
+  if not docs:
+    raise ValueError(
+        f"no usable document in {where!r} (domain_field={domain_field!r}, "
+        f"text_field={text_field!r}; skipped: {skips})")
+
+  by_domain = {name: docs[name] for name in sorted(docs)}
+  n_docs = sum(len(v) for v in by_domain.values())
+  log = logger.warning if skips.total else logger.info
+  log("read %s: %d documents in %d domains; skipped %d (%s)", where, n_docs,
+      len(by_domain), skips.total, skips)
+  return by_domain, skips

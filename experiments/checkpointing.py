@@ -1,0 +1,63 @@
+"""Atomic, asynchronous checkpoints of a training run (orbax).
+
+One checkpoint per saved step holds three items:
+
+* ``state`` — the train state pytree (parameters, optimizer state including
+  DoGraph's centroids, weights and PRNG key, step), ``StandardSave``;
+* ``data`` — the data iterator's position, as JSON;
+* ``meta`` — the run's config and bookkeeping, as JSON.
+
+orbax writes every checkpoint into a temporary directory and renames it into
+place only when all items are complete, so a run killed in the middle of a
+save leaves the previous checkpoints intact and resume picks the last
+complete one (temporary directories are never listed as steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """Thin wrapper over ``ocp.CheckpointManager`` for (state, data, meta)."""
+
+  def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+    self.directory = Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+        item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
+    """Start saving ``step`` (returns before the write finishes if async)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """Restore ``step`` into the structure/dtypes of ``abstract_state``."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return out.state, out.data, out.meta
+
+  def wait(self) -> None:
+    """Block until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

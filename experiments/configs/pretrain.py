@@ -1,0 +1,99 @@
+"""Configuration of ``experiments/pretrain.py``.
+
+One frozen dataclass; every field can be overridden on the command line as
+``--name value`` (booleans as ``true``/``false``). Defaults give the CPU run
+of the README: ``mini`` GPT-2 trained with DoGraph on the bundled synthetic
+corpus in a few minutes. The paper's setting (DESIGN §6) is batch 48,
+20,000 steps, warm-up 500 then cosine, weight decay 0.01, clipping 1.0,
+m = 11 clusters, context 512: e.g. ``--model paper-small --batch_size 48
+--seq_len 512 --steps 20000 --warmup_steps 500``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+METHODS = ("uniform", "dograph")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  # --- data ---
+  data_dir: str = "data/synthetic"  # SlimPajama-layout folder (train/, validation/) or plain {"text","domain"}; the default is generated if absent
+  domain_field: str = "auto"        # dotted path of the domain label; auto = meta.redpajama_set_name, then domain
+  proportions: str = ""             # sampling proportions "name=w,..."; empty = natural (by tokens)
+  tokenizer: str = ""               # local tokenizer path; empty = train a byte-level BPE on the train split, cached beside the data
+  vocab_size: int = 2048            # vocabulary of the trained tokenizer
+  # --- method ---
+  method: str = "dograph"           # uniform | dograph
+  objective: str = "uncertainty"    # DoGraph objective: uncertainty | variance | robust | alignment
+  num_domains: int = 11             # m, model-centric domains (paper: 11)
+  sketch_dim: int = 256             # K, gradient sketch dimension
+  sketch_kind: str = "kronecker"    # gaussian | kronecker (Kronecker: far cheaper, the map of the factored engine)
+  kmeans_iters: int = 10            # Lloyd iterations per step
+  warm_start: bool = True           # warm-start K-means from the previous centroids
+  buffer_size: int = 0              # rolling buffer of recent sketches for clustering (0 = batch only)
+  ema: float = 0.0                  # EMA of domain weights across steps
+  weight_floor: float = 0.0         # minimum weight of a present domain
+  lambda_graph: float = 0.0         # graph-Laplacian term, relative to the objective's scale
+  temperature: float = 1.0          # robust objective's tau
+  lambda_dir: float = 1.0           # variance objective's direction term
+  lambda_align: float = 1.0         # alignment objective's proximity term
+  # --- model ---
+  model: str = "mini"               # mini | gpt2 | gpt2-medium | paper-small | paper-medium
+  dtype: str = "float32"            # compute dtype (params stay float32): float32 | bfloat16
+  # --- optimisation (DESIGN §6) ---
+  steps: int = 300                  # training steps
+  batch_size: int = 16              # sequences per step
+  seq_len: int = 64                 # tokens per sequence (model context must be >= this)
+  lr: float = 3e-3                  # peak learning rate
+  warmup_steps: int = 30            # linear warm-up steps (at most steps), then cosine to 0.1 * lr
+  weight_decay: float = 0.01        # AdamW weight decay
+  clip_norm: float = 1.0            # global-norm gradient clipping
+  seed: int = 0                     # model init, data order and DoGraph keys
+  # --- evaluation, logging, checkpoints ---
+  eval_every: int = 100             # steps between per-domain validation passes (0 = only at the end)
+  eval_rows: int = 64               # validation sequences per domain (0 = all)
+  log_every: int = 10               # steps between log lines / metric records
+  save_every: int = 100             # steps between checkpoints (0 = only at the end)
+  keep_checkpoints: int = 2         # checkpoints kept on disk
+  out_dir: str = "runs/default"     # run directory: metrics, TensorBoard, checkpoints, summary, plots
+  resume: bool = False              # continue from the last complete checkpoint in out_dir
+  plots: bool = True                # write PNG plots at the end
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+    for name in ("steps", "batch_size", "seq_len", "num_domains", "sketch_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    if self.warmup_steps < 0:
+      raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def _parse_bool(text: str) -> bool:
+  lowered = text.lower()
+  if lowered in ("1", "true", "yes", "on"):
+    return True
+  if lowered in ("0", "false", "no", "off"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv: Sequence[str] | None = None, base: TrainConfig | None = None,
+                 description: str | None = None) -> TrainConfig:
+  """``TrainConfig`` from ``--name value`` overrides of ``base`` (defaults)."""
+  base = base or TrainConfig()
+  parser = argparse.ArgumentParser(description=description)
+  for field in dataclasses.fields(TrainConfig):
+    default = getattr(base, field.name)
+    kind = {bool: _parse_bool, int: int, float: float, str: str}[type(default)]
+    parser.add_argument(f"--{field.name}", type=kind, default=default,
+                        help=f"(default: {default!r})")
+  args = parser.parse_args(argv)
+  return TrainConfig(**vars(args))
