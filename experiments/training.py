@@ -1,0 +1,174 @@
+"""The pieces of the pretraining loop: optimizer, train state, train/eval steps.
+
+The optimizer is ``optax.chain([dograph_transform], clip_by_global_norm,
+adamw)`` with a linear warm-up + cosine learning rate (DESIGN §6), wrapped in
+``optax.inject_hyperparams`` so that every hyperparameter that does not change
+a shape (peak learning rate, weight decay, DoGraph's temperature, lambdas,
+EMA, floor) lives in the optimizer state: changing it (a sweep) reuses the
+compiled train step.
+
+The train step is one jitted function with the train state donated:
+
+* ``uniform``: gradient of the batch-mean loss;
+* ``dograph``: per-sample losses and gradients (reference path,
+  ``vmap(grad)``), reduced by ``dograph_transform`` to the domain-weighted
+  update.
+
+Shape legend: ``B`` batch, ``T`` sequence length, ``M`` DoGraph domains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import dograph_jax as dg
+from dograph_jax.models import GPT2, get_config, sequence_loss, split_model, token_losses, apply
+
+from experiments.configs import TrainConfig
+
+# Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
+OPTIMIZER_STATIC = ("method", "objective", "num_domains", "sketch_dim", "sketch_kind",
+                    "kmeans_iters", "warm_start", "buffer_size", "batch_size", "seed",
+                    "warmup_steps", "total_steps", "clip_norm")
+# The traced hyperparameters, by their TrainConfig names.
+SWEEPABLE = {"lr": "learning_rate", "weight_decay": "weight_decay",
+             "temperature": "temperature", "lambda_graph": "lambda_graph",
+             "lambda_dir": "lambda_dir", "lambda_align": "lambda_align",
+             "ema": "ema", "weight_floor": "weight_floor"}
+
+
+def warmup_cosine(count: jax.Array, warmup_steps: int, total_steps: int,
+                  final_fraction: float = 0.1) -> jax.Array:
+  """Learning-rate multiplier: linear 0 -> 1 over ``warmup_steps``, then a
+  cosine from 1 to ``final_fraction`` at ``total_steps``."""
+  count = jnp.asarray(count, jnp.float32)
+  warm = jnp.minimum(1.0, (count + 1.0) / max(warmup_steps, 1))
+  progress = jnp.clip((count - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+  cosine = final_fraction + (1 - final_fraction) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+  return jnp.where(count < warmup_steps, warm, cosine)
+
+
+def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, lambda_dir,
+                      lambda_align, ema, weight_floor, *, method: str, objective: str,
+                      num_domains: int, sketch_dim: int, sketch_kind: str, kmeans_iters: int,
+                      warm_start: bool, buffer_size: int, batch_size: int, seed: int,
+                      warmup_steps: int, total_steps: int,
+                      clip_norm: float) -> optax.GradientTransformationExtraArgs:
+  """The run's optimizer; the positional arguments may be traced."""
+  schedule = lambda count: learning_rate * warmup_cosine(count, warmup_steps, total_steps)
+  tail = [optax.clip_by_global_norm(clip_norm),
+          optax.adamw(schedule, weight_decay=weight_decay)]
+  if method == "dograph":
+    head = dg.dograph_transform(
+        num_domains, sketch_dim, objective, seed=seed, sketch_kind=sketch_kind,
+        kmeans_iters=kmeans_iters, warm_start=warm_start, buffer_size=buffer_size,
+        batch_size=batch_size, ema=ema, weight_floor=weight_floor,
+        lambda_graph=lambda_graph, temperature=temperature, lambda_dir=lambda_dir,
+        lambda_align=lambda_align)
+    return optax.chain(head, *tail)
+  return optax.chain(*tail)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+  """``inject_hyperparams(optimizer_factory)`` configured from ``cfg``."""
+  hyper = {inner: getattr(cfg, outer) for outer, inner in SWEEPABLE.items()}
+  static = dict(method=cfg.method, objective=cfg.objective, num_domains=cfg.num_domains,
+                sketch_dim=cfg.sketch_dim, sketch_kind=cfg.sketch_kind,
+                kmeans_iters=cfg.kmeans_iters, warm_start=cfg.warm_start,
+                buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, seed=cfg.seed,
+                warmup_steps=min(cfg.warmup_steps, cfg.steps), total_steps=cfg.steps,
+                clip_norm=cfg.clip_norm)
+  return optax.inject_hyperparams(optimizer_factory, static_args=OPTIMIZER_STATIC)(
+      **hyper, **static)
+
+
+def set_hyperparams(opt_state, **values):
+  """Return ``opt_state`` with traced hyperparameters replaced (TrainConfig names)."""
+  hyper = dict(opt_state.hyperparams)
+  for name, value in values.items():
+    inner = SWEEPABLE[name]
+    hyper[inner] = jnp.asarray(value, hyper[inner].dtype)
+  return opt_state._replace(hyperparams=hyper)
+
+
+def dograph_state(opt_state) -> dg.DoGraphState | None:
+  """The DoGraph state inside the injected chain, or None for ``uniform``."""
+  first = opt_state.inner_state[0]
+  return first if isinstance(first, dg.DoGraphState) else None
+
+
+def build_model(cfg: TrainConfig, vocab_size: int):
+  """``(model_config, graphdef, params)`` for ``cfg.model`` and the tokenizer."""
+  dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+  model_cfg = get_config(cfg.model, vocab_size=vocab_size, dtype=dtype)
+  if cfg.seq_len > model_cfg.n_positions:
+    raise ValueError(f"--seq_len {cfg.seq_len} exceeds the context of model "
+                     f"{cfg.model!r} ({model_cfg.n_positions} positions).")
+  model = GPT2(model_cfg, rngs=nnx.Rngs(cfg.seed))
+  graphdef, params = split_model(model)
+  return model_cfg, graphdef, params
+
+
+def init_train_state(params, tx) -> dict:
+  return {"params": params, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32)}
+
+
+def make_train_step(graphdef, tx, cfg: TrainConfig) -> Callable:
+  """Jitted ``step(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+  ``metrics``: ``loss`` (batch mean), ``losses`` (B,), ``domain_id`` (B,),
+  ``update_norm``, ``lr``; with DoGraph also ``weights`` (M,), ``counts``
+  (M,), ``assignments`` (B,), ``nonfinite``. The function's ``traces`` list
+  grows by one each time JAX traces it (tests count compilations with it).
+  """
+  traces = []
+  method, warmup, total = cfg.method, min(cfg.warmup_steps, cfg.steps), cfg.steps
+
+  def loss_one(params, tokens_T1):
+    return sequence_loss(graphdef, params, tokens_T1)
+
+  def step(state, batch):
+    traces.append(1)
+    params, opt_state = state["params"], state["opt_state"]
+    tokens = batch["tokens"]
+    if method == "dograph":
+      losses, grads = dg.per_sample_loss_and_grads(loss_one, params, tokens)
+      updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
+    else:
+      def mean_loss(p):
+        per_seq = token_losses(apply(graphdef, p, tokens[:, :-1]), tokens[:, 1:]).mean(1)
+        return per_seq.mean(), per_seq
+      (_, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    hyper = opt_state.hyperparams  # this step's values (inject_hyperparams)
+    metrics = {"loss": jnp.mean(losses), "losses": losses, "domain_id": batch["domain_id"],
+               "update_norm": optax.global_norm(updates),
+               "lr": hyper["learning_rate"] * warmup_cosine(state["step"], warmup, total)}
+    inner = dograph_state(opt_state)
+    if inner is not None:
+      metrics.update(weights=inner.applied_weights, counts=inner.counts,
+                     assignments=inner.assignments, nonfinite=inner.nonfinite)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  jitted = jax.jit(step, donate_argnums=0)
+  jitted.traces = traces
+  return jitted
+
+
+def make_eval_step(graphdef) -> Callable:
+  """Jitted ``(params, tokens (B, T+1)) -> per-sequence mean loss (B,)``."""
+  @jax.jit
+  def eval_step(params, tokens):
+    return token_losses(apply(graphdef, params, tokens[:, :-1]), tokens[:, 1:]).mean(1)
+  return eval_step
+
+
+def abstract_like(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
