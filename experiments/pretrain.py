@@ -197,8 +197,12 @@ def train(cfg: TrainConfig) -> dict:
         val = evaluate(eval_step, state["params"], data.eval_batches)
         tracker.log(done, {"val_loss": val,
                            "val_ppl": {n: math.exp(v) for n, v in val.items()}})
-      if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+      halting = cfg.halt_after and done - start >= cfg.halt_after
+      if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or halting:
         save(done)
+      if halting:
+        log.info("halting after step %d as asked (--halt_after %d)", done, cfg.halt_after)
+        return {"halted_at": done}
   finally:
     progress.close()
     checkpointer.close()

@@ -149,7 +149,7 @@ def make_train_step(graphdef, tx, cfg: TrainConfig) -> Callable:
     params = optax.apply_updates(params, updates)
     hyper = opt_state.hyperparams  # this step's values (inject_hyperparams)
     metrics = {"loss": jnp.mean(losses), "losses": losses, "domain_id": batch["domain_id"],
-               "update_norm": optax.global_norm(updates),
+               "update_norm": optax.tree.norm(updates),
                "lr": hyper["learning_rate"] * warmup_cosine(state["step"], warmup, total)}
     inner = dograph_state(opt_state)
     if inner is not None:

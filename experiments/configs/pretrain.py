@@ -62,6 +62,7 @@ class TrainConfig:
   keep_checkpoints: int = 2         # checkpoints kept on disk
   out_dir: str = "runs/default"     # run directory: metrics, TensorBoard, checkpoints, summary, plots
   resume: bool = False              # continue from the last complete checkpoint in out_dir
+  halt_after: int = 0               # stop (saving) after this many steps of this process, as a preempted job would (0 = run to --steps)
   plots: bool = True                # write PNG plots at the end
 
   def __post_init__(self):

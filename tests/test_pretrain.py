@@ -1,0 +1,129 @@
+"""End-to-end tests of experiments/pretrain.py on a tiny synthetic corpus:
+exact resume, recovery from a save killed midway, the non-finite stop, and
+the run's artefacts."""
+
+import dataclasses
+import json
+import math
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from dograph_jax.data import write_synthetic_corpus
+from experiments import pretrain, training
+from experiments.checkpointing import Checkpointer
+from experiments.configs import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=1, total_docs=300)
+
+
+def _cfg(corpus, out_dir, **kw):
+  base = dict(data_dir=str(corpus), vocab_size=300, model="mini", steps=6,
+              batch_size=8, seq_len=32, num_domains=3, sketch_dim=64, eval_every=3,
+              eval_rows=8, save_every=3, log_every=1, warmup_steps=2, lr=3e-3,
+              out_dir=str(out_dir), plots=False)
+  base.update(kw)
+  return TrainConfig(**base)
+
+
+def _losses(out_dir):
+  return [(r["step"], r["loss"]) for r in map(json.loads, (out_dir / "metrics.jsonl")
+                                               .read_text().splitlines()) if "loss" in r]
+
+
+def _final_params(cfg):
+  data = pretrain.load_data(cfg)
+  _, _, params = training.build_model(cfg, data.vocab_size)
+  state = training.init_train_state(params, training.make_optimizer(cfg))
+  ckpt = Checkpointer(cfg.out_dir + "/checkpoints")
+  restored, data_state, _ = ckpt.restore(ckpt.latest_step(), training.abstract_like(state))
+  ckpt.close()
+  return restored, data_state
+
+
+@pytest.mark.parametrize("method", ["dograph", "uniform"])
+def test_resume_is_exact(corpus, tmp_path, method):
+  straight = _cfg(corpus, tmp_path / "straight", method=method)
+  pretrain.train(straight)
+  split = _cfg(corpus, tmp_path / "split", method=method)
+  assert pretrain.train(dataclasses.replace(split, halt_after=3)) == {"halted_at": 3}
+  pretrain.train(dataclasses.replace(split, resume=True))
+  assert _losses(tmp_path / "straight") == _losses(tmp_path / "split")
+  assert len(_losses(tmp_path / "split")) == 6
+  a, data_a = _final_params(straight)
+  b, data_b = _final_params(split)
+  assert data_a == data_b
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(a["step"]) == 6
+
+
+def test_resume_skips_a_checkpoint_killed_midway(corpus, tmp_path):
+  cfg = _cfg(corpus, tmp_path / "run", steps=6)
+  pretrain.train(dataclasses.replace(cfg, halt_after=3))
+  ckpt_dir = tmp_path / "run" / "checkpoints"
+  # What a process killed while writing step 6 leaves behind: orbax's
+  # temporary directory, incomplete (one item's files truncated).
+  partial = ckpt_dir / "6.orbax-checkpoint-tmp-1234567890"
+  shutil.copytree(ckpt_dir / "3", partial)
+  for f in sorted(partial.rglob("*")):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+  ckpt = Checkpointer(ckpt_dir)
+  assert ckpt.latest_step() == 3
+  ckpt.close()
+  summary = pretrain.train(dataclasses.replace(cfg, resume=True))
+  assert summary["steps"] == 6
+  straight = _cfg(corpus, tmp_path / "straight", steps=6)
+  pretrain.train(straight)
+  assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
+
+
+def test_nonfinite_loss_stops_without_saving_it(corpus, tmp_path):
+  cfg = _cfg(corpus, tmp_path / "nan", method="uniform", lr=1e9, warmup_steps=0,
+             steps=20, save_every=1, eval_every=0)
+  with pytest.raises(pretrain.NonFiniteLossError, match=r"at step (\d+)") as err:
+    pretrain.train(cfg)
+  bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+  ckpt = Checkpointer(tmp_path / "nan" / "checkpoints")
+  last = ckpt.latest_step()
+  ckpt.close()
+  assert last is not None and last < bad_step
+  params, _ = _final_params(cfg)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params["params"]))
+  assert pretrain.main([f"--{k}={v}" for k, v in [
+      ("data_dir", corpus), ("vocab_size", 300), ("method", "uniform"), ("lr", 1e9),
+      ("warmup_steps", 0), ("steps", 20), ("batch_size", 8), ("seq_len", 32),
+      ("eval_every", 0), ("save_every", 0), ("out_dir", tmp_path / "nan2"),
+      ("plots", "false")]]) == 1
+
+
+def test_run_artefacts_and_summary(corpus, tmp_path, capsys):
+  cfg = _cfg(corpus, tmp_path / "full", steps=4, eval_every=2, plots=True)
+  summary = pretrain.train(cfg)
+  out = tmp_path / "full"
+  for name in ("summary.txt", "summary.json", "config.json", "loss_per_domain.png",
+               "domain_weights.png", "clusters_vs_domains.png"):
+    assert (out / name).exists(), name
+  assert any((out / "tensorboard").iterdir())
+  records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if "weights" in r]
+  assert len(train_records) == 4
+  for r in train_records:
+    assert len(r["weights"]) == 3 and abs(sum(r["weights"]) - 1) < 1e-5
+    assert sum(r["cluster_sizes"]) == 8 and -1 <= r["ari"] <= 1 and 0 <= r["nmi"] <= 1
+  evals = [r for r in records if "val_loss" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  names = set(evals[-1]["val_loss"])
+  assert names == set(summary["per_domain"])
+  # The summary's aggregates follow from the per-domain losses.
+  losses = evals[-1]["val_loss"]
+  assert summary["average"] == pytest.approx(math.exp(np.mean(list(losses.values()))))
+  assert summary["worst"] == pytest.approx(max(math.exp(v) for v in losses.values()))
+  printed = capsys.readouterr().out
+  assert "average" in printed and "worst" in printed and "steps/s" in printed
