@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -60,7 +61,8 @@ class GPT2Config:
     for name in ("vocab_size", "n_positions", "n_layer", "n_head", "d_model",
                  "d_ff"):
       value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
+      if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+          or value < 1):
         raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}.")
     if self.d_model % self.n_head:
       raise ValueError(
@@ -153,8 +155,8 @@ class CausalSelfAttention(nnx.Module):
     self.dtype = cfg.dtype
     self.c_attn = _linear(cfg, cfg.d_model, 3 * cfg.d_model, _INIT_STD, rngs)
     # GPT-2 scales the init of projections that write into the residual
-    # stream by 1/sqrt(2 n_layer): 2 such writes per block, so the stream's
-    # variance at init does not grow with depth.
+    # stream by 1/sqrt(2 n_layer): there are 2 n_layer such writes, so the
+    # variance they add to the stream at init does not grow with depth.
     self.c_proj = _linear(cfg, cfg.d_model, cfg.d_model,
                           _INIT_STD / math.sqrt(2 * cfg.n_layer), rngs)
 

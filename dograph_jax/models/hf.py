@@ -67,11 +67,11 @@ def gpt2_config_from_hf(hf_config: dict[str, Any], *,
         f"load_hf_gpt2: activation_function {activation!r} is not supported; "
         f"the model computes GELU with the tanh approximation {_TANH_GELUS}.")
   # Variants that change the attention math rather than its numerics.
-  unsupported = {"scale_attn_weights": (True, hf_config.get("scale_attn_weights", True)),
-                 "scale_attn_by_inverse_layer_idx":
-                     (False, hf_config.get("scale_attn_by_inverse_layer_idx", False)),
-                 "add_cross_attention": (False, hf_config.get("add_cross_attention", False))}
-  for key, (want, got) in unsupported.items():
+  required = {"scale_attn_weights": True,
+              "scale_attn_by_inverse_layer_idx": False,
+              "add_cross_attention": False}
+  for key, want in required.items():
+    got = hf_config.get(key, want)  # absent means HF's default, which is ours
     if bool(got) != want:
       raise ValueError(f"load_hf_gpt2: {key}={got!r} is not supported (need {want}).")
   d_model = hf_config["n_embd"]
@@ -94,7 +94,8 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
     files = [directory / name for name in sorted(set(weight_map.values()))]
     absent = [str(f) for f in files if not f.is_file()]
     if absent:
-      raise FileNotFoundError(f"load_hf_gpt2: shards listed in {index} are missing: {absent}.")
+      raise FileNotFoundError(
+          f"load_hf_gpt2: shards listed in {index} are missing: {absent}.")
     return files
   raise FileNotFoundError(
       f"load_hf_gpt2: no model.safetensors (nor model.safetensors.index.json) "
