@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,12 @@ def load_data(cfg: TrainConfig) -> RunData:
   data_dir = Path(cfg.data_dir)
   if cfg.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
     log.info("generating the bundled synthetic corpus in %s", data_dir)
-    write_synthetic_corpus(data_dir, seed=0)
+    # Write aside and rename, so an interrupted generation is never mistaken
+    # for the corpus by the next run.
+    partial = data_dir.with_name(data_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_synthetic_corpus(partial, seed=0)
+    partial.rename(data_dir)
   train_docs, train_skips = read_split(data_dir, "train", domain_field=cfg.domain_field)
   val_docs, val_skips = read_split(data_dir, "validation", domain_field=cfg.domain_field)
   tokenizer = _tokenizer(cfg, data_dir, train_docs)
@@ -135,6 +141,22 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
   return record
 
 
+# Options that may change between a run and its resumption: they do not
+# affect the training trajectory.
+_RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
+                "save_every", "keep_checkpoints", "plots"}
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+  current = dataclasses.asdict(cfg)
+  changed = sorted(k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k])
+  if changed:
+    raise ValueError(
+        "--resume: the checkpoint was written with different settings for "
+        + ", ".join(f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in changed)
+        + "; resuming would not continue the same run. Use a new --out_dir.")
+
+
 def train(cfg: TrainConfig) -> dict:
   """Runs (or resumes) training; returns the summary dict."""
   out_dir = Path(cfg.out_dir)
@@ -157,6 +179,7 @@ def train(cfg: TrainConfig) -> dict:
                checkpointer.directory)
     else:
       state, data_state, meta = checkpointer.restore(step, training.abstract_like(state))
+      _check_resumable(meta["config"], cfg)
       data.train_iter.set_state(data_state)
       start = int(state["step"])
       log.info("resumed from step %d (%s)", start, checkpointer.directory)
@@ -171,34 +194,50 @@ def train(cfg: TrainConfig) -> dict:
                       {"config": dataclasses.asdict(cfg), "step": step})
 
   progress = Progress(start, cfg.steps, cfg.batch_size * cfg.seq_len, cfg.log_every)
-  tokens_seen, t0 = 0, time.perf_counter()
+
+  def finish(done: int, metrics: dict) -> None:
+    """Host-side work for a finished step: NaN check, progress, logs."""
+    nonlocal contingency
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f"non-finite training loss ({loss}) at step {done}; stopping. "
+          f"Checkpoints in {checkpointer.directory} hold only steps before it.")
+    progress.update(done - 1, loss)
+    if done % cfg.log_every == 0 or done == cfg.steps:
+      record = _host_record(metrics, data.names)
+      if cfg.method == "dograph":
+        table = agreement.contingency(np.asarray(metrics["domain_id"]),
+                                      np.asarray(metrics["assignments"]),
+                                      len(data.names), cfg.num_domains)
+        contingency += table
+        record["contingency"] = table.tolist()
+      tracker.log(done, record)
+
+  t0 = time.perf_counter()
+  pending = None  # (step, metrics) of the step whose results are not fetched yet
   try:
     for step in range(start, cfg.steps):
       batch = next(data.train_iter)
-      state, metrics = train_step(state, batch)
-      loss = float(metrics["loss"])  # waits for this step
-      if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"non-finite training loss ({loss}) at step {step + 1}; stopping. "
-            f"Checkpoints in {checkpointer.directory} hold only steps before it.")
+      state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
       done = step + 1
-      tokens_seen += cfg.batch_size * cfg.seq_len
-      progress.update(step, loss)
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        record = _host_record(metrics, data.names)
-        if cfg.method == "dograph":
-          table = agreement.contingency(np.asarray(metrics["domain_id"]),
-                                        np.asarray(metrics["assignments"]),
-                                        len(data.names), cfg.num_domains)
-          contingency += table
-          record["contingency"] = table.tolist()
-        tracker.log(done, record)
-      if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+      # Fetch the previous step's metrics while this one runs (nanodo-style),
+      # so logging never stalls the device.
+      if pending is not None:
+        finish(*pending)
+      pending = (done, metrics)
+      evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+      halting = cfg.halt_after and done - start >= cfg.halt_after
+      saving = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or halting
+      if not (evaluating or saving):
+        continue
+      finish(*pending)  # this step's loss is checked before anything is saved
+      pending = None
+      if evaluating:
         val = evaluate(eval_step, state["params"], data.eval_batches)
         tracker.log(done, {"val_loss": val,
                            "val_ppl": {n: math.exp(v) for n, v in val.items()}})
-      halting = cfg.halt_after and done - start >= cfg.halt_after
-      if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or halting:
+      if saving:
         save(done)
       if halting:
         log.info("halting after step %d as asked (--halt_after %d)", done, cfg.halt_after)
@@ -213,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
   final = [r for r in tracker.records if "val_loss" in r][-1]["val_loss"]
   summary = {"method": cfg.method, "objective": cfg.objective, "model": cfg.model,
              "steps": cfg.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
-             "tokens_per_s": tokens_seen / elapsed if elapsed else 0.0,
+             "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / elapsed if elapsed else 0.0,
              "val_loss": final, **reporting.perplexities(final)}
   title = (f"{cfg.method}{'/' + cfg.objective if cfg.method == 'dograph' else ''} "
            f"{cfg.model}, {cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len}")

@@ -127,3 +127,10 @@ def test_run_artefacts_and_summary(corpus, tmp_path, capsys):
   assert summary["worst"] == pytest.approx(max(math.exp(v) for v in losses.values()))
   printed = capsys.readouterr().out
   assert "average" in printed and "worst" in printed and "steps/s" in printed
+
+
+def test_resume_refuses_changed_settings(corpus, tmp_path):
+  cfg = _cfg(corpus, tmp_path / "run", steps=4)
+  pretrain.train(dataclasses.replace(cfg, halt_after=2))
+  with pytest.raises(ValueError, match="lr"):
+    pretrain.train(dataclasses.replace(cfg, resume=True, lr=1e-2))

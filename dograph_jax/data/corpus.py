@@ -14,8 +14,8 @@ Two record schemas are understood, and may be mixed:
   ``{"text": ..., "meta": {"redpajama_set_name": "RedPajamaC4"}}``;
 * plain: ``{"text": ..., "domain": "c4"}``.
 
-The domain is read from a dotted path (``domain_field="meta.redpajama_set_name"``
-or ``"domain"``); the default ``"auto"`` tries the SlimPajama path first, then
+The domain is read from a dotted path
+(``domain_field="meta.redpajama_set_name"`` or ``"domain"``); the default ``"auto"`` tries the SlimPajama path first, then
 ``domain``. A nested level stored as a JSON string (some parquet exports keep
 ``meta`` as a string column) is decoded on the way.
 
@@ -135,7 +135,7 @@ def _parse_field_path(field: str) -> tuple[str, ...]:
 
 
 def _lookup(record: Any, parts: Sequence[str]) -> Any:
-  """``record[p0][p1]...``, or None where a level is missing or not an object."""
+  """``record[p0][p1]...``; None where a level is missing or not an object."""
   value = record
   for key in parts:
     if isinstance(value, str) and value.startswith("{"):

@@ -80,7 +80,8 @@ def load_tokenizer(path: str | os.PathLike):
   Raises:
     FileNotFoundError: ``path`` is not an existing folder.
   """
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast
 
   path = Path(path)
   if not path.is_dir():

@@ -1,0 +1,39 @@
+"""Multi-domain text data for language-model pretraining.
+
+* :mod:`~dograph_jax.data.corpus` — :func:`read_split` reads ``jsonl``,
+  ``jsonl.gz``/``json.gz`` and ``parquet`` files (SlimPajama or plain schema)
+  into documents grouped by domain, counting what it skips (:class:`SkipCounts`);
+* :mod:`~dograph_jax.data.tokenizer` — :func:`train_bpe_tokenizer`,
+  :func:`load_tokenizer` (byte-level BPE, offline);
+* :mod:`~dograph_jax.data.pipeline` — :func:`pack_domains` (rows of
+  ``seq_len + 1`` tokens within each domain), mixture proportions,
+  :func:`make_train_iterator` (grain, checkpointable through JSON) and
+  :func:`make_eval_batches`;
+* :mod:`~dograph_jax.data.synthetic` — :func:`write_synthetic_corpus`, a small
+  deterministic five-domain corpus.
+"""
+
+from dograph_jax.data.corpus import (AUTO_DOMAIN_FIELDS, SKIP_REASONS,
+                                     SkipCounts, iter_documents,
+                                     list_split_files, read_split)
+from dograph_jax.data.pipeline import (PackedDomains, iterator_state_from_json,
+                                       iterator_state_to_json,
+                                       make_eval_batches, make_train_dataset,
+                                       make_train_iterator,
+                                       natural_proportions, pack_domains,
+                                       pack_domains_cached, packing_cache_key,
+                                       resolve_proportions,
+                                       uniform_proportions)
+from dograph_jax.data.synthetic import DOMAIN_SHARES, write_synthetic_corpus
+from dograph_jax.data.tokenizer import (EOS_TOKEN, load_tokenizer,
+                                        train_bpe_tokenizer)
+
+__all__ = [
+    "AUTO_DOMAIN_FIELDS", "DOMAIN_SHARES", "EOS_TOKEN", "PackedDomains",
+    "SKIP_REASONS", "SkipCounts", "iter_documents", "iterator_state_from_json",
+    "iterator_state_to_json", "list_split_files", "load_tokenizer",
+    "make_eval_batches", "make_train_dataset", "make_train_iterator",
+    "natural_proportions", "pack_domains", "pack_domains_cached",
+    "packing_cache_key", "read_split", "resolve_proportions",
+    "train_bpe_tokenizer", "uniform_proportions", "write_synthetic_corpus",
+]
