@@ -269,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S")
+                      datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   cfg = parse_config(argv, description=__doc__.splitlines()[0])

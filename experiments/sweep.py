@@ -78,7 +78,7 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
 
 def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S")
+                      datefmt="%H:%M:%S", force=True)
   argv = list(sys.argv[1:] if argv is None else argv)
   specs, rest = [], []
   while argv:

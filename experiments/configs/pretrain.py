@@ -46,19 +46,19 @@ class TrainConfig:
   model: str = "mini"               # mini | gpt2 | gpt2-medium | paper-small | paper-medium
   dtype: str = "float32"            # compute dtype (params stay float32): float32 | bfloat16
   # --- optimisation (DESIGN §6) ---
-  steps: int = 300                  # training steps
+  steps: int = 1000                 # training steps
   batch_size: int = 16              # sequences per step
   seq_len: int = 64                 # tokens per sequence (model context must be >= this)
   lr: float = 3e-3                  # peak learning rate
-  warmup_steps: int = 30            # linear warm-up steps (at most steps), then cosine to 0.1 * lr
+  warmup_steps: int = 50            # linear warm-up steps (at most steps), then cosine to 0.1 * lr
   weight_decay: float = 0.01        # AdamW weight decay
   clip_norm: float = 1.0            # global-norm gradient clipping
   seed: int = 0                     # model init, data order and DoGraph keys
   # --- evaluation, logging, checkpoints ---
-  eval_every: int = 100             # steps between per-domain validation passes (0 = only at the end)
+  eval_every: int = 250             # steps between per-domain validation passes (0 = only at the end)
   eval_rows: int = 64               # validation sequences per domain (0 = all)
-  log_every: int = 10               # steps between log lines / metric records
-  save_every: int = 100             # steps between checkpoints (0 = only at the end)
+  log_every: int = 25               # steps between log lines / metric records
+  save_every: int = 250             # steps between checkpoints (0 = only at the end)
   keep_checkpoints: int = 2         # checkpoints kept on disk
   out_dir: str = "runs/default"     # run directory: metrics, TensorBoard, checkpoints, summary, plots
   resume: bool = False              # continue from the last complete checkpoint in out_dir
