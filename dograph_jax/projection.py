@@ -18,8 +18,11 @@ Two kinds of map:
   ``G`` (``in x out``, ``in`` its first axis), the sketch is
   ``P_in^T G P_out`` with Gaussian factors ``P_in`` (``in x k_in``, variance
   ``1/k_in``) and ``P_out`` (``out x k_out``, variance ``1/k_out``),
-  ``k_in * k_out = dim``; leaves with fewer than two axes get a dense Gaussian
-  block. It is the map that the factored engine (DESIGN §7) computes from layer
+  ``k_in * k_out = dim``. A linear layer's bias (a ``bias`` leaf beside a
+  ``kernel`` matrix with as many columns) is folded in as one more row,
+  ``G = [W; b]`` (``(in + 1) x out``), the way the factored engine sees it
+  (``[X, 1]^T D``), and is keyed by the kernel; other leaves with fewer than
+  two axes (LayerNorm scales and biases) get a dense Gaussian block. It is the map that the factored engine (DESIGN §7) computes from layer
   inputs and output-gradients without forming ``G``; here it is applied to
   materialised gradients, as that engine's oracle. It is unbiased too
   (``E[R^T R] = I``) but needs about twice the dimension of the dense map for
@@ -161,12 +164,38 @@ def sketch(grads: PyTree, key: jax.Array, dim: int, *,
         "sketch: every gradient leaf needs the same leading batch axis; got "
         f"shapes {[x.shape for x in leaves]}.")
   z_BxK = jnp.zeros((batch, dim), jnp.float32)
+  folded = folded_biases(grads, batched=True) if kind == "kronecker" else {}
   for index, g in enumerate(leaves):
+    if index in folded.values():
+      continue  # a linear layer's bias: sketched with its kernel
     k = leaf_key(key, index)
     if kind == "kronecker" and g.ndim >= 3:
-      z_BxK = z_BxK + kronecker_sketch_leaf(
-          g.reshape(batch, g.shape[1], -1), k, dim)
+      g = g.reshape(batch, g.shape[1], -1)
+      if index in folded:  # the bias as one more input row: [W; b]
+        g = jnp.concatenate([g, leaves[folded[index]][:, None, :].astype(g.dtype)], 1)
+      z_BxK = z_BxK + kronecker_sketch_leaf(g, k, dim)
     else:
       z_BxK = z_BxK + dense_sketch_leaf(g.reshape(batch, -1), k, dim,
                                         block_budget)
   return z_BxK
+
+
+def folded_biases(tree: PyTree, *, batched: bool = False) -> dict[int, int]:
+  """``{kernel leaf index: bias leaf index}`` of the linear layers in ``tree``.
+
+  A linear layer is a pair of sibling leaves named ``kernel`` (a matrix
+  ``(in, out)``) and ``bias`` (``(out,)``), as flax's ``Linear`` stores them.
+  Indices are positions in ``jax.tree.leaves(tree)``. ``batched``: leaves
+  carry a leading batch axis.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  lead = 1 if batched else 0
+  index = {tuple(path): i for i, (path, _) in enumerate(flat)}
+  out = {}
+  for i, (path, leaf) in enumerate(flat):
+    if not path or getattr(path[-1], "key", None) != "kernel" or jnp.ndim(leaf) != 2 + lead:
+      continue
+    j = index.get(tuple(path[:-1]) + (jax.tree_util.DictKey("bias"),))
+    if j is not None and jnp.shape(flat[j][1])[lead:] == (jnp.shape(leaf)[-1],):
+      out[i] = j
+  return out

@@ -22,6 +22,13 @@ batch axis::
     updates, opt_state = tx.update(per_sample_grads, opt_state, params,
                                    losses=per_sample_losses)
 
+Fast path: instead of per-sample gradients, ``updates`` may be a
+:class:`~dograph_jax.factored.FactoredGrads` from the factored engine (losses,
+Kronecker sketches made with :func:`projection_key`, and a map from the
+coefficients ``a`` to ``sum_i a_i g_i``); the transform then skips its own
+sketch and asks that map for the update. Same clusters, weights and update as
+the reference path with ``sketch_kind="kronecker"``.
+
 Non-finite policy: a sample whose gradient (or loss, when given) has any
 non-finite entry gets coefficient ``a_i = 0``; it takes no part in clustering,
 statistics or the update, and ``state.nonfinite`` / ``state.nonfinite_total``
@@ -42,6 +49,7 @@ import optax
 
 from dograph_jax import objectives
 from dograph_jax.domains import domain_stats
+from dograph_jax.factored import FactoredGrads
 from dograph_jax.clustering import kmeans, kmeans_plusplus
 from dograph_jax.projection import DEFAULT_BLOCK_BUDGET, sketch
 
@@ -69,6 +77,16 @@ class DoGraphState(NamedTuple):
   coefficients: jax.Array | None  # (B,) float32, last a_i; None if batch_size is None
   nonfinite: jax.Array        # () int32, samples dropped in the last update
   nonfinite_total: jax.Array  # () int32, samples dropped since init
+
+
+def projection_key(seed: int) -> jax.Array:
+  """The key of the transform's projection ``R`` for ``seed`` (fixed for a run).
+
+  A caller that sketches itself (the factored engine) must sketch with this
+  key so that centroids and buffered sketches of earlier steps stay in the
+  same space.
+  """
+  return jax.random.fold_in(jax.random.PRNGKey(seed), 0)
 
 
 def sample_coefficients(weights: jax.Array, assignments: jax.Array,
@@ -235,7 +253,7 @@ def dograph_transform(
 
   m, k = num_domains, sketch_dim
   base_key = jax.random.PRNGKey(seed)
-  proj_key = jax.random.fold_in(base_key, 0)
+  proj_key = projection_key(seed)
   # Optional fields are None rather than zero-sized arrays: checkpointers
   # (orbax) refuse to save arrays of size 0.
   has_buffer, has_batch = buffer_size > 0, batch_size is not None
@@ -259,7 +277,18 @@ def dograph_transform(
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
-    b = _check_per_sample(updates, params, batch_size)
+    fast = isinstance(updates, FactoredGrads)
+    if fast:
+      b = updates.sketches.shape[0]
+      if updates.sketches.shape[1] != k:
+        raise ValueError(f"dograph_transform: FactoredGrads sketches have dimension "
+                         f"{updates.sketches.shape[1]}, the transform sketch_dim={k}.")
+      if batch_size is not None and b != batch_size:
+        raise ValueError(f"dograph_transform was built with batch_size={batch_size} "
+                         f"but got sketches for B={b}.")
+      losses = updates.losses if losses is None else losses
+    else:
+      b = _check_per_sample(updates, params, batch_size)
     if objective == "robust" and losses is None:
       raise ValueError("dograph_transform(objective='robust') needs per-sample "
                        "`losses=` (shape (B,)) in update().")
@@ -270,13 +299,19 @@ def dograph_transform(
                          f"got {losses.shape}.")
       losses = losses.astype(jnp.float32)
 
-    finite_B = _finite_mask(updates, losses)
-    clean = jax.tree.map(
-        lambda g: jnp.where(finite_B.reshape((b,) + (1,) * (g.ndim - 1)), g, 0),
-        updates)
+    if fast:
+      finite_B = jnp.all(jnp.isfinite(updates.sketches), axis=1)
+      if losses is not None:
+        finite_B = finite_B & jnp.isfinite(losses)
+      z_BxK = jnp.where(finite_B[:, None], updates.sketches, 0.0)
+    else:
+      finite_B = _finite_mask(updates, losses)
+      clean = jax.tree.map(
+          lambda g: jnp.where(finite_B.reshape((b,) + (1,) * (g.ndim - 1)), g, 0),
+          updates)
+      z_BxK = sketch(clean, proj_key, k, kind=sketch_kind, block_budget=block_budget)
     if losses is not None:
       losses = jnp.where(finite_B, losses, 0.0)
-    z_BxK = sketch(clean, proj_key, k, kind=sketch_kind, block_budget=block_budget)
 
     key, seed_key = jax.random.split(state.key)
     if has_buffer:
@@ -300,11 +335,20 @@ def dograph_transform(
     smoothed, applied = _smooth(raw, state.weights, state.count,
                                 stats.counts > 0, ema, weight_floor)
     a_B = sample_coefficients(applied, assign_B, stats.counts, finite_B)
-    # sum_i a_i g_i, accumulated in float32 whatever the gradient dtype.
-    out = jax.tree.map(
-        lambda g: jnp.tensordot(a_B.astype(g.dtype), g, axes=1,
-                                preferred_element_type=jnp.float32).astype(g.dtype),
-        clean)
+    if fast:
+      out = updates.weighted_grad(a_B)
+      if updates.second_backward:
+        # A second backward cannot leave a non-finite sample out (0 * NaN is
+        # NaN in its residuals): such a step is skipped (zero update) and
+        # counted in `nonfinite`.
+        ok = jnp.all(finite_B)
+        out = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), out)
+    else:
+      # sum_i a_i g_i, accumulated in float32 whatever the gradient dtype.
+      out = jax.tree.map(
+          lambda g: jnp.tensordot(a_B.astype(g.dtype), g, axes=1,
+                                  preferred_element_type=jnp.float32).astype(g.dtype),
+          clean)
 
     dropped = jnp.sum(~finite_B).astype(jnp.int32)
     new_state = DoGraphState(

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dograph_jax.models import taps
+
 PyTree = Any
 # GPT-2's initialiser: N(0, 0.02) for every weight matrix and embedding.
 _INIT_STD = 0.02
@@ -132,18 +134,17 @@ def _normal(std: float):
 
 
 def _linear(cfg: GPT2Config, d_in: int, d_out: int, std: float,
-            rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=_normal(std),
-                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+            rngs: nnx.Rngs) -> taps.Linear:
+  return taps.Linear(d_in, d_out, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     kernel_init=_normal(std),
+                     bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
-def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  # nnx.LayerNorm computes its mean and variance in at least float32 and
-  # casts the result to `dtype`, so bfloat16 compute stays stable here.
-  return nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps,
-                       dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                       rngs=rngs)
+def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> taps.LayerNorm:
+  # Statistics in float32 and the result cast to `dtype`, so bfloat16
+  # compute stays stable here.
+  return taps.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps,
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -260,6 +261,10 @@ class GPT2(nnx.Module):
           f"GPT2: sequence length T={t} exceeds the context n_positions="
           f"{cfg.n_positions}.")
     x_BxTxD = self.wte(tokens_BxT) + self.wpe(jnp.arange(t))[None]
+    tapped = taps.is_tapping()
+    if tapped:  # for the factored engine: the gradient wrt both embeddings
+      self.sow(nnx.Intermediate, "tokens", tokens_BxT)
+      x_BxTxD = self.perturb("embeddings", x_BxTxD)
     for block in self.h:
       x_BxTxD = block(x_BxTxD)
     h_BxTxD = self.ln_f(x_BxTxD)
@@ -267,8 +272,12 @@ class GPT2(nnx.Module):
     # run at full speed) but accumulate and return in float32, so the
     # softmax over V ~ 50k logits is not computed from rounded values.
     wte_VxD = self.wte.embedding[...].astype(cfg.dtype)
-    return jnp.einsum("btd,vd->btv", h_BxTxD.astype(cfg.dtype), wte_VxD,
-                      preferred_element_type=jnp.float32)
+    logits_BxTxV = jnp.einsum("btd,vd->btv", h_BxTxD.astype(cfg.dtype), wte_VxD,
+                              preferred_element_type=jnp.float32)
+    if tapped:  # the output use of the tied embedding: input h, gradient D
+      self.sow(nnx.Intermediate, "head_inputs", h_BxTxD)
+      logits_BxTxV = self.perturb("logits", logits_BxTxV)
+    return logits_BxTxV
 
 
 def split_model(model: GPT2) -> tuple[nnx.GraphDef, dict]:

@@ -1,0 +1,266 @@
+"""The factored engine: per-sample sketches and the DoGraph update from one
+forward/backward pass, never forming a per-sample gradient (DESIGN §7).
+
+For a linear layer ``y = x W + b`` applied to the tokens of sample ``i``, the
+per-sample gradient of ``[W; b]`` is ``[X_i, 1]^T D_i`` (``X_i``: the layer's
+``T x in`` inputs, ``D_i = dl_i/dy``: its ``T x out`` output-gradients). Its
+Kronecker sketch ``P_in^T [X_i, 1]^T D_i P_out = ([X_i, 1] P_in)^T (D_i
+P_out)`` costs ``O(T (in k_in + out k_out + k_in k_out))``. The same holds for
+the embeddings (rows selected by token ids or positions) and the tied output
+layer (``G = D_logits^T h``, sketched as ``(D_logits P_in)^T (h P_out)``),
+which shares the embedding's factors, so the sketch describes the tied
+gradient. LayerNorm gradients are small per-sample vectors
+(``sum_t D_t * xhat_t`` and ``sum_t D_t``) and get dense blocks. The map is
+exactly ``projection.sketch(kind="kronecker")`` of the per-sample gradients
+(same keys, same factors), which the tests use as the oracle.
+
+``D`` for every layer comes from one backward pass of the per-sample losses
+(cotangent ones) with respect to zero perturbations added to each layer's
+output (``Module.perturb``), the parameters held fixed, so XLA drops the
+weight-gradient products. The update ``sum_i a_i g_i`` is then formed from the
+same stored tensors ("book-keeping"): ``[X, 1]^T (a * D)`` over all tokens,
+the plain step's weight-gradient product with the narrower operand scaled.
+``update="second_backward"`` instead reuses the forward pass for a second
+backward with cotangent ``a`` (exact too, about a third more FLOPs, and it
+keeps nothing but the autodiff residuals).
+
+The model must be built from :mod:`dograph_jax.models.taps` layers (``Linear``,
+``LayerNorm``) and may tap, at its root, ``tokens``/``embeddings`` (the sum of
+token and position embeddings) and ``head_inputs``/``logits`` (a tied output
+layer), as :class:`dograph_jax.models.GPT2` does. Losses must be per sample:
+no layer may mix samples of the batch.
+
+Shape legend: ``B`` batch, ``T`` tokens, ``K`` sketch dimension, ``V``
+vocabulary, ``D`` width, ``N`` positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dograph_jax import projection
+from dograph_jax.models import taps
+
+PyTree = Any
+Update = Literal["bookkeeping", "second_backward"]
+_HI = jax.lax.Precision.HIGHEST
+
+
+class FactoredGrads(NamedTuple):
+  """What ``dograph_transform`` needs instead of per-sample gradients.
+
+  Pass it as ``updates`` to the transform's ``update``.
+  """
+  losses: jax.Array      # (B,) float32 per-sample losses
+  sketches: jax.Array    # (B, K) float32 Kronecker sketches of the gradients
+  weighted_grad: Callable[[jax.Array], PyTree]  # a_B -> sum_i a_i g_i (params-like)
+  second_backward: bool  # True if weighted_grad is a second backward pass
+  blocks: dict | None = None  # name -> (B, K) sketch of each parameter block, if asked
+
+
+def _leaf_index(params: PyTree) -> dict[tuple, int]:
+  """Parameter path (tuple of keys) -> leaf index in flatten order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  return {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path): i
+          for i, (path, _) in enumerate(flat)}
+
+
+def _get(tree: dict, path: tuple) -> Any:
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _walk(tree: Any, path: tuple = ()):
+  """Yield (path, node) for every dict node of a nested pure dict."""
+  if isinstance(tree, dict):
+    yield path, tree
+    for k, v in tree.items():
+      yield from _walk(v, path + (k,))
+
+
+def _first(v):
+  # `sow` stores a tuple of the values sown (one per call).
+  return v[0] if isinstance(v, tuple) else v
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _masked(x_BxTxN, keep_B):
+  # Rows of dropped samples may hold NaN; 0 * NaN is NaN, so select instead.
+  return jnp.where(keep_B.reshape((-1,) + (1,) * (x_BxTxN.ndim - 1)), x_BxTxN, 0)
+
+
+def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nnx.GraphDef,
+                   params: PyTree, inputs: Any, key: jax.Array, dim: int, *,
+                   update: Update = "bookkeeping",
+                   block_budget: int = projection.DEFAULT_BLOCK_BUDGET,
+                   per_block: bool = False) -> FactoredGrads:
+  """Per-sample losses, Kronecker sketches and the weighted-gradient map.
+
+  Args:
+    model_fn: ``model_fn(model, inputs) -> losses_B``, the per-sample losses of
+      the merged model (e.g. mean token cross-entropy of each sequence).
+    graphdef, params: the model split by ``models.split_model`` (``params`` a
+      pure nested dict).
+    inputs: the batch (leading axis ``B``), passed to ``model_fn``.
+    key: the projection key; ``dim``: sketch dimension ``K``.
+    update: ``"bookkeeping"`` (default) or ``"second_backward"``.
+    block_budget: as in :func:`dograph_jax.sketch` (dense LayerNorm blocks).
+    per_block: also return each parameter block's own sketch (for tests and
+      diagnostics), keyed by its parameter path (``"h/0/attn/c_attn"``,
+      ``"h/0/ln_1/scale"``, ``"wte/embedding"``, ...).
+
+  Returns:
+    :class:`FactoredGrads`; ``sketches`` equals
+    ``sketch(per_sample_grads, key, dim, kind="kronecker")``.
+  """
+  if update not in ("bookkeeping", "second_backward"):
+    raise ValueError(f"factored_grads: unknown update {update!r}.")
+
+  def run(p, perturbations):
+    model = nnx.merge(graphdef, p)
+    with taps.tapping():
+      losses, inter = nnx.capture(model_fn, nnx.Intermediate, init=perturbations)(
+          model, inputs)
+    return losses.astype(jnp.float32), inter
+
+  def zero_perturbations():
+    model = nnx.merge(graphdef, params)
+    with taps.tapping():
+      _, perts = nnx.capture(model_fn, nnx.Perturbation)(model, inputs)
+    return perts
+
+  shapes = jax.eval_shape(zero_perturbations)
+  perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  if update == "second_backward":
+    losses, vjp_fn, inter = jax.vjp(run, params, perts, has_aux=True)
+    _, d_state = vjp_fn(jnp.ones_like(losses))
+  else:
+    losses, vjp_fn, inter = jax.vjp(lambda q: run(params, q), perts, has_aux=True)
+    (d_state,) = vjp_fn(jnp.ones_like(losses))
+  inter = nnx.to_pure_dict(inter)
+  dgrad = nnx.to_pure_dict(d_state)
+  index = _leaf_index(params)
+  batch = losses.shape[0]
+  contributions: dict[str, jax.Array] = {}
+  blocks = []  # (kind, path, tensors) for the book-keeping update
+
+  def add(path, z):
+    name = "/".join(map(str, path))
+    contributions[name] = contributions[name] + z if name in contributions else z
+
+  def factors(param_path, rows, cols):
+    return projection.kronecker_factors(projection.leaf_key(key, index[param_path]),
+                                        rows, cols, dim)
+
+  def kron(left_BxTxA, right_BxTxC):
+    return jnp.einsum("bta,btc->bac", left_BxTxA, right_BxTxC,
+                      precision=_HI).reshape(batch, dim)
+
+  for path, node in _walk(dgrad):
+    if "outputs" in node and path in _paths_with(inter, "inputs"):  # Linear
+      x = _f32(_first(_get(inter, path)["inputs"]))
+      d = _f32(node["outputs"])
+      kernel = _get(params, path)["kernel"]
+      has_bias = "bias" in _get(params, path)
+      p_in, p_out = factors(path + ("kernel",), kernel.shape[0] + has_bias, kernel.shape[1])
+      xp = jnp.einsum("bti,ia->bta", x, p_in[:kernel.shape[0]], precision=_HI)
+      if has_bias:
+        xp = xp + p_in[kernel.shape[0]]
+      add(path, kron(xp, jnp.einsum("bto,oc->btc", d, p_out, precision=_HI)))
+      blocks.append(("linear", path, (x, d, has_bias)))
+    elif "outputs" in node and path in _paths_with(inter, "normalized"):  # LayerNorm
+      xhat = _f32(_first(_get(inter, path)["normalized"]))
+      d = _f32(node["outputs"])
+      g_scale = jnp.sum(d * xhat, axis=1)
+      g_bias = jnp.sum(d, axis=1)
+      for name, g in (("scale", g_scale), ("bias", g_bias)):
+        add(path + (name,), projection.dense_sketch_leaf(
+            g, projection.leaf_key(key, index[path + (name,)]), dim, block_budget))
+      blocks.append(("layernorm", path, (g_scale, g_bias)))
+
+  if "embeddings" in dgrad:  # token and position embeddings, tied output layer
+    tokens = _first(inter["tokens"])
+    d_emb = _f32(dgrad["embeddings"])
+    wte = params["wte"]["embedding"]
+    t = tokens.shape[1]
+    p_in, p_out = factors(("wte", "embedding"), *wte.shape)
+    d_emb_p = jnp.einsum("btd,dc->btc", d_emb, p_out, precision=_HI)
+    add(("wte", "embedding"), kron(p_in[tokens], d_emb_p))
+    if "logits" in dgrad:
+      h = _f32(_first(inter["head_inputs"]))
+      d_logits = _f32(dgrad["logits"])
+      add(("wte", "embedding"), kron(jnp.einsum("btv,va->bta", d_logits, p_in, precision=_HI),
+                                     jnp.einsum("btd,dc->btc", h, p_out, precision=_HI)))
+      blocks.append(("head", ("wte", "embedding"), (h, d_logits)))
+    if "wpe" in params:
+      q_in, q_out = factors(("wpe", "embedding"), *params["wpe"]["embedding"].shape)
+      add(("wpe", "embedding"), jnp.einsum(
+          "ta,btc->bac", q_in[:t], jnp.einsum("btd,dc->btc", d_emb, q_out, precision=_HI),
+          precision=_HI).reshape(batch, dim))
+    blocks.append(("embeddings", (), (tokens, d_emb)))
+
+  if update == "second_backward":
+    def weighted_grad(a_B):
+      return vjp_fn(a_B.astype(losses.dtype))[0]
+  else:
+    def weighted_grad(a_B):
+      return _bookkeeping(params, blocks, a_B)
+
+  z_BxK = sum(contributions.values(), jnp.zeros((batch, dim), jnp.float32))
+  return FactoredGrads(losses, z_BxK, weighted_grad, update == "second_backward",
+                       contributions if per_block else None)
+
+
+def _paths_with(inter: dict, name: str) -> set:
+  return {path for path, node in _walk(inter) if name in node}
+
+
+def _bookkeeping(params: PyTree, blocks: list, a_B: jax.Array) -> PyTree:
+  """``sum_i a_i g_i`` from the stored inputs and output-gradients."""
+  keep = a_B != 0
+  a = a_B.astype(jnp.float32)
+  grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+  def put(path, name, value):
+    node = _get(grads, path)
+    node[name] = node[name] + value
+
+  for kind, path, tensors in blocks:
+    if kind == "linear":
+      x, d, has_bias = tensors
+      x, d = _masked(x, keep), _masked(d, keep)
+      # Scale the narrower operand by a: the cheaper of the two products.
+      if x.shape[-1] <= d.shape[-1]:
+        x_scaled, d_scaled = x * a[:, None, None], d
+      else:
+        x_scaled, d_scaled = x, d * a[:, None, None]
+      put(path, "kernel", jnp.einsum("bti,bto->io", x_scaled, d_scaled, precision=_HI))
+      if has_bias:
+        put(path, "bias", jnp.einsum("b,bto->o", a, d, precision=_HI))
+    elif kind == "layernorm":
+      g_scale, g_bias = (_masked(g, keep) for g in tensors)
+      put(path, "scale", a @ g_scale)
+      put(path, "bias", a @ g_bias)
+    elif kind == "head":
+      h, d_logits = (_masked(x, keep) for x in tensors)
+      put(path[:-1], path[-1], jnp.einsum("btv,btd->vd", d_logits * a[:, None, None], h,
+                                          precision=_HI))
+    elif kind == "embeddings":
+      tokens, d_emb = tensors
+      ad = _masked(d_emb, keep) * a[:, None, None]
+      put(("wte",), "embedding",
+          jnp.zeros_like(grads["wte"]["embedding"]).at[tokens.reshape(-1)].add(
+              ad.reshape(-1, ad.shape[-1])))
+      if "wpe" in params:
+        t = tokens.shape[1]
+        put(("wpe",), "embedding",
+            jnp.zeros_like(grads["wpe"]["embedding"]).at[:t].add(jnp.sum(ad, 0)))
+  return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
