@@ -10,9 +10,13 @@ compiled train step.
 The train step is one jitted function with the train state donated:
 
 * ``uniform``: gradient of the batch-mean loss;
-* ``dograph``: per-sample losses and gradients (reference path,
-  ``vmap(grad)``), reduced by ``dograph_transform`` to the domain-weighted
-  update.
+* ``dograph`` with ``--sketch factored`` (default): the factored engine
+  (``dograph_jax.factored_grads``) computes per-sample losses and Kronecker
+  sketches in one forward/backward pass and hands ``dograph_transform`` a map
+  from the coefficients ``a`` to the weighted gradient (book-keeping, or a
+  second backward with ``--update second_backward``);
+* ``dograph`` with ``--sketch reference``: per-sample gradients
+  (``vmap(grad)``), sketched and reduced by ``dograph_transform``.
 
 Shape legend: ``B`` batch, ``T`` sequence length, ``M`` DoGraph domains.
 """
@@ -33,7 +37,7 @@ from experiments.configs import TrainConfig
 
 # Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
 OPTIMIZER_STATIC = ("method", "objective", "num_domains", "sketch_dim", "sketch_kind",
-                    "kmeans_iters", "warm_start", "buffer_size", "batch_size", "seed",
+                    "kmeans_iters", "distance", "warm_start", "buffer_size", "batch_size", "seed",
                     "warmup_steps", "total_steps", "clip_norm")
 # The traced hyperparameters, by their TrainConfig names.
 SWEEPABLE = {"lr": "learning_rate", "weight_decay": "weight_decay",
@@ -56,7 +60,7 @@ def warmup_cosine(count: jax.Array, warmup_steps: int, total_steps: int,
 def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, lambda_dir,
                       lambda_align, ema, weight_floor, *, method: str, objective: str,
                       num_domains: int, sketch_dim: int, sketch_kind: str, kmeans_iters: int,
-                      warm_start: bool, buffer_size: int, batch_size: int, seed: int,
+                      distance: str, warm_start: bool, buffer_size: int, batch_size: int, seed: int,
                       warmup_steps: int, total_steps: int,
                       clip_norm: float) -> optax.GradientTransformationExtraArgs:
   """The run's optimizer; the positional arguments may be traced."""
@@ -66,7 +70,7 @@ def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, la
   if method == "dograph":
     head = dg.dograph_transform(
         num_domains, sketch_dim, objective, seed=seed, sketch_kind=sketch_kind,
-        kmeans_iters=kmeans_iters, warm_start=warm_start, buffer_size=buffer_size,
+        kmeans_iters=kmeans_iters, distance=distance, warm_start=warm_start, buffer_size=buffer_size,
         batch_size=batch_size, ema=ema, weight_floor=weight_floor,
         lambda_graph=lambda_graph, temperature=temperature, lambda_dir=lambda_dir,
         lambda_align=lambda_align)
@@ -79,7 +83,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
   hyper = {inner: getattr(cfg, outer) for outer, inner in SWEEPABLE.items()}
   static = dict(method=cfg.method, objective=cfg.objective, num_domains=cfg.num_domains,
                 sketch_dim=cfg.sketch_dim, sketch_kind=cfg.sketch_kind,
-                kmeans_iters=cfg.kmeans_iters, warm_start=cfg.warm_start,
+                kmeans_iters=cfg.kmeans_iters, distance=cfg.distance, warm_start=cfg.warm_start,
                 buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, seed=cfg.seed,
                 warmup_steps=min(cfg.warmup_steps, cfg.steps), total_steps=cfg.steps,
                 clip_norm=cfg.clip_norm)
@@ -133,11 +137,19 @@ def make_train_step(graphdef, tx, cfg: TrainConfig) -> Callable:
   def loss_one(params, tokens_T1):
     return sequence_loss(graphdef, params, tokens_T1)
 
+  def sequence_losses(model, tokens_BxT1):  # the factored engine's per-sample losses
+    return token_losses(model(tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:]).mean(1)
+
   def step(state, batch):
     traces.append(1)
     params, opt_state = state["params"], state["opt_state"]
     tokens = batch["tokens"]
-    if method == "dograph":
+    if method == "dograph" and cfg.sketch == "factored":
+      fast = dg.factored_grads(sequence_losses, graphdef, params, tokens,
+                               dg.projection_key(cfg.seed), cfg.sketch_dim, update=cfg.update)
+      losses = fast.losses
+      updates, opt_state = tx.update(fast, opt_state, params)
+    elif method == "dograph":
       losses, grads = dg.per_sample_loss_and_grads(loss_one, params, tokens)
       updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
     else:

@@ -31,9 +31,12 @@ class TrainConfig:
   method: str = "dograph"           # uniform | dograph
   objective: str = "uncertainty"    # DoGraph objective: uncertainty | variance | robust | alignment
   num_domains: int = 11             # m, model-centric domains (paper: 11)
+  sketch: str = "factored"          # factored (one pass, no per-sample gradients) | reference (vmap(grad), any loss)
+  update: str = "bookkeeping"       # factored path's update: bookkeeping (from stored tensors) | second_backward
   sketch_dim: int = 256             # K, gradient sketch dimension
-  sketch_kind: str = "kronecker"    # gaussian | kronecker (Kronecker: far cheaper, the map of the factored engine)
+  sketch_kind: str = "kronecker"    # reference path's map: gaussian | kronecker (the factored path is always kronecker)
   kmeans_iters: int = 10            # Lloyd iterations per step
+  distance: str = "euclidean"       # K-means distance: euclidean | cosine (clusters gradient directions, ignores norms)
   warm_start: bool = True           # warm-start K-means from the previous centroids
   buffer_size: int = 0              # rolling buffer of recent sketches for clustering (0 = batch only)
   ema: float = 0.0                  # EMA of domain weights across steps
@@ -73,6 +76,10 @@ class TrainConfig:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
     if self.warmup_steps < 0:
       raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+    if self.sketch not in ("factored", "reference"):
+      raise ValueError(f"--sketch must be factored or reference, got {self.sketch!r}")
+    if self.update not in ("bookkeeping", "second_backward"):
+      raise ValueError(f"--update must be bookkeeping or second_backward, got {self.update!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
 

@@ -1,0 +1,285 @@
+"""Sharding (``dograph_jax.sharding``): a data x FSDP mesh of 8 CPU devices
+computes what one device computes, and keeps big leaves sharded.
+
+The sharded train steps need 8 devices, i.e.
+``jax.config.update("jax_num_cpu_devices", 8)`` before the first JAX operation
+of the process. pytest runs every test module in one process and others
+initialise JAX first, so this module runs them in child processes: it runs
+itself as a script (``python tests/test_sharding.py METHOD OUT``), which sets
+the flag first, trains 2 steps on one device and on each mesh, and writes
+the numbers to ``OUT.npz`` / ``OUT.json`` for the tests here to check. The two
+methods run in two concurrent children (each compiles three steps).
+
+Tolerances (float32; every sharded reduction — matmuls over the batch, the
+loss mean, the gradient reduce-scatter, K-means sums — adds in another
+order, so results agree to rounding, not bitwise):
+
+* per-sample losses, DoGraph weights, coefficients, centroids, Adam moments:
+  relative 1e-4 of the quantity's scale, about 100x the observed gaps
+  (1e-7 relative for losses and weights);
+* assignments and cluster counts: equal (no sample is near a tie);
+* parameters: ``1e-2 * lr``. Adam divides each coordinate's moment by its
+  own RMS, so where the exact gradient is zero (the attention key bias: the
+  softmax ignores a shift shared by all keys) the computed gradient is pure
+  rounding noise, and two orders of rounding give two different
+  ``lr * g / (|g| + eps)``: observed up to ``3.4e-3 * lr`` on such
+  coordinates (everywhere else below 1e-6). A real sharding error (a missed
+  reduction over a shard) moves coordinates by ``~lr``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+from dograph_jax import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+N_DEVICES = 8
+MESHES = ("data=4,fsdp=2", "data=8,fsdp=1")
+METHODS = ("dograph", "uniform")
+STEPS = 2
+LR = 3e-3
+CONFIG = dict(model="mini", vocab_size=128, batch_size=16, seq_len=16, num_domains=3,
+              sketch_dim=32, steps=10, warmup_steps=2, lr=LR, seed=0)
+
+
+# --------------------------------------------------------------------------
+# Child process: the computations on 8 devices.
+
+
+def _worker(method: str, out: str) -> None:
+  """Train STEPS steps on one device and on each mesh; save what the tests check."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from experiments import training  # pylint: disable=import-outside-toplevel
+  from experiments.configs import TrainConfig  # pylint: disable=import-outside-toplevel
+  import inspect  # pylint: disable=import-outside-toplevel
+
+  assert jax.device_count() == N_DEVICES, jax.devices()
+  cfg = TrainConfig(method=method, **CONFIG)
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
+                                     dtype=np.int32),
+              "domain_id": rng.integers(0, 3, (cfg.batch_size,), dtype=np.int32)}
+             for _ in range(STEPS)]
+  _, graphdef, params = training.build_model(cfg, cfg.vocab_size)
+  tx = training.make_optimizer(cfg)
+  state0 = training.init_train_state(params, tx)
+  # The trainer jits the step with the state's shardings in and out (so that
+  # it stays where it is: same layout every step, one compilation, donated
+  # buffers reused) and replicated metrics. Use make_train_step's arguments
+  # for it where it has them (the trainer wiring), else jit its function so.
+  takes_shardings = "state_sharding" in inspect.signature(training.make_train_step).parameters
+
+  arrays, info = {}, {}
+  for run in ("single",) + MESHES:
+    t0 = time.perf_counter()
+    state = jax.tree.map(jnp.array, state0)  # a copy: the step donates it
+    kwargs = {}
+    if run == "single":
+      put = lambda b: b
+    else:
+      mesh = sharding.make_mesh(run)
+      intended = sharding.state_shardings(state0, mesh)
+      state = jax.device_put(state, intended)
+      put = lambda b, mesh=mesh: sharding.shard_batch(b, mesh)
+      kwargs = dict(state_sharding=intended, batch_sharding=sharding.batch_sharding(mesh))
+    if takes_shardings or not kwargs:
+      step = training.make_train_step(graphdef, tx, cfg, **kwargs)
+    else:  # the same jit as the wiring adds to make_train_step
+      step = jax.jit(training.make_train_step(graphdef, tx, cfg).__wrapped__, donate_argnums=0,
+                     in_shardings=(intended, kwargs["batch_sharding"]),
+                     out_shardings=(intended, sharding.replicated(mesh)))
+    for i, batch in enumerate(batches):
+      state, metrics = step(state, put(batch))
+      for key, value in metrics.items():
+        arrays[f"{run}|metrics|{i}|{key}"] = np.asarray(value)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+      arrays[f"{run}|state|{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    info[run] = {"seconds": time.perf_counter() - t0,
+                 "compilations": step._cache_size()}  # pylint: disable=protected-access
+    if run != "single":
+      flat_out = jax.tree_util.tree_flatten_with_path(state)[0]
+      flat_want = jax.tree.leaves(intended)
+      info[run].update(
+          leaves=len(flat_out),
+          mismatched=[f"{jax.tree_util.keystr(p)}: {x.sharding.spec} != {w.spec}"
+                      for (p, x), w in zip(flat_out, flat_want)
+                      if not x.sharding.is_equivalent_to(w, x.ndim)],
+          sharded=sorted(jax.tree_util.keystr(p) for p, x in flat_out
+                         if not x.sharding.is_fully_replicated),
+          replicated_big=sorted(jax.tree_util.keystr(p) for p, x in flat_out
+                                if x.sharding.is_fully_replicated
+                                and x.size >= sharding.MIN_SHARD_SIZE),
+          took_shardings=takes_shardings)
+      try:  # 12 rows cannot be split over 8 devices
+        sharding.shard_batch({"tokens": np.zeros((12, 4), np.int32)}, mesh)
+        info[run]["indivisible_batch_error"] = None
+      except ValueError as e:
+        info[run]["indivisible_batch_error"] = str(e)
+  np.savez(out + ".npz", **arrays)
+  Path(out + ".json").write_text(json.dumps(info, indent=1))
+
+
+# --------------------------------------------------------------------------
+# Parent: run the children once per session, then check.
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out_dir = tmp_path_factory.mktemp("sharding")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+  def child(method):
+    out = str(out_dir / method)
+    proc = subprocess.run([sys.executable, __file__, method, out], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+      raise RuntimeError(f"sharding child ({method}) failed:\n{proc.stdout}\n{proc.stderr}")
+    return method, (dict(np.load(out + ".npz")), json.loads(Path(out + ".json").read_text()))
+
+  with concurrent.futures.ThreadPoolExecutor(len(METHODS)) as pool:
+    return dict(pool.map(child, METHODS))
+
+
+def _close(actual, desired, rel, what):
+  scale = max(float(np.max(np.abs(desired))), 1e-30)
+  np.testing.assert_allclose(actual, desired, rtol=rel, atol=rel * scale, err_msg=what)
+
+
+def _check_same_training(arrays, run, method):
+  for i in range(STEPS):
+    get = lambda key, r: arrays[f"{r}|metrics|{i}|{key}"]
+    _close(get("losses", run), get("losses", "single"), 1e-4, f"{run} step {i} losses")
+    if method == "dograph":
+      for key in ("assignments", "counts"):
+        np.testing.assert_array_equal(get(key, run), get(key, "single"),
+                                      err_msg=f"{run} step {i} {key}")
+      _close(get("weights", run), get("weights", "single"), 1e-4, f"{run} step {i} weights")
+  state_keys = [k.split("|", 2)[2] for k in arrays if k.startswith("single|state|")]
+  assert state_keys
+  for key in state_keys:
+    got, want = arrays[f"{run}|state|{key}"], arrays[f"single|state|{key}"]
+    if key.startswith("['params']"):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-2 * LR, err_msg=key)
+    elif np.issubdtype(want.dtype, np.floating):
+      _close(got, want, 1e-4, key)  # Adam moments, DoGraph centroids/weights/coefficients
+    else:
+      np.testing.assert_array_equal(got, want, err_msg=key)  # counts, keys, assignments
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_step_matches_single_device(runs, method, mesh):
+  arrays, _ = runs[method]
+  _check_same_training(arrays, mesh, method)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_step_keeps_the_intended_shardings(runs, method, mesh):
+  _, info = runs[method]
+  run = info[mesh]
+  assert run["mismatched"] == [], "\n".join(run["mismatched"])
+  # Same shardings out as in: the second step reuses the first one's executable.
+  assert run["compilations"] == 1
+  assert "divisible by the 8 devices" in run["indivisible_batch_error"]
+  if mesh == "data=4,fsdp=2":
+    # Big leaves stay FSDP-sharded: every params leaf and Adam moment of at
+    # least MIN_SHARD_SIZE elements (all of them have an even dimension).
+    assert run["replicated_big"] == []
+    kernel = "['h'][0]['mlp']['c_fc']['kernel']"
+    assert f"['params']{kernel}" in run["sharded"]
+    assert any(k.endswith(f".mu{kernel}") for k in run["sharded"])
+    assert any(k.endswith(f".nu{kernel}") for k in run["sharded"])
+  else:  # fsdp=1: pure data parallelism, everything replicated
+    assert run["sharded"] == []
+
+
+# --------------------------------------------------------------------------
+# In process: the sharding rules (abstract mesh) and mesh-spec errors.
+
+
+def _abstract_mesh(data, fsdp):
+  return AbstractMesh((data, fsdp), sharding.AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def test_param_shardings_rule():
+  params = {"wte": np.zeros((128, 64)), "c_fc": np.zeros((64, 256)),
+            "odd": np.zeros((63, 33)), "bias": np.zeros((256,)),
+            "wide_odd": np.zeros((5, 1024)), "scale": np.zeros((4,))}
+  specs = {k: s.spec for k, s in sharding.param_shardings(params, _abstract_mesh(4, 2)).items()}
+  assert specs == {"wte": P("fsdp", None), "c_fc": P(None, "fsdp"), "odd": P(),
+                   "bias": P(), "wide_odd": P(None, "fsdp"), "scale": P()}
+  for shardings in (sharding.param_shardings(params, _abstract_mesh(8, 1)),
+                    sharding.param_shardings(params, _abstract_mesh(4, 2), fsdp=False)):
+    assert all(s.spec == P() for s in shardings.values())
+
+
+def test_state_shardings_follow_params_and_replicate_the_rest():
+  import optax  # pylint: disable=import-outside-toplevel
+  import dograph_jax as dg  # pylint: disable=import-outside-toplevel
+  params = {"w": jax.ShapeDtypeStruct((64, 128), np.float32),
+            "b": jax.ShapeDtypeStruct((128,), np.float32)}
+  # A DoGraph buffer (S, K) shaped like the parameter "w" stays replicated:
+  # only whole params-like subtrees are sharded.
+  tx = optax.chain(dg.dograph_transform(3, 128, buffer_size=64, batch_size=8),
+                   optax.adamw(1e-3))
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), np.int32)}
+  shardings = sharding.state_shardings(state, _abstract_mesh(4, 2))
+  flat = {jax.tree_util.keystr(p): s.spec for p, s in
+          jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  sharded = {k for k, spec in flat.items() if spec != P()}
+  assert sharded == {"['params']['w']", "['opt_state'][1][0].mu['w']",
+                     "['opt_state'][1][0].nu['w']"}, flat
+  assert flat["['params']['w']"] == P(None, "fsdp")
+  assert flat["['opt_state'][0].buffer"] == P()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=4,fsdp=2", "must equal the device count"),   # 8 != 1 device
+    ("data=3", "must equal the device count"),
+    ("data=4,tensor=2", "unknown axis 'tensor'"),
+    ("data=4,data=2", "given twice"),
+    ("data=four", "must be an integer"),
+    ("data=0", "must be >= 1"),
+    ("data=-1,fsdp=-1", "at most one axis"),
+    ("data4", "not 'axis=size'"),
+    ("", "not 'axis=size'"),
+    ({}, "empty"),
+    ({"model": 2}, "unknown axis"),
+])
+def test_bad_mesh_specs_raise(spec, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(spec, devices=jax.devices()[:1])
+
+
+def test_mesh_spec_forms_and_axis_types():
+  one = jax.devices()[:1]
+  assert sharding.parse_mesh_spec(" data = 2 , fsdp=4 ") == {"data": 2, "fsdp": 4}
+  assert sharding.parse_mesh_spec("fsdp=2") == {"data": 1, "fsdp": 2}
+  for spec in ("data=1,fsdp=1", {"fsdp": 1}, "data=-1", "fsdp=-1"):
+    mesh = sharding.make_mesh(spec, devices=one)
+    assert mesh.axis_names == ("data", "fsdp") and mesh.size == 1
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+  with pytest.raises(ValueError, match="leading batch axis"):
+    sharding.shard_batch({"tokens": np.zeros(())}, sharding.make_mesh("data=1", devices=one))
+
+
+if __name__ == "__main__":
+  # Before any JAX operation: this process's 8 CPU devices.
+  jax.config.update("jax_num_cpu_devices", N_DEVICES)
+  sys.path.insert(0, str(ROOT))
+  _worker(sys.argv[1], sys.argv[2])
