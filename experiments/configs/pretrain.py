@@ -33,7 +33,7 @@ class TrainConfig:
   num_domains: int = 11             # m, model-centric domains (paper: 11)
   sketch: str = "factored"          # factored (one pass, no per-sample gradients) | reference (vmap(grad), any loss)
   update: str = "bookkeeping"       # factored path's update: bookkeeping (from stored tensors) | second_backward
-  sketch_dim: int = 256             # K, gradient sketch dimension
+  sketch_dim: int = 1024            # K: the Kronecker map needs ~4x the dense dimension for the same distortion (benchmarks/sketch_distortion.py); 256 suits --sketch_kind gaussian
   sketch_kind: str = "kronecker"    # reference path's map: gaussian | kronecker (the factored path is always kronecker)
   kmeans_iters: int = 10            # Lloyd iterations per step
   distance: str = "euclidean"       # K-means distance: euclidean | cosine (clusters gradient directions, ignores norms)
