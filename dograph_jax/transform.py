@@ -194,7 +194,10 @@ def dograph_transform(
 
   Args:
     num_domains: ``M``, number of model-centric domains (paper: 11).
-    sketch_dim: ``K``, dimension of the gradient sketches.
+    sketch_dim: ``K``, dimension of the gradient sketches. The default, 256,
+      suits the dense ``"gaussian"`` map; the ``"kronecker"`` map and the
+      factored engine need about 1024 for the same distortion
+      (``benchmarks/sketch_distortion.py``).
     objective: ``"uncertainty"`` (default), ``"variance"``, ``"robust"``
       (needs ``losses``) or ``"alignment"``; see :mod:`dograph_jax.objectives`.
     seed: fixes the projection ``R`` (for the whole run) and the seeding keys.
