@@ -22,8 +22,9 @@ Two kinds of map:
   ``kernel`` matrix with as many columns) is folded in as one more row,
   ``G = [W; b]`` (``(in + 1) x out``), the way the factored engine sees it
   (``[X, 1]^T D``), and is keyed by the kernel; other leaves with fewer than
-  two axes (LayerNorm scales and biases) get a dense Gaussian block. It is the map that the factored engine (DESIGN §7) computes from layer
-  inputs and output-gradients without forming ``G``; here it is applied to
+  two axes (LayerNorm scales and biases) get a dense Gaussian block. It is
+  the map that the factored engine (DESIGN §7) computes from layer inputs
+  and output-gradients without forming ``G``; here it is applied to
   materialised gradients, as that engine's oracle. It is unbiased too
   (``E[R^T R] = I``) but, its error falling more slowly than ``K^-1/2``,
   needs 3-4 times the dimension of the dense map for the same distortion
