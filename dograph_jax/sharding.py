@@ -10,9 +10,10 @@ The mesh has two axes:
   too, so that no device computes what another one already does.
 
 ``fsdp`` is the inner (fastest-varying) axis of the device array, so its
-groups are neighbouring devices: its all-gathers, issued for every layer of
-every step, then travel over the fastest links (NVLink within a host), while
-``data`` only needs the gradient reduction across groups.
+groups are neighbouring devices (on GPUs, those of one host while ``fsdp``
+is at most the GPUs per host): its all-gathers, issued for every layer of
+every step, travel over the fastest links (NVLink), while ``data`` only
+needs the gradient reduction across groups.
 
 Axis types: the mesh is built with ``AxisType.Auto`` on both axes, i.e.
 classic GSPMD, on purpose. ``jax.make_mesh`` defaults to ``Explicit`` axes in
@@ -24,20 +25,25 @@ explicit mesh (checked with jax 0.10.2 on this model):
 sharded over the same ``fsdp`` axis ("Unmapped values passed to vmap cannot be
 sharded along the mesh axis you are vmapping over"), and with the batch on
 ``data`` only, the token-embedding lookup asks for ``.at[].get(out_sharding=)``.
-Under ``Auto`` the unchanged jitted step, the vmap over the batch, the sketch,
-K-means on the (gathered) sketches and the weight solve all partition without
-a single annotation, and give the single-device results up to the order of
-floating-point reductions (``tests/test_sharding.py``). Only the inputs and
-outputs of the step carry shardings: the ones built here.
+Under ``Auto`` the unchanged train step (uniform, and DoGraph's reference
+and factored paths: per-sample gradients or taps, the sketch, K-means on the
+gathered sketches, the weight solve) partitions without a single annotation
+and gives the single-device results up to the order of floating-point sums
+(``tests/test_sharding.py``). Only the inputs and outputs of the step carry
+shardings, the ones built here. Pin the outputs too: left to itself, GSPMD
+returned DoGraph's per-sample assignments sharded over the batch, not
+replicated as they came in, so the second step saw new input shardings and
+compiled again.
 
 Typical use (one process; see ``experiments/distributed.py`` for several)::
 
-    mesh = make_mesh("data=4,fsdp=2")            # 8 devices
-    state = jax.device_put(state, state_shardings(state, mesh))
-    batch = shard_batch(batch, mesh)               # (B, ...) rows over all 8 devices
-    state, metrics = train_step(state, batch)      # jitted as for one device
-
-Shape legend: ``B`` batch, ``D`` number of devices.
+    mesh = make_mesh("data=4,fsdp=2")                     # 8 devices
+    state_sharding = state_shardings(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    step = jax.jit(step_fn, donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding(mesh)),
+                   out_shardings=(state_sharding, replicated(mesh)))
+    state, metrics = step(state, shard_batch(batch, mesh))  # B rows over 8 devices
 """
 
 from __future__ import annotations

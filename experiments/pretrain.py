@@ -34,12 +34,12 @@ if __package__ in (None, ""):  # `python experiments/pretrain.py`
 import jax
 import numpy as np
 
-from dograph_jax import agreement
+from dograph_jax import agreement, sharding
 from dograph_jax.data import (load_tokenizer, make_eval_batches, make_train_iterator,
                               pack_domains_cached, read_split, resolve_proportions,
                               train_bpe_tokenizer, write_synthetic_corpus)
 from dograph_jax.models import count_params
-from experiments import reporting, training
+from experiments import distributed, reporting, training
 from experiments.checkpointing import Checkpointer
 from experiments.configs import TrainConfig, parse_config
 from experiments.tracking import Progress, Tracker
@@ -107,13 +107,14 @@ def load_data(cfg: TrainConfig) -> RunData:
       proportions=resolved)
 
 
-def evaluate(eval_step, params, eval_batches: dict) -> dict[str, float]:
-  """Mean token loss of each domain's validation rows (padding excluded)."""
+def evaluate(eval_step, params, eval_batches: dict, put=lambda tokens: tokens) -> dict[str, float]:
+  """Mean token loss of each domain's validation rows (padding excluded);
+  ``put`` places the tokens (on the mesh)."""
   out = {}
   for name, batches in eval_batches.items():
     total, rows = 0.0, 0
     for batch in batches:
-      losses = np.asarray(eval_step(params, batch["tokens"]))
+      losses = np.asarray(eval_step(params, put(batch["tokens"])))
       mask = np.asarray(batch["mask"])
       total += float(losses[mask].sum())
       rows += int(mask.sum())
@@ -142,9 +143,10 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
 
 
 # Options that may change between a run and its resumption: they do not
-# affect the training trajectory.
+# affect the training trajectory (a different --mesh changes only the order
+# of floating-point sums).
 _RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
-                "save_every", "keep_checkpoints", "plots"}
+                "save_every", "keep_checkpoints", "plots", "mesh"}
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
@@ -159,6 +161,7 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig) -> dict:
   """Runs (or resumes) training; returns the summary dict."""
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad spec fails before any work
   out_dir = Path(cfg.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -167,8 +170,17 @@ def train(cfg: TrainConfig) -> dict:
   log.info("model %s: %s parameters", cfg.model, f"{count_params(params):,}")
   tx = training.make_optimizer(cfg)
   state = training.init_train_state(params, tx)
-  train_step = training.make_train_step(graphdef, tx, cfg)
-  eval_step = training.make_eval_step(graphdef)
+  put, step_shardings = (lambda batch: batch), {}
+  if mesh is not None:
+    state_sharding = sharding.state_shardings(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    put = lambda batch: sharding.shard_batch(batch, mesh)
+    step_shardings = dict(state_sharding=state_sharding,
+                          batch_sharding=sharding.batch_sharding(mesh))
+    log.info("mesh %s: %d %s devices, %d process(es)", dict(mesh.shape), mesh.size,
+             mesh.devices.flat[0].platform, jax.process_count())
+  train_step = training.make_train_step(graphdef, tx, cfg, **step_shardings)
+  eval_step = training.make_eval_step(graphdef, mesh)
 
   checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.keep_checkpoints)
   start = 0
@@ -218,7 +230,7 @@ def train(cfg: TrainConfig) -> dict:
   pending = None  # (step, metrics) of the step whose results are not fetched yet
   try:
     for step in range(start, cfg.steps):
-      batch = next(data.train_iter)
+      batch = put(next(data.train_iter))
       state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
       done = step + 1
       # Fetch the previous step's metrics while this one runs (nanodo-style),
@@ -234,7 +246,7 @@ def train(cfg: TrainConfig) -> dict:
       finish(*pending)  # this step's loss is checked before anything is saved
       pending = None
       if evaluating:
-        val = evaluate(eval_step, state["params"], data.eval_batches)
+        val = evaluate(eval_step, state["params"], data.eval_batches, put)
         tracker.log(done, {"val_loss": val,
                            "val_ppl": {n: math.exp(v) for n, v in val.items()}})
       if saving:
@@ -273,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   cfg = parse_config(argv, description=__doc__.splitlines()[0])
+  distributed.maybe_initialize_distributed()  # several hosts only; before any JAX call
   try:
     train(cfg)
   except NonFiniteLossError as e:

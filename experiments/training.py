@@ -123,13 +123,20 @@ def init_train_state(params, tx) -> dict:
           "step": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(graphdef, tx, cfg: TrainConfig) -> Callable:
+def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
+                    batch_sharding=None) -> Callable:
   """Jitted ``step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
   ``metrics``: ``loss`` (batch mean), ``losses`` (B,), ``domain_id`` (B,),
   ``update_norm``, ``lr``; with DoGraph also ``weights`` (M,), ``counts``
   (M,), ``assignments`` (B,), ``nonfinite``. The function's ``traces`` list
   grows by one each time JAX traces it (tests count compilations with it).
+
+  On a mesh, pass ``state_sharding`` (``dograph_jax.sharding.state_shardings``)
+  and ``batch_sharding`` (``batch_sharding(mesh)``): the new state then keeps
+  the layout of the old one (its donated buffers are reused and the next
+  step runs the same executable) and the metrics come back replicated, so
+  that every host can read them.
   """
   traces = []
   method, warmup, total = cfg.method, min(cfg.warmup_steps, cfg.steps), cfg.steps
@@ -169,18 +176,29 @@ def make_train_step(graphdef, tx, cfg: TrainConfig) -> Callable:
                      assignments=inner.assignments, nonfinite=inner.nonfinite)
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-  jitted = jax.jit(step, donate_argnums=0)
+  shardings = {}
+  if state_sharding is not None:
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    shardings = dict(in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, replicated))
+  jitted = jax.jit(step, donate_argnums=0, **shardings)
   jitted.traces = traces
   return jitted
 
 
-def make_eval_step(graphdef) -> Callable:
-  """Jitted ``(params, tokens (B, T+1)) -> per-sequence mean loss (B,)``."""
-  @jax.jit
+def make_eval_step(graphdef, mesh=None) -> Callable:
+  """Jitted ``(params, tokens (B, T+1)) -> per-sequence mean loss (B,)``
+  (replicated over ``mesh`` if given, so that every host can read it)."""
   def eval_step(params, tokens):
     return token_losses(apply(graphdef, params, tokens[:, :-1]), tokens[:, 1:]).mean(1)
-  return eval_step
+  if mesh is None:
+    return jax.jit(eval_step)
+  return jax.jit(eval_step, out_shardings=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
 
 
 def abstract_like(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+  """Shapes, dtypes and (for arrays) shardings: a restore lands where ``tree`` is."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
+                                                     sharding=getattr(x, "sharding", None)),
+                      tree)

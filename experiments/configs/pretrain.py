@@ -48,6 +48,7 @@ class TrainConfig:
   # --- model ---
   model: str = "mini"               # mini | gpt2 | gpt2-medium | paper-small | paper-medium
   dtype: str = "float32"            # compute dtype (params stay float32): float32 | bfloat16
+  mesh: str = ""                    # device mesh "data=N,fsdp=M" (N*M = all devices; params sharded over fsdp); empty = one device
   # --- optimisation (DESIGN §6) ---
   steps: int = 1000                 # training steps
   batch_size: int = 16              # sequences per step
