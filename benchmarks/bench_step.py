@@ -39,14 +39,16 @@ A warning is printed when a candidate's slowest sample is over 1.5x its
 fastest, or when the machine was loaded before the run (load average against
 the core count): compare the min column then.
 
-CPU caveat: XLA:CPU allocates each step's temporaries with ``malloc``, and
-glibc serves blocks over 32 MiB with a fresh ``mmap``, page-faulted in again
-on every step; in a VM that is a large cost (it took a ``mini`` B = 48,
-T = 128 plain step from about 230 to 390 ms here). When only some candidates'
-``temp`` crosses 32 MiB their ratios include it (``mini`` at the defaults:
-plain 31.9 MiB, factored 32.2 MiB); the script then prints a note.
+CPU caveat (page faults): XLA:CPU allocates each step's temporaries with
+``malloc``; glibc serves blocks over its mmap threshold (adaptive, at most
+32 MiB) with a fresh ``mmap`` that is faulted in again on every step, which in
+a VM costs milliseconds per step. The CPU table therefore shows minor page
+faults per step (``getrusage``); on this project's 2-core VM ``mini`` at the
+defaults faulted ~3,300 times per plain step and ~8,200 per factored step
+(its whole 32.2 MiB temp), so the ratio included the difference. Running with
 ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295``
-in the environment removes the effect.
+brings the faults to ~0 and gives allocator-neutral ratios; the script prints
+a note when faults are present.
 
 Memory, two measures:
 
@@ -309,6 +311,7 @@ class Candidate:
   flops: float | None = None
   bytes: float | None = None
   cpu_samples: list = dataclasses.field(default_factory=list)
+  fault_samples: list = dataclasses.field(default_factory=list)
   skipped: str | None = None   # why it was not run
   samples: list = dataclasses.field(default_factory=list)
   calls: int = 1
@@ -387,6 +390,15 @@ def warm_up(cands: list[Candidate], batches, args) -> None:
     guarded(cand, go)
 
 
+def minor_faults() -> int | None:
+  """Minor page faults of this process so far (None where unavailable)."""
+  try:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  except (ImportError, OSError):
+    return None
+
+
 def time_rounds(cands: list[Candidate], batches, repeats: int) -> None:
   live = [c for c in cands if not c.skipped]
   for r in range(repeats):
@@ -396,10 +408,13 @@ def time_rounds(cands: list[Candidate], batches, repeats: int) -> None:
         continue
 
       def go():
+        faults = minor_faults()
         start, cpu = time.perf_counter(), time.process_time()
         run_steps(cand, batches, cand.calls, offset=r)
         cand.samples.append((time.perf_counter() - start) / cand.calls)
         cand.cpu_samples.append((time.process_time() - cpu) / cand.calls)
+        if faults is not None:
+          cand.fault_samples.append((minor_faults() - faults) / cand.calls)
       guarded(cand, go)
 
 
@@ -519,9 +534,7 @@ def breakdown(args, graphdef, params, batches) -> list[list[str]]:
   tstate = tx.init(params)
 
   def transform_only(p, tokens, s):
-    f = engine(p, tokens)
-    f = f._replace(sketches=jax.lax.stop_gradient(f.sketches))
-    return tx.update(f, s, p)
+    return tx.update(engine(p, tokens), s, p)
   fns["engine + dograph_transform.update"] = jax.jit(transform_only)
   args_of["engine + dograph_transform.update"] = (params, tokens, tstate)
 
@@ -532,6 +545,7 @@ def breakdown(args, graphdef, params, batches) -> list[list[str]]:
   args_of["clip + adamw update (grads given)"] = (params, astate, params)
 
   samples = {name: [] for name in fns}
+  faults = {name: [] for name in fns}
   calls = {}
   for name, fn in fns.items():
     jax.block_until_ready(fn(*args_of[name]))
@@ -542,16 +556,20 @@ def breakdown(args, graphdef, params, batches) -> list[list[str]]:
   for r in range(args.repeats):
     shift = r % len(names)
     for name in names[shift:] + names[:shift]:
+      before = minor_faults()
       start = time.perf_counter()
       for _ in range(calls[name]):
         jax.block_until_ready(fns[name](*args_of[name]))
       samples[name].append((time.perf_counter() - start) / calls[name])
+      if before is not None:
+        faults[name].append((minor_faults() - before) / calls[name])
   ref = statistics.median(samples[names[0]])
   rows = []
   for name in names:
     med = statistics.median(samples[name])
     rows.append([name, f"{med * 1e3:.2f}", f"{min(samples[name]) * 1e3:.2f}",
-                 f"{med / ref:.2f}x"])
+                 f"{med / ref:.2f}x",
+                 f"{statistics.median(faults[name]):,.0f}" if faults[name] else "n/a"])
   return rows
 
 
@@ -683,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
 
   header = ["candidate", "median ms", "min ms", "vs plain"]
   if show_cpu:
-    header += ["cpu ms", "cpu vs plain"]
+    header += ["cpu ms", "cpu vs plain", "faults/step"]
   header += ["GFLOP", "flops vs plain", "bytes vs plain", "temp MiB", "total MiB",
              "mem vs plain"]
   if device_peak:
@@ -697,7 +715,8 @@ def main(argv: list[str] | None = None) -> None:
            fmt_ratio(ratio(t, t_plain))]
     if show_cpu:
       u = cpu_median(c)
-      row += ["-" if u is None else f"{u * 1e3:.2f}", fmt_ratio(ratio(u, cpu_median(plain)))]
+      row += ["-" if u is None else f"{u * 1e3:.2f}", fmt_ratio(ratio(u, cpu_median(plain))),
+              f"{statistics.median(c.fault_samples):,.0f}" if c.fault_samples else "n/a"]
     row += ["n/a" if c.flops is None else f"{c.flops / 1e9:,.1f}",
             fmt_ratio(ratio(c.flops, plain.flops)),
             fmt_ratio(ratio(c.bytes, plain.bytes)),
@@ -714,7 +733,8 @@ def main(argv: list[str] | None = None) -> None:
   print("candidates: " + "; ".join(f"{c.name} = {CANDIDATES[c.name][1]}" for c in cands))
   print("ms: wall time per step; "
         + ("cpu ms: CPU time of this process per step (all threads; less sensitive to other "
-           "processes, but counts thread-pool spinning); " if show_cpu else "")
+           "processes, but counts thread-pool spinning); faults/step: minor page faults of "
+           "this process per step; " if show_cpu else "")
         + "GFLOP, bytes: compiled.cost_analysis() 'flops' and 'bytes accessed'; "
         "temp, total: compiled.memory_analysis(), total = argument + output - alias + temp")
   if args.compile_only:
@@ -731,15 +751,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"warning: load average {load_before[0]:.2f} on {cores} cores before the run "
           f"({load_after[0]:.2f} after): other processes share the CPU; timings are noisy.")
 
-  mmap_cap = 32 * MIB  # glibc's largest dynamic mmap threshold (64-bit)
-  big = [c.name for c in cands if c.memory.get("temp_size_in_bytes", 0) > mmap_cap]
-  if (backend == "cpu" and big and platform.libc_ver()[0] == "glibc"
-      and "GLIBC_TUNABLES" not in os.environ):
-    print(f"note: XLA:CPU allocates a step's temporaries with malloc, and glibc serves blocks "
-          f"over 32 MiB with a fresh mmap, page-faulted in again on every step (costly in a "
-          f"VM); temp over 32 MiB here: {', '.join(big)}. When only some candidates cross it, "
-          f"their ratios include that. For allocator-neutral numbers rerun with "
-          f"GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295")
+  faulting = [f"{c.name} {statistics.median(c.fault_samples):,.0f}" for c in cands
+              if c.fault_samples and statistics.median(c.fault_samples) > 100]
+  if show_cpu and faulting and platform.libc_ver()[0] == "glibc":
+    print(f"note: page faults per step: {', '.join(faulting)}. XLA:CPU allocates a step's "
+          "temporaries with malloc, and glibc serves large blocks (over its mmap threshold, "
+          "at most 32 MiB) with a fresh mmap, faulted in again on every step; that costs "
+          "time in proportion to the candidate's temp size and varies with the allocator's "
+          "history, so the ratios include it. For allocator-neutral numbers rerun with "
+          "GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295")
   print("\ncompiled memory analysis (bytes):")
   fields = sorted({f for c in cands for f in c.memory if f != "error"})
   print_table(["field"] + [c.name for c in cands],
@@ -805,7 +825,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\nbreakdown of the factored step (each piece jitted alone; vs the plain grad):")
     _, graphdef2, params2 = training.build_model(train_config(args, "factored"),
                                                  args.vocab_size)
-    print_table(["piece", "median ms", "min ms", "vs plain grad"],
+    print_table(["piece", "median ms", "min ms", "vs plain grad", "faults/call"],
                 breakdown(args, graphdef2, params2, batches))
 
   if args.json:
@@ -822,7 +842,7 @@ def main(argv: list[str] | None = None) -> None:
             "median_s": median(c), "min_s": min(c.samples) if c.samples else None,
             "samples_s": c.samples, "calls_per_sample": c.calls,
             "ratio_vs_plain": ratio(median(c), t_plain), "compile_s": c.compile_s,
-            "cpu_samples_s": c.cpu_samples,
+            "cpu_samples_s": c.cpu_samples, "minor_faults_per_step": c.fault_samples,
             "xla_flops": c.flops, "xla_bytes_accessed": c.bytes, "memory_analysis": c.memory, "device_peak": c.device_peak,
             "skipped": c.skipped, "loss_after_warmup": c.loss} for c in cands},
         "model_flops_per_step": mflops, "peak_tflops": peak, "mfu_plain": mfu,
