@@ -40,15 +40,19 @@ fastest, or when the machine was loaded before the run (load average against
 the core count): compare the min column then.
 
 CPU caveat (page faults): XLA:CPU allocates each step's temporaries with
-``malloc``; glibc serves blocks over its mmap threshold (adaptive, at most
-32 MiB) with a fresh ``mmap`` that is faulted in again on every step, which in
-a VM costs milliseconds per step. The CPU table therefore shows minor page
-faults per step (``getrusage``); on this project's 2-core VM ``mini`` at the
-defaults faulted ~3,300 times per plain step and ~8,200 per factored step
-(its whole 32.2 MiB temp), so the ratio included the difference. Running with
-``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295``
-brings the faults to ~0 and gives allocator-neutral ratios; the script prints
-a note when faults are present.
+``malloc``; glibc serves large blocks with a fresh ``mmap`` (and trims freed
+memory back to the kernel), so they are page-faulted in again on every step,
+which in a VM costs a lot: on this project's 2-core VM a ``mini`` B = 48,
+T = 128 plain step took ~390 ms with ~56,000 minor faults per step, and
+~145 ms with none. Which candidates fault depends on their temp sizes (at the
+defaults the factored step's 32.2 MiB temp crossed glibc's 32 MiB threshold,
+plain's 31.9 MiB did not) and on the allocator's history, so the ratios
+include it. The CPU table shows minor page faults per step (``getrusage``) and
+a note when there are any. ``--cpu_malloc neutral`` calls glibc's ``mallopt``
+before JAX starts (no ``mmap``, no trimming, one arena; equivalently
+``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1``)
+and gives allocator-neutral numbers; the default measures the allocator as
+``experiments/pretrain.py`` runs it.
 
 Memory, two measures:
 
@@ -206,6 +210,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="seconds allowed to one peak-memory subprocess (default 900)")
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="device peak bf16 TFLOP/s for MFU (overrides the table)")
+  parser.add_argument("--cpu_malloc", choices=("default", "neutral"), default="default",
+                      help="neutral: glibc mallopt (no mmap, no trimming, one arena) before JAX "
+                           "starts, so XLA:CPU's per-step temporaries are not page-faulted in "
+                           "again every step (default: the allocator as users run it)")
   parser.add_argument("--compile_only", action="store_true",
                       help="compile and report FLOPs and compiled memory; time nothing")
   parser.add_argument("--breakdown", action="store_true",
@@ -223,6 +231,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.repeats < 1 or args.warmup < 1:
     parser.error("--repeats and --warmup must be >= 1")
   return args
+
+
+def neutral_malloc() -> str:
+  """glibc ``mallopt``: never ``mmap``, never trim, one arena (see the docstring)."""
+  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    return "not glibc: unchanged"
+  import ctypes
+  libc = ctypes.CDLL("libc.so.6")
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+  ok = [libc.mallopt(m_mmap_max, 0), libc.mallopt(m_trim_threshold, 2**31 - 1),
+        libc.mallopt(m_arena_max, 1)]
+  return "mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1, M_ARENA_MAX=1)" + (
+      "" if all(ok) else f" (some refused: {ok})")
 
 
 def resolve_defaults(args: argparse.Namespace, backend: str) -> None:
@@ -626,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     return child_main(args)
 
   load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+  malloc_note = neutral_malloc() if args.cpu_malloc == "neutral" else None
   backend = jax.default_backend()
   device = jax.local_devices()[0]
   resolve_defaults(args, backend)
@@ -656,6 +678,8 @@ def main(argv: list[str] | None = None) -> None:
         f"K={args.sketch_dim}, objective uncertainty, 10 Lloyd iterations")
   print(f"timing: {args.warmup} warm-up steps, {args.repeats} interleaved rounds of "
         f"~{args.min_time:g} s per candidate; median and min per step")
+  if malloc_note:
+    print(f"allocator: --cpu_malloc neutral: {malloc_note}")
   if args.added_plain:
     print("note: added 'plain' to --candidates (the reference of every ratio)")
 
@@ -753,13 +777,15 @@ def main(argv: list[str] | None = None) -> None:
 
   faulting = [f"{c.name} {statistics.median(c.fault_samples):,.0f}" for c in cands
               if c.fault_samples and statistics.median(c.fault_samples) > 100]
-  if show_cpu and faulting and platform.libc_ver()[0] == "glibc":
+  if (show_cpu and faulting and platform.libc_ver()[0] == "glibc"
+      and args.cpu_malloc == "default"):
     print(f"note: page faults per step: {', '.join(faulting)}. XLA:CPU allocates a step's "
           "temporaries with malloc, and glibc serves large blocks (over its mmap threshold, "
           "at most 32 MiB) with a fresh mmap, faulted in again on every step; that costs "
           "time in proportion to the candidate's temp size and varies with the allocator's "
           "history, so the ratios include it. For allocator-neutral numbers rerun with "
-          "GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295")
+          "--cpu_malloc neutral (or GLIBC_TUNABLES=glibc.malloc.mmap_max=0:"
+          "glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1)")
   print("\ncompiled memory analysis (bytes):")
   fields = sorted({f for c in cands for f in c.memory if f != "error"})
   print_table(["field"] + [c.name for c in cands],
