@@ -67,10 +67,11 @@ Memory, two measures:
   load the executables the parent compiled from a temporary persistent
   compilation cache, so that the GPU autotuner's scratch buffers (allocated
   while compiling) stay out of their peak; the child's compile time is
-  printed (seconds instead of a fraction of one means it compiled anyway). ``XLA_PYTHON_CLIENT_PREALLOCATE`` defaults to
-  ``false`` in this script (unless set) so the parent does not hold 75% of
-  the GPU while the children run; the allocator then grows on demand, which
-  only affects the first (warm-up) steps.
+  printed (seconds instead of a fraction of one means it compiled anyway).
+  ``XLA_PYTHON_CLIENT_PREALLOCATE`` defaults to ``false`` in this script
+  (unless set) so the parent does not hold 75% of the GPU while the children
+  run; the allocator then grows on demand, which only affects the first
+  (warm-up) steps. (Not yet exercised on a GPU: this task had no device.)
 
 A candidate whose compiled total exceeds the device's free memory (GPU) is
 not run (the reference path on GPT-2 124M at B = 48 needs hundreds of GiB):
@@ -869,7 +870,8 @@ def main(argv: list[str] | None = None) -> None:
             "samples_s": c.samples, "calls_per_sample": c.calls,
             "ratio_vs_plain": ratio(median(c), t_plain), "compile_s": c.compile_s,
             "cpu_samples_s": c.cpu_samples, "minor_faults_per_step": c.fault_samples,
-            "xla_flops": c.flops, "xla_bytes_accessed": c.bytes, "memory_analysis": c.memory, "device_peak": c.device_peak,
+            "xla_flops": c.flops, "xla_bytes_accessed": c.bytes,
+            "memory_analysis": c.memory, "device_peak": c.device_peak,
             "skipped": c.skipped, "loss_after_warmup": c.loss} for c in cands},
         "model_flops_per_step": mflops, "peak_tflops": peak, "mfu_plain": mfu,
         "mfu_plain_xla": mfu_xla,

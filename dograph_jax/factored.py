@@ -251,8 +251,10 @@ def _bookkeeping(params: PyTree, blocks: list, a_B: jax.Array) -> PyTree:
       put(path, "bias", a @ g_bias)
     elif kind == "head":
       h, d_logits = (_masked(x, keep) for x in tensors)
-      put(path[:-1], path[-1], jnp.einsum("btv,btd->vd", d_logits * a[:, None, None], h,
-                                          precision=_HI))
+      # Scale the narrow operand (h, width D) and read D_logits (width V)
+      # as stored: no scaled copy of the widest tensor.
+      put(path[:-1], path[-1], jnp.einsum("btd,btv->dv", h * a[:, None, None], d_logits,
+                                          precision=_HI).T)
     elif kind == "embeddings":
       tokens, d_emb = tensors
       ad = _masked(d_emb, keep) * a[:, None, None]
