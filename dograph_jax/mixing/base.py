@@ -1,0 +1,109 @@
+"""One interface for data-mixing methods (DoGraph's peers and baselines).
+
+A method either
+
+* reweights the batch **online**: an :class:`OnlineMixer`, an optax-style pair
+  ``(init, update)`` whose ``update`` maps the step's per-sample information
+  (:class:`MixingInputs`) to per-sample loss weights ``w_B`` (``sum w = 1``);
+  the trainer then steps on ``grad(sum_i w_i l_i)``. Uniform, Dynamic
+  Loss-Based reweighting, Group DRO, Aioli, and the proxy runs of DoReMi and
+  DoGE are online mixers; or
+* sets the **sampling proportions** of the final run (offline): DoReMi and
+  DoGE (time-averaged proxy weights), RegMix, Data Mixing Law, stratified.
+  Offline methods are orchestrated by ``experiments/methods.py`` on top of
+  the online mixers and the pure fitting code in this package.
+
+DoGraph itself is the optax transformation :func:`dograph_jax.dograph_transform`
+(it needs gradients, not losses); ``experiments/methods.py`` registers it
+beside the others.
+
+Conventions every online mixer follows:
+
+* The state is a ``NamedTuple`` of arrays with fixed shapes, with at least
+  ``weights: (D,)`` (the current domain weights, logged by the trainer, for
+  per-sample methods the mean weight of each domain's samples in the last
+  batch) and ``weights_sum: (D,)``, ``count: ()`` (the sum and number of
+  updates, for the time average that offline methods output).
+* ``update`` is pure and jit-compatible; hyperparameters are closed over.
+* Methods other than DoGraph read the human domain label ``domain_id``.
+* ``needs`` names the optional :class:`MixingInputs` fields the trainer must
+  fill; the others are ``None``.
+
+Shape legend: ``B`` batch, ``T`` tokens per sequence, ``D`` human domains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class MixingInputs(NamedTuple):
+  """What an online mixer may look at in one step (all stop-gradient)."""
+  losses: jax.Array                         # (B,) float32, per-sequence mean token loss
+  domain_id: jax.Array                      # (B,) int32, human domain in [0, D)
+  step: jax.Array                           # () int32, steps taken before this one
+  token_losses: jax.Array | None = None     # (B, T) float32, this model's token losses
+  ref_token_losses: jax.Array | None = None  # (B, T) float32, reference model's (DoReMi)
+  domain_gram: jax.Array | None = None      # (D, D) float32, <g_d, g_e> of domain mean-loss grads (DoGE)
+  domain_counts: jax.Array | None = None    # (D,) int32, batch rows per domain (always filled)
+  probe_losses: jax.Array | None = None     # (D,) float32, held-out per-domain losses (Aioli)
+
+
+class OnlineMixer(NamedTuple):
+  """``init() -> state``; ``update(state, inputs) -> (sample_weights_B, state)``."""
+  init: Callable[[], Any]
+  update: Callable[[Any, MixingInputs], tuple[jax.Array, Any]]
+  needs: frozenset = frozenset()   # optional MixingInputs fields the trainer must fill
+
+
+NEEDS = frozenset({"token_losses", "ref_token_losses", "domain_gram", "probe_losses"})
+
+
+def domain_counts(domain_id: jax.Array, num_domains: int) -> jax.Array:
+  """``(D,)`` int32 rows of each domain in ``domain_id (B,)``."""
+  return jnp.zeros((num_domains,), jnp.int32).at[domain_id].add(1)
+
+
+def domain_means(values: jax.Array, domain_id: jax.Array, num_domains: int) -> jax.Array:
+  """``(D,)`` mean of ``values (B,)`` over each domain's rows; 0 for a domain
+  absent from the batch."""
+  sums = jnp.zeros((num_domains,), values.dtype).at[domain_id].add(values)
+  counts = domain_counts(domain_id, num_domains)
+  return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), 0.0)
+
+
+def domain_to_sample_weights(weights_D: jax.Array, domain_id: jax.Array) -> jax.Array:
+  """Per-sample loss weights ``w_i = alpha_{d(i)} / n_{d(i)}``, renormalised
+  over the domains present in the batch.
+
+  This is levanter's in-batch form of domain weighting: the batch loss is
+  ``sum_d alpha_d * mean_{i in d} l_i``. A domain absent from the batch cannot
+  contribute; its weight is shared among the present domains in proportion to
+  theirs (the returned weights sum to 1 whenever any domain is present).
+
+  Args:
+    weights_D: ``(D,)`` non-negative domain weights.
+    domain_id: ``(B,)`` int32.
+
+  Returns:
+    ``(B,)`` float32 weights summing to 1.
+  """
+  num_domains = weights_D.shape[0]
+  counts = domain_counts(domain_id, num_domains)
+  present = jnp.where(counts > 0, weights_D, 0.0)
+  total = jnp.sum(present)
+  # All present domains at weight 0 (cannot happen on the simplex interior):
+  # fall back to the plain batch mean rather than dividing by zero.
+  alpha = jnp.where(total > 0, present / jnp.where(total > 0, total, 1.0),
+                    (counts > 0) / jnp.maximum(jnp.sum(counts > 0), 1))
+  return (alpha / jnp.maximum(counts, 1))[domain_id].astype(jnp.float32)
+
+
+def mean_sample_weights(sample_weights: jax.Array, domain_id: jax.Array,
+                        num_domains: int) -> jax.Array:
+  """``(D,)`` total weight that ``sample_weights (B,)`` gives each domain
+  (what per-sample methods log as their domain weights)."""
+  return jnp.zeros((num_domains,), jnp.float32).at[domain_id].add(sample_weights)
