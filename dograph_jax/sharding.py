@@ -245,7 +245,7 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   and copies only the rows of its own devices; ``device_put`` would also do,
   but checks that all processes agree with a collective on every call. For
   per-host loading, where each process reads only its rows, use
-  ``experiments/distributed.py``'s ``global_batch`` instead.
+  :func:`shard_host_batch` instead.
 
   Raises:
     ValueError: a leaf without a leading axis divisible by the device count.
@@ -263,3 +263,47 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
       lambda x: jax.make_array_from_callback(np.shape(x), sharding,
                                              lambda index: np.asarray(x[index])),
       batch)
+
+
+def shard_host_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
+  """One global batch, rows over all devices, from each process's own rows.
+
+  For per-host loading (``make_train_iterator(..., shard_index=
+  jax.process_index(), shard_count=jax.process_count())``): every process
+  passes a *different* ``B / P`` rows (``P`` processes, the same number on
+  each) and no process ever holds the whole batch;
+  ``jax.make_array_from_process_local_data`` places this process's rows on
+  its own devices, keeping their order, and the global array has ``B``
+  rows. Which positions of the global batch a process's rows take follows
+  the mesh's device order (with ``jax.make_mesh``, process ``p`` normally
+  holds rows ``[p B / P, (p + 1) B / P)``); nothing in a train step depends
+  on the order of the rows of a batch.
+
+  With one process the local batch *is* the global batch and this equals
+  :func:`shard_batch`. Contrast :func:`shard_batch`, whose multi-process
+  form expects every process to pass the same global batch.
+
+  Args:
+    local_batch: pytree of arrays with a leading row axis of the same size
+      ``B / P`` on every process, a multiple of this process's devices in
+      the mesh.
+    mesh: from :func:`make_mesh`, over the devices of every process.
+
+  Returns:
+    The pytree with leaves of global shape ``(B, ...)``, ``B = P * B / P``,
+    sharded as :func:`batch_sharding`.
+
+  Raises:
+    ValueError: a leaf without a leading axis divisible by this process's
+      device count in the mesh.
+  """
+  sharding = batch_sharding(mesh)
+  local = len(mesh.local_devices)
+  for x in jax.tree.leaves(local_batch):
+    if np.ndim(x) == 0 or np.shape(x)[0] % local:
+      raise ValueError(
+          f"shard_host_batch: every leaf needs a leading batch axis divisible by "
+          f"this process's {local} devices of the mesh {dict(mesh.shape)}; got "
+          f"shape {np.shape(x)}.")
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)

@@ -30,24 +30,29 @@ distributed runtime (``jax.distributed.initialize`` would wait for peers).
 
 Data, two ways:
 
-* **Every host loads the global batch** (what ``experiments/pretrain.py``
-  does): the same seeded grain iterator on every host yields the same
-  batches, and ``dograph_jax.sharding.shard_batch`` copies to each host's
-  devices only their rows. Nothing changes in the data pipeline and resume
-  is exact, at the cost of every host reading (all of) the data.
-* **Each host loads its slice** (scales the input pipeline): shard the
-  source by host with grain's sharding options,
-  ``grain.sharding.ShardOptions(shard_index=jax.process_index(),
-  shard_count=jax.process_count())`` (:func:`host_shard_options`): either
-  ``grain.DataLoader(..., shard_options=host_shard_options())`` or, with the
-  dataset API, ``grain.MapDataset.source(rows)[o.shard_index::o.shard_count]``
-  before shuffling; batch ``host_batch_size(B)`` rows per host; then
-  :func:`global_batch` assembles the hosts' rows into one ``(B, ...)`` array
-  with ``jax.make_array_from_process_local_data`` (no host holds all of it).
+* **Each host loads its slice** (what the trainer does with several
+  processes; scales the input pipeline): every host builds the same train
+  iterator with its own shard, ``make_train_iterator(packed, B, ...,
+  **host_data_shard())`` (:func:`host_data_shard`: grain's
+  ``ShardByJaxProcess`` indices), and gets ``B / P`` rows per step, disjoint
+  from the other hosts' (see ``dograph_jax.data.make_train_iterator`` for
+  what the union is); ``dograph_jax.sharding.shard_host_batch`` (or
+  :func:`global_batch`) assembles the hosts' rows into one ``(B, ...)``
+  array with ``jax.make_array_from_process_local_data`` (no host holds all
+  of it). The iterator states of all hosts are equal step for step, so the
+  one saved in the checkpoint (written by process 0) resumes every host.
+* **Every host loads the global batch**: the same seeded unsharded iterator
+  on every host yields the same batches, and
+  ``dograph_jax.sharding.shard_batch`` copies to each host's devices only
+  their rows; every host reads all the data. The validation batches are put
+  so (every host builds the same ones).
 
 Also for several hosts: write files (logs, TensorBoard, plots, summary) from
-``jax.process_index() == 0`` only, into a directory all hosts see for
-checkpoints (orbax saves from all processes together).
+the main process only (:func:`is_main_process`; ``experiments/tracking.py``'s
+``Tracker`` and ``Progress`` are silent elsewhere), and call the checkpointer
+from *every* process, into a directory all hosts see: orbax saves and
+restores collectively (each process writes the array shards it holds,
+process 0 the JSON items and the final rename).
 """
 
 from __future__ import annotations
@@ -116,6 +121,28 @@ def maybe_initialize_distributed(enable: bool | None = None,
   return True
 
 
+def is_main_process() -> bool:
+  """True on process 0, the one that writes logs, metrics and summaries.
+
+  Every process of a single-process run is the main one. Call after
+  :func:`maybe_initialize_distributed` (before it, every process says 0).
+  """
+  return jax.process_index() == 0
+
+
+def host_data_shard() -> dict[str, int]:
+  """This process's data shard as keyword arguments of the train iterator.
+
+  ``make_train_iterator(packed, B, ..., **host_data_shard())``: shard
+  ``jax.process_index()`` of ``jax.process_count()`` (the indices of grain's
+  ``grain.sharding.ShardByJaxProcess``); ``{"shard_index": 0,
+  "shard_count": 1}`` in a single-process run, i.e. no sharding. Call after
+  :func:`maybe_initialize_distributed`.
+  """
+  options = grain.sharding.ShardByJaxProcess()
+  return {"shard_index": options.shard_index, "shard_count": options.shard_count}
+
+
 def host_shard_options(drop_remainder: bool = True) -> grain.sharding.ShardOptions:
   """This host's share of the data: shard ``process_index`` of ``process_count``.
 
@@ -140,6 +167,9 @@ def host_batch_size(global_batch_size: int) -> int:
 def global_batch(local_batch: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   """One global batch, rows over all devices, from each host's own rows.
 
+  The same as ``dograph_jax.sharding.shard_host_batch`` (kept under this
+  name for callers of this module).
+
   Args:
     local_batch: this host's ``host_batch_size(B)`` rows (numpy leaves with a
       leading row axis); hosts must pass different rows, their union is the
@@ -151,6 +181,4 @@ def global_batch(local_batch: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
     ``dograph_jax.sharding.batch_sharding(mesh)``; with one process, the
     same as ``shard_batch``.
   """
-  target = sharding.batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(target, x),
-                      local_batch)
+  return sharding.shard_host_batch(local_batch, mesh)

@@ -349,3 +349,106 @@ def test_end_to_end_from_files(corpus, tokenizer, tmp_path):
   evals = dd.make_eval_batches(packed_val, 16, domain_names=packed.names)
   assert sum(int(b["mask"].sum()) for v in evals.values() for b in v) == sum(
       packed_val.num_rows)
+
+
+# --------------------------------------------------------------------------
+# Per-host shards (several processes, each loading B / n rows).
+
+
+def _row_ids(batch):
+  """(domain, row) of every row of a ``_toy_packed`` batch."""
+  t0 = batch["tokens"][:, 0].astype(np.int64)
+  return [(int(t // 10**6), int(t % 10**6) // 10) for t in t0]
+
+
+def test_host_shards_union_is_the_single_host_batch():
+  """2 shards of a global batch of 8, weights 1/2, 1/4, 1/4 and domain sizes
+  divisible by 2: each host gets 4 rows per step with domain counts exactly
+  4 * (1/2, 1/4, 1/4) = (2, 1, 1), the two hosts never share a row, and
+  their union is, row for row (as a set), the batch the unsharded iterator
+  yields at the same step -- over 40 steps, i.e. across 2, 4 and 8 epochs
+  of the domains' shuffles."""
+  packed = _toy_packed(sizes=(40, 20, 10))
+  kw = dict(proportions={"d0": 0.5, "d1": 0.25, "d2": 0.25}, seed=3)
+  single = dd.make_train_iterator(packed, 8, **kw)
+  hosts = [dd.make_train_iterator(packed, 8, shard_index=i, shard_count=2, **kw)
+           for i in range(2)]
+  for step in range(40):
+    local = [next(h) for h in hosts]
+    ids = [_row_ids(b) for b in local]
+    for b in local:
+      assert b["tokens"].shape == (4, 4)
+      np.testing.assert_array_equal(np.bincount(b["domain_id"], minlength=3), [2, 1, 1])
+    assert not set(ids[0]) & set(ids[1]), step
+    assert sorted(ids[0] + ids[1]) == sorted(_row_ids(next(single))), step
+
+
+def test_host_shards_cover_each_epoch_with_a_remainder():
+  """3 shards, uniform weights, a global batch of 9 (3 rows per host, one
+  of each domain) and domains of 31, 19 and 7 rows (not divisible by 3):
+  within each epoch of a domain (10, 6, 2 rows per host) the hosts' rows
+  are disjoint and together all but the N mod 3 rows of the domain; the
+  left-out rows change between epochs."""
+  sizes = (31, 19, 7)
+  packed = _toy_packed(sizes=sizes)
+  kw = dict(proportions="uniform", seed=4)
+  hosts = [dd.make_train_iterator(packed, 9, shard_index=i, shard_count=3, **kw)
+           for i in range(3)]
+  steps = 60  # 6, 10 and 30 epochs
+  rows = {d: [[] for _ in range(3)] for d in range(3)}  # domain -> host -> rows in order
+  for _ in range(steps):
+    for i, h in enumerate(hosts):
+      b = next(h)
+      np.testing.assert_array_equal(np.sort(b["domain_id"]), [0, 1, 2])
+      for d, r in _row_ids(b):
+        rows[d][i].append(r)
+  for d, n in enumerate(sizes):
+    per_host = n // 3
+    left_out = set()
+    for e in range(steps // per_host):
+      epoch = [rows[d][i][e * per_host:(e + 1) * per_host] for i in range(3)]
+      union = [r for part in epoch for r in part]
+      assert len(set(union)) == 3 * per_host, (d, e)  # disjoint, no repeats
+      assert set(union) <= set(range(n))
+      left_out.add(frozenset(range(n)) - frozenset(union))
+    assert all(len(s) == n % 3 for s in left_out)
+    assert len(left_out) > 1, d  # not the same rows dropped every epoch
+
+
+@pytest.mark.parametrize("skip", [0, 5, 17])
+def test_host_shard_resume_is_exact_and_states_agree(skip):
+  """Each host's state is JSON-safe and restores it exactly; the hosts'
+  states are equal after the same steps, so host 0's (the one a
+  multi-host checkpoint stores) restores host 1 exactly too."""
+  packed = _toy_packed(sizes=(30, 16, 10))
+  kw = dict(proportions={"d0": 0.5, "d1": 0.3, "d2": 0.2}, seed=9, shard_count=2)
+  hosts = [dd.make_train_iterator(packed, 8, shard_index=i, **kw) for i in range(2)]
+  for h in hosts:
+    _take(h, skip)
+  states = [dd.iterator_state_to_json(h.get_state()) for h in hosts]
+  assert states[0] == states[1]
+  expected = [_take(h, 12) for h in hosts]
+  for i in range(2):
+    fresh = dd.make_train_iterator(packed, 8, shard_index=i, **kw)
+    fresh.set_state(dd.iterator_state_from_json(states[0]))
+    _assert_same_batches(_take(fresh, 12), expected[i])
+
+
+def test_one_shard_is_the_unsharded_iterator():
+  packed = _toy_packed(sizes=(30, 16, 10))
+  kw = dict(proportions="natural", seed=2)
+  _assert_same_batches(_take(dd.make_train_iterator(packed, 6, **kw), 10),
+                       _take(dd.make_train_iterator(packed, 6, shard_index=0,
+                                                    shard_count=1, **kw), 10))
+
+
+@pytest.mark.parametrize("batch_size, shard_index, shard_count, sizes, match", [
+    (9, 0, 2, (30, 16, 10), "not divisible by shard_count 2"),
+    (8, 2, 2, (30, 16, 10), r"shard_count - 1"),
+    (8, 0, 0, (30, 16, 10), "positive"),
+    (8, 1, 2, (30, 1, 10), r"'d1': 1.*fewer rows than the 2 shards"),
+])
+def test_bad_shards_are_clear_errors(batch_size, shard_index, shard_count, sizes, match):
+  with pytest.raises(ValueError, match=match):
+    dd.make_train_iterator(_toy_packed(sizes=sizes), batch_size, proportions="uniform",
+                           seed=0, shard_index=shard_index, shard_count=shard_count)
