@@ -54,6 +54,11 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return out.state, out.data, out.meta
 
+  def restore_meta(self, step: int) -> dict:
+    """Only the ``meta`` item of ``step`` (config, vocabulary, domains)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+
   def wait(self) -> None:
     """Block until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()

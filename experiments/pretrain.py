@@ -39,7 +39,7 @@ from dograph_jax.data import (load_tokenizer, make_eval_batches, make_train_iter
                               pack_domains_cached, read_split, resolve_proportions,
                               train_bpe_tokenizer, write_synthetic_corpus)
 from dograph_jax.models import count_params
-from experiments import distributed, reporting, training
+from experiments import distributed, methods, reporting, training
 from experiments.checkpointing import Checkpointer
 from experiments.configs import TrainConfig, parse_config
 from experiments.tracking import Progress, Tracker
@@ -60,6 +60,7 @@ class RunData:
   eval_batches: dict        # name -> list of {"tokens", "domain_id", "mask"}
   vocab_size: int
   proportions: dict
+  probe_tokens: np.ndarray | None = None  # (D, P, L + 1) Aioli's held-out rows
 
 
 def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
@@ -73,6 +74,31 @@ def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
            cfg.vocab_size, cached)
   texts = (t for docs in train_docs.values() for t in docs)
   return train_bpe_tokenizer(texts, cached, vocab_size=cfg.vocab_size)
+
+
+def parse_proportions(text: str) -> str | dict[str, float]:
+  """``--proportions``: ``""``/``"natural"``, ``"uniform"`` or
+  ``"name=weight,..."`` (checked against the domains by
+  ``resolve_proportions``)."""
+  text = text.strip()
+  if text in ("", "natural", "uniform"):
+    return text or "natural"
+  out = {}
+  for pair in text.split(","):
+    name, sep, value = pair.partition("=")
+    if not sep:
+      raise ValueError(f"--proportions: expected name=weight, got {pair!r}")
+    try:
+      out[name.strip()] = float(value)
+    except ValueError:
+      raise ValueError(f"--proportions: weight of {name.strip()!r} is not a number: "
+                       f"{value!r}") from None
+  return out
+
+
+def format_proportions(proportions: dict[str, float]) -> str:
+  """The ``--proportions`` text of a mapping (full float precision)."""
+  return ",".join(f"{name}={float(w)!r}" for name, w in proportions.items())
 
 
 def load_data(cfg: TrainConfig) -> RunData:
@@ -91,7 +117,10 @@ def load_data(cfg: TrainConfig) -> RunData:
   cache = data_dir / ".packed"
   packed = pack_domains_cached(train_docs, tokenizer, cfg.seq_len, cache)
   packed_val = pack_domains_cached(val_docs, tokenizer, cfg.seq_len, cache)
-  resolved = resolve_proportions(packed, cfg.proportions or "natural")
+  resolved = resolve_proportions(packed, parse_proportions(cfg.proportions))
+  probe = None
+  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer_needs(cfg):
+    packed, probe = _hold_out_probe(packed, cfg.probe_rows)
   log.info("domains: %s", ", ".join(
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
   log.info("skipped records: train %s, validation %s", train_skips.as_dict(),
@@ -104,7 +133,52 @@ def load_data(cfg: TrainConfig) -> RunData:
                                      max_rows_per_domain=cfg.eval_rows or None,
                                      domain_names=packed.names),
       vocab_size=len(tokenizer),
-      proportions=resolved)
+      proportions=resolved,
+      probe_tokens=probe)
+
+
+def _mixer_needs(cfg: TrainConfig) -> frozenset:
+  static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
+  return methods.build_mixer(cfg.method, 1, static, traced).needs
+
+
+def _hold_out_probe(packed, rows: int):
+  """Moves the last ``rows`` training rows of every domain into a probe set
+  ``(D, rows, L + 1)`` (Aioli's held-out losses): they are not trained on,
+  and the validation split stays untouched for the reported perplexities."""
+  short = [n for n, r in zip(packed.names, packed.rows) if len(r) <= 2 * rows]
+  if short:
+    raise ValueError(f"--probe_rows {rows}: domain(s) {short} have too few training rows "
+                     f"to hold {rows} out (need more than {2 * rows})")
+  probe = np.stack([r[-rows:] for r in packed.rows])
+  kept = dataclasses.replace(packed, rows=[r[:-rows] for r in packed.rows])
+  return kept, probe
+
+
+def load_run_params(run_dir: str | Path):
+  """The parameters of the last complete checkpoint of the run in ``run_dir``
+  (e.g. DoReMi's reference model), restored through that run's own config."""
+  run_dir = Path(run_dir)
+  config_file = run_dir / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{run_dir} holds no run (no config.json)")
+  run_cfg = TrainConfig(**json.loads(config_file.read_text()))
+  checkpointer = Checkpointer(run_dir / "checkpoints", async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+    meta = checkpointer.restore_meta(step)
+    vocab_size = meta["vocab_size"]
+    _, _, params = training.build_model(run_cfg, vocab_size)
+    tx = training.make_optimizer(run_cfg)
+    abstract = jax.eval_shape(lambda p: training.init_train_state(
+        p, tx, run_cfg, len(meta["domains"]),
+        ref_params=p if run_cfg.method == "doremi_proxy" else None), params)
+    state, _, _ = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  return state["params"]
 
 
 def evaluate(eval_step, params, eval_batches: dict, put=lambda tokens: tokens) -> dict[str, float]:
@@ -132,9 +206,10 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
             "train_loss": {n: float(losses[domain == i].mean())
                            for i, n in enumerate(names) if (domain == i).any()}}
   if "weights" in m:
+    record["weights"] = [float(w) for w in m["weights"]]
+  if "assignments" in m:
     assign = np.asarray(m["assignments"])
     record.update(
-        weights=[float(w) for w in m["weights"]],
         cluster_sizes=[int(c) for c in m["counts"]],
         nonfinite=int(m["nonfinite"]),
         ari=agreement.adjusted_rand_index(domain, assign),
@@ -160,7 +235,16 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-  """Runs (or resumes) training; returns the summary dict."""
+  """Runs (or resumes) training; returns the summary dict.
+
+  An offline method (``stratified``, ``doremi``, ``doge``, ``regmix``,
+  ``mixing_law``) runs its whole pipeline of proxy runs and the final run
+  (``experiments/offline.py``).
+  """
+  if methods.kind(cfg.method) == "offline":
+    from experiments import offline  # imports this module
+    return offline.run(cfg)
+  wall0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad spec fails before any work
   out_dir = Path(cfg.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +253,16 @@ def train(cfg: TrainConfig) -> dict:
   model_cfg, graphdef, params = training.build_model(cfg, data.vocab_size)
   log.info("model %s: %s parameters", cfg.model, f"{count_params(params):,}")
   tx = training.make_optimizer(cfg)
-  state = training.init_train_state(params, tx)
+  ref_params = None
+  if cfg.method == "doremi_proxy":
+    if not cfg.reference_dir:
+      raise ValueError("--method doremi_proxy needs --reference_dir (a finished reference run)")
+    ref_params = load_run_params(cfg.reference_dir)
+    if jax.tree.structure(ref_params) != jax.tree.structure(params) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params))):
+      raise ValueError(f"the reference model in {cfg.reference_dir} does not match --model "
+                       f"{cfg.model} with this tokenizer")
+  state = training.init_train_state(params, tx, cfg, len(data.names), ref_params=ref_params)
   put, step_shardings = (lambda batch: batch), {}
   if mesh is not None:
     state_sharding = sharding.state_shardings(state, mesh)
@@ -179,11 +272,12 @@ def train(cfg: TrainConfig) -> dict:
                           batch_sharding=sharding.batch_sharding(mesh))
     log.info("mesh %s: %d %s devices, %d process(es)", dict(mesh.shape), mesh.size,
              mesh.devices.flat[0].platform, jax.process_count())
-  train_step = training.make_train_step(graphdef, tx, cfg, **step_shardings)
+  train_step = training.make_train_step(graphdef, tx, cfg, probe_tokens=data.probe_tokens,
+                                        **step_shardings)
   eval_step = training.make_eval_step(graphdef, mesh)
 
   checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.keep_checkpoints)
-  start = 0
+  start, wall_before = 0, 0.0  # wall_before: seconds spent on this run before a resume
   if cfg.resume:
     step = checkpointer.latest_step()
     if step is None:
@@ -192,6 +286,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
       state, data_state, meta = checkpointer.restore(step, training.abstract_like(state))
       _check_resumable(meta["config"], cfg)
+      wall_before = float(meta.get("wall_s", 0.0))
       data.train_iter.set_state(data_state)
       start = int(state["step"])
       log.info("resumed from step %d (%s)", start, checkpointer.directory)
@@ -203,7 +298,9 @@ def train(cfg: TrainConfig) -> dict:
 
   def save(step: int) -> None:
     checkpointer.save(step, state, data.train_iter.get_state(),
-                      {"config": dataclasses.asdict(cfg), "step": step})
+                      {"config": dataclasses.asdict(cfg), "step": step,
+                       "vocab_size": data.vocab_size, "domains": data.names,
+                       "wall_s": wall_before + time.perf_counter() - wall0})
 
   progress = Progress(start, cfg.steps, cfg.batch_size * cfg.seq_len, cfg.log_every)
 
@@ -263,9 +360,16 @@ def train(cfg: TrainConfig) -> dict:
   steps_run = cfg.steps - start
   final = [r for r in tracker.records if "val_loss" in r][-1]["val_loss"]
   summary = {"method": cfg.method, "objective": cfg.objective, "model": cfg.model,
+             "method_args": cfg.method_args, "proportions": data.proportions,
              "steps": cfg.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
+             "wall_s": wall_before + time.perf_counter() - wall0,  # whole run, resumes included
              "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / elapsed if elapsed else 0.0,
              "val_loss": final, **reporting.perplexities(final)}
+  if "mixer" in state:  # the time-averaged domain weights (DoReMi/DoGE's output)
+    mixer = jax.device_get(state["mixer"])
+    summary["mixer_average"] = dict(zip(
+        data.names, (np.asarray(mixer.weights_sum) / max(int(mixer.count), 1)).tolist()))
+    summary["mixer_final"] = dict(zip(data.names, np.asarray(mixer.weights).tolist()))
   title = (f"{cfg.method}{'/' + cfg.objective if cfg.method == 'dograph' else ''} "
            f"{cfg.model}, {cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len}")
   text = reporting.summary_table(title, final, summary["steps_per_s"])
@@ -273,7 +377,8 @@ def train(cfg: TrainConfig) -> dict:
   (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
   if cfg.plots:
     plots = reporting.write_plots(tracker.records, out_dir, data.names,
-                                  contingency if cfg.method == "dograph" else None)
+                                  contingency if cfg.method == "dograph" else None,
+                                  weight_labels=data.names if "mixer" in state else None)
     summary["plots"] = [str(p) for p in plots]
   print(text)
   return summary

@@ -37,9 +37,12 @@ def summary_table(title: str, domain_loss: dict[str, float], steps_per_s: float)
 
 
 def write_plots(records: list[dict], out_dir: Path, domain_names: list[str],
-                contingency: np.ndarray | None) -> list[Path]:
-  """PNG plots: validation loss per domain, DoGraph weights over time, and the
-  cluster-versus-domain heatmap. Returns the written paths."""
+                contingency: np.ndarray | None, weight_labels: list[str] | None = None,
+                ) -> list[Path]:
+  """PNG plots: validation loss per domain, the domain weights over time
+  (DoGraph's model-centric domains, or with ``weight_labels`` a baseline's
+  weights of the human domains), and the cluster-versus-domain heatmap.
+  Returns the written paths."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -67,9 +70,11 @@ def write_plots(records: list[dict], out_dir: Path, domain_names: list[str],
     steps = [r["step"] for r in weighted]
     w = np.asarray([r["weights"] for r in weighted]).T
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.stackplot(steps, w, labels=[f"domain {j}" for j in range(len(w))])
+    labels = weight_labels or [f"domain {j}" for j in range(len(w))]
+    ax.stackplot(steps, w, labels=labels)
     ax.set(xlabel="step", ylabel="weight", ylim=(0, 1),
-           title="DoGraph weights of the model-centric domains")
+           title=("Weights of the human domains" if weight_labels else
+                  "DoGraph weights of the model-centric domains"))
     ax.legend(fontsize=6, ncol=2, loc="upper right")
     fig.tight_layout()
     written.append(out_dir / "domain_weights.png")

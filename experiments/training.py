@@ -16,7 +16,13 @@ The train step is one jitted function with the train state donated:
   from the coefficients ``a`` to the weighted gradient (book-keeping, or a
   second backward with ``--update second_backward``);
 * ``dograph`` with ``--sketch reference``: per-sample gradients
-  (``vmap(grad)``), sketched and reduced by ``dograph_transform``.
+  (``vmap(grad)``), sketched and reduced by ``dograph_transform``;
+* an online baseline (``experiments/methods.py``): one forward pass gives the
+  per-sequence losses and a ``vjp``; the method's ``OnlineMixer`` turns the
+  losses (and what else it ``needs``: reference-model token losses, the Gram
+  matrix of per-domain gradients formed on the device by a ``vmap`` of the
+  same ``vjp``, held-out probe losses) into per-sample weights ``w``; the
+  update is ``vjp(w) = grad(sum_i w_i l_i)`` — one backward pass.
 
 Shape legend: ``B`` batch, ``T`` sequence length, ``M`` DoGraph domains.
 """
@@ -31,8 +37,10 @@ import optax
 from flax import nnx
 
 import dograph_jax as dg
+from dograph_jax.mixing import MixingInputs, domain_counts
 from dograph_jax.models import GPT2, get_config, sequence_loss, split_model, token_losses, apply
 
+from experiments import methods
 from experiments.configs import TrainConfig
 
 # Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
@@ -118,18 +126,79 @@ def build_model(cfg: TrainConfig, vocab_size: int):
   return model_cfg, graphdef, params
 
 
-def init_train_state(params, tx) -> dict:
-  return {"params": params, "opt_state": tx.init(params),
-          "step": jnp.zeros((), jnp.int32)}
+def init_train_state(params, tx, cfg: TrainConfig | None = None, num_domains: int = 0,
+                     ref_params=None) -> dict:
+  """``{"params", "opt_state", "step"}``; for an online baseline (``cfg``
+  given) also ``"mixer"`` (its state over ``num_domains`` human domains) and
+  ``"mixer_hparams"`` (its float hyperparameters, traced by the step so that
+  changing them does not recompile); ``"ref_params"``: a frozen reference
+  model (DoReMi's proxy run)."""
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  if cfg is not None and methods.kind(cfg.method) == "online":
+    if num_domains < 1:
+      raise ValueError(f"method {cfg.method!r} needs num_domains (the human domains)")
+    static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
+    mixer = methods.build_mixer(cfg.method, num_domains, static, traced)
+    if "ref_token_losses" in mixer.needs and ref_params is None:
+      raise ValueError(f"method {cfg.method!r} needs a reference model (--reference_dir)")
+    state["mixer"] = mixer.init()
+    state["mixer_hparams"] = methods.traced_state(traced)
+  if ref_params is not None:
+    state["ref_params"] = ref_params
+  return state
+
+
+def _sequence_losses(graphdef, params, tokens_BxT1):
+  """``((B,) per-sequence mean loss, (B, T) token losses)``."""
+  tok_BxT = token_losses(apply(graphdef, params, tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:])
+  return tok_BxT.mean(1), tok_BxT
+
+
+def _mixer_grads(graphdef, cfg: TrainConfig, state, batch, probe_tokens):
+  """An online baseline's per-sequence losses, gradient and new mixer state."""
+  static, _ = methods.parse_method_args(cfg.method, cfg.method_args)
+  num_domains = state["mixer"].weights.shape[0]
+  mixer = methods.build_mixer(cfg.method, num_domains, static, state["mixer_hparams"])
+  params, tokens, domain_id = state["params"], batch["tokens"], batch["domain_id"]
+  losses_B, vjp, tok_BxT = jax.vjp(lambda p: _sequence_losses(graphdef, p, tokens), params,
+                                   has_aux=True)
+  counts_D = domain_counts(domain_id, num_domains)
+  fields = dict(losses=losses_B, domain_id=domain_id, step=state["step"],
+                domain_counts=counts_D)
+  if "token_losses" in mixer.needs:
+    fields["token_losses"] = tok_BxT
+  if "ref_token_losses" in mixer.needs:
+    fields["ref_token_losses"] = _sequence_losses(graphdef, state["ref_params"], tokens)[1]
+  if "domain_gram" in mixer.needs:
+    # Per-domain mean-loss gradients g_d = vjp(onehot_d / n_d), all D at once;
+    # only their (D, D) Gram matrix leaves this function (DoGE never copies
+    # per-domain gradients off the device).
+    per_domain_DxB = (jax.nn.one_hot(domain_id, num_domains, dtype=jnp.float32).T
+                      / jnp.maximum(counts_D, 1)[:, None])
+    grads_D = jax.vmap(lambda c: vjp(c)[0])(per_domain_DxB)
+    fields["domain_gram"] = sum(
+        (g.reshape(num_domains, -1) @ g.reshape(num_domains, -1).T).astype(jnp.float32)
+        for g in jax.tree.leaves(grads_D))
+  if "probe_losses" in mixer.needs:
+    if probe_tokens is None:
+      raise ValueError(f"method {cfg.method!r} needs probe_tokens (D, P, T + 1)")
+    fields["probe_losses"] = jax.vmap(
+        lambda rows: _sequence_losses(graphdef, params, rows)[0].mean())(probe_tokens)
+  weights_B, mixer_state = mixer.update(state["mixer"], MixingInputs(**fields))
+  grads = vjp(jax.lax.stop_gradient(weights_B).astype(losses_B.dtype))[0]
+  return losses_B, grads, mixer_state
 
 
 def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
-                    batch_sharding=None) -> Callable:
+                    batch_sharding=None, probe_tokens=None) -> Callable:
   """Jitted ``step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
   ``metrics``: ``loss`` (batch mean), ``losses`` (B,), ``domain_id`` (B,),
   ``update_norm``, ``lr``; with DoGraph also ``weights`` (M,), ``counts``
-  (M,), ``assignments`` (B,), ``nonfinite``. The function's ``traces`` list
+  (M,), ``assignments`` (B,), ``nonfinite``; with an online baseline
+  ``weights`` (D,), its current domain weights. ``probe_tokens`` (D, P, T + 1)
+  int32: the held-out rows of each domain for a mixer that needs probe
+  losses (Aioli); a compile-time constant of the step. The function's ``traces`` list
   grows by one each time JAX traces it (tests count compilations with it).
 
   On a mesh, pass ``state_sharding`` (``dograph_jax.sharding.state_shardings``)
@@ -140,6 +209,12 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
   """
   traces = []
   method, warmup, total = cfg.method, min(cfg.warmup_steps, cfg.steps), cfg.steps
+  online = methods.kind(method) == "online"
+  if methods.kind(method) == "offline":
+    raise ValueError(f"method {method!r} is an offline pipeline (experiments/offline.py); "
+                     "its runs train with method uniform or a proxy mixer")
+  if probe_tokens is not None:
+    probe_tokens = jnp.asarray(probe_tokens, jnp.int32)
 
   def loss_one(params, tokens_T1):
     return sequence_loss(graphdef, params, tokens_T1)
@@ -159,6 +234,9 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
     elif method == "dograph":
       losses, grads = dg.per_sample_loss_and_grads(loss_one, params, tokens)
       updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
+    elif online:
+      losses, grads, mixer_state = _mixer_grads(graphdef, cfg, state, batch, probe_tokens)
+      updates, opt_state = tx.update(grads, opt_state, params)
     else:
       def mean_loss(p):
         per_seq = token_losses(apply(graphdef, p, tokens[:, :-1]), tokens[:, 1:]).mean(1)
@@ -174,7 +252,11 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
     if inner is not None:
       metrics.update(weights=inner.applied_weights, counts=inner.counts,
                      assignments=inner.assignments, nonfinite=inner.nonfinite)
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    if online:
+      new_state["mixer"] = mixer_state
+      metrics["weights"] = mixer_state.weights
+    return new_state, metrics
 
   shardings = {}
   if state_sharding is not None:

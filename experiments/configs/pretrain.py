@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-METHODS = ("uniform", "dograph")
+from experiments.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,12 @@ class TrainConfig:
   tokenizer: str = ""               # local tokenizer path; empty = train a byte-level BPE on the train split, cached beside the data
   vocab_size: int = 2048            # vocabulary of the trained tokenizer
   # --- method ---
-  method: str = "dograph"           # uniform | dograph
+  method: str = "dograph"           # dograph | uniform | stratified | loss_based | doremi | doge | regmix | mixing_law | group_dro | aioli (| doremi_proxy | doge_proxy): experiments/methods.py
+  method_args: str = ""             # online baseline's hyperparameters "name=value,..." (its factory's keywords, e.g. "strategy=mid,temperature=0.5")
+  reference_dir: str = ""           # doremi_proxy: run directory of the reference model (its last checkpoint)
+  proxy_steps: int = 0              # offline methods: steps of each proxy/reference run (0 = steps // 4)
+  proxy_runs: int = 8               # regmix / mixing_law: proxy runs at sampled mixtures
+  probe_rows: int = 8               # aioli: held-out probe rows per domain (taken from each domain's last training rows)
   objective: str = "uncertainty"    # DoGraph objective: uncertainty | variance | robust | alignment
   num_domains: int = 11             # m, model-centric domains (paper: 11)
   sketch: str = "factored"          # factored (one pass, no per-sample gradients) | reference (vmap(grad), any loss)
@@ -72,9 +77,14 @@ class TrainConfig:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
-    for name in ("steps", "batch_size", "seq_len", "num_domains", "sketch_dim"):
+    for name in ("steps", "batch_size", "seq_len", "num_domains", "sketch_dim", "proxy_runs",
+                 "probe_rows"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    from experiments.methods import parse_method_args  # checks --method_args early
+    parse_method_args(self.method, self.method_args)
+    if self.proxy_steps < 0:
+      raise ValueError(f"--proxy_steps must be >= 0, got {self.proxy_steps}")
     if self.warmup_steps < 0:
       raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
     if self.sketch not in ("factored", "reference"):

@@ -1,0 +1,230 @@
+"""Run data-mixing methods side by side and tabulate them like the paper's Table 2.
+
+    python experiments/compare.py                                  # all methods, 3 seeds, defaults
+    python experiments/compare.py --methods uniform,doremi,dograph --seeds 0,1 \\
+        --data_dir data/local --steps 500 --out_dir runs/compare
+
+Every method trains the same model on the same corpus for the same number of
+steps and batch (equal token budget for the final model); offline methods'
+proxy and reference runs come on top and count in their wall-clock cost.
+Any ``pretrain.py`` option (``--model``, ``--steps``, ``--batch_size``, ...)
+is shared by all runs; ``--method_args`` is not (each method keeps its
+defaults).
+
+Resumable: each (method, seed) run lives in ``out_dir/<method>/seed<k>``; a
+finished run (its ``summary.json``) is read back, an unfinished one resumes
+from its last checkpoint, and a run that crashes is logged and recorded in
+``failures.json`` while the others go on — rerun the same command to retry it.
+
+Writes ``compare.md`` (the table), ``compare.json`` (every run's summary and
+the aggregates), ``per_domain_ppl.png`` (per-domain validation perplexity,
+mean ± std over seeds) and ``weights.png`` (each method's weight trajectory
+of the first seed: online weights, offline proxies' weights, final
+mixtures).
+
+Table columns: average validation perplexity (``exp`` of the mean over
+domains of the per-domain token loss) and worst-domain perplexity, mean ±
+std over seeds; per-domain perplexity (means); wall-clock time relative to
+Uniform (mean over seeds, proxy runs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from experiments import methods, pretrain, reporting
+from experiments.configs import TrainConfig, parse_config
+from experiments.tracking import read_records
+
+log = logging.getLogger("compare")
+
+
+def run_dir(out_dir: Path, method: str, seed: int) -> Path:
+  return out_dir / method / f"seed{seed}"
+
+
+def run_one(base: TrainConfig, method: str, seed: int, out_dir: Path) -> dict:
+  """The summary of one (method, seed) run; trains it unless it finished."""
+  directory = run_dir(out_dir, method, seed)
+  cfg = dataclasses.replace(base, method=method, seed=seed, out_dir=str(directory),
+                            method_args="", resume=True, halt_after=0)
+  done = directory / "summary.json"
+  if done.exists():
+    pretrain._check_resumable(json.loads((directory / "config.json").read_text()), cfg)
+    log.info("%s seed %d: finished before; reusing it", method, seed)
+    return json.loads(done.read_text())
+  log.info("%s seed %d: training -> %s", method, seed, directory)
+  return pretrain.train(cfg)
+
+
+def aggregate(summaries: dict[str, list[dict]], baseline: str = "uniform") -> dict[str, dict]:
+  """Mean/std over seeds of each method's average/worst/per-domain PPL and cost."""
+  base_wall = (float(np.mean([s["wall_s"] for s in summaries[baseline]]))
+               if summaries.get(baseline) else None)
+  out = {}
+  for method, runs in summaries.items():
+    if not runs:
+      continue
+    ppl = [reporting.perplexities(r["val_loss"]) for r in runs]
+    average = np.asarray([p["average"] for p in ppl])
+    worst = np.asarray([p["worst"] for p in ppl])
+    names = list(runs[0]["val_loss"])
+    per_domain = {n: np.asarray([p["per_domain"][n] for p in ppl]) for n in names}
+    wall = float(np.mean([r["wall_s"] for r in runs]))
+    out[method] = {
+        "seeds": [r.get("seed") for r in runs], "runs": len(runs),
+        "average_mean": float(average.mean()), "average_std": float(average.std(ddof=0)),
+        "worst_mean": float(worst.mean()), "worst_std": float(worst.std(ddof=0)),
+        "worst_domains": [p["worst_domain"] for p in ppl],
+        "per_domain_mean": {n: float(v.mean()) for n, v in per_domain.items()},
+        "per_domain_std": {n: float(v.std(ddof=0)) for n, v in per_domain.items()},
+        "wall_s": wall, "wall_vs_uniform": wall / base_wall if base_wall else None,
+        "mixture": runs[0].get("mixture") or runs[0].get("mixer_average"),
+    }
+  return out
+
+
+def table(agg: dict[str, dict], title: str) -> str:
+  """A Markdown table in the shape of the paper's Table 2."""
+  if not agg:
+    return f"{title}\n\n(no finished runs)\n"
+  names = list(next(iter(agg.values()))["per_domain_mean"])
+  head = ["method", "runs", "avg val PPL", "worst-domain PPL", *names, "wall vs uniform"]
+  lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for method, a in agg.items():
+    rel = f"{a['wall_vs_uniform']:.2f}x" if a["wall_vs_uniform"] else "-"
+    row = [method, str(a["runs"]), f"{a['average_mean']:.3f} ± {a['average_std']:.3f}",
+           f"{a['worst_mean']:.3f} ± {a['worst_std']:.3f}",
+           *(f"{a['per_domain_mean'][n]:.3f}" for n in names), rel]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _weight_records(directory: Path) -> tuple[list[int], np.ndarray] | None:
+  for candidate in (directory / "metrics.jsonl", directory / "stages" / "proxy" / "metrics.jsonl"):
+    records = [r for r in read_records(candidate) if "weights" in r]
+    if records:
+      return [r["step"] for r in records], np.asarray([r["weights"] for r in records])
+  return None
+
+
+def write_plots(agg: dict[str, dict], out_dir: Path, seed: int) -> list[Path]:
+  """``per_domain_ppl.png`` and ``weights.png``; returns the written paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  written = []
+  if not agg:
+    return written
+  names = list(next(iter(agg.values()))["per_domain_mean"])
+  fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(names) * len(agg) / 4), 4.5))
+  width = 0.8 / len(agg)
+  x = np.arange(len(names))
+  for j, (method, a) in enumerate(agg.items()):
+    ax.bar(x + j * width, [a["per_domain_mean"][n] for n in names], width,
+           yerr=[a["per_domain_std"][n] for n in names], label=method, capsize=2)
+  ax.set_xticks(x + 0.4 - width / 2, names)
+  ax.set(ylabel="validation perplexity", yscale="log",
+         title="Per-domain validation perplexity (mean ± std over seeds)")
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  written.append(out_dir / "per_domain_ppl.png")
+  fig.savefig(written[-1], dpi=120)
+  plt.close(fig)
+
+  cols = 3
+  rows = math.ceil(len(agg) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  for ax, (method, a) in zip(axes.flat, agg.items()):
+    traj = _weight_records(run_dir(out_dir, method, seed))
+    if traj is not None:
+      steps, w = traj
+      labels = names if w.shape[1] == len(names) else [f"cluster {j}" for j in range(w.shape[1])]
+      ax.stackplot(steps, w.T, labels=labels)
+      ax.set(ylim=(0, 1), xlabel="step" + (" (proxy run)" if method in methods.PROXY else ""))
+    elif a["mixture"]:
+      ax.bar(range(len(a["mixture"])), list(a["mixture"].values()))
+      ax.set_xticks(range(len(a["mixture"])), list(a["mixture"]), rotation=45, fontsize=7)
+      ax.set(ylim=(0, 1), ylabel="proportion")
+    ax.set_title(method, fontsize=9)
+  for ax in list(axes.flat)[len(agg):]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, fontsize=7, loc="lower right")
+  fig.suptitle(f"Domain weights (seed {seed}): trajectories, or the final mixture")
+  fig.tight_layout()
+  written.append(out_dir / "weights.png")
+  fig.savefig(written[-1], dpi=120)
+  plt.close(fig)
+  return written
+
+
+def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int],
+            out_dir: Path) -> dict:
+  """Runs every (method, seed) not yet finished; writes and returns the report."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  summaries: dict[str, list[dict]] = {m: [] for m in method_names}
+  failures = {}
+  for method in method_names:
+    for seed in seeds:
+      try:
+        summary = run_one(base, method, seed, out_dir)
+      except Exception as e:  # one crashed method must not lose the others
+        log.error("%s seed %d failed: %s", method, seed, e)
+        failures[f"{method}/seed{seed}"] = traceback.format_exc()
+        continue
+      summaries[method].append({**summary, "seed": seed})
+  agg = aggregate(summaries)
+  title = (f"{base.model}, {base.steps} steps x batch {base.batch_size} x {base.seq_len} "
+           f"on {base.data_dir}; seeds {list(seeds)}")
+  text = table(agg, title)
+  (out_dir / "compare.md").write_text(text)
+  (out_dir / "compare.json").write_text(json.dumps(
+      {"config": dataclasses.asdict(base), "seeds": list(seeds), "aggregate": agg,
+       "runs": summaries}, indent=2))
+  (out_dir / "failures.json").write_text(json.dumps(failures, indent=2))
+  plots = write_plots(agg, out_dir, seeds[0]) if base.plots else []
+  print(text)
+  if failures:
+    print(f"{len(failures)} run(s) failed: {sorted(failures)} (see {out_dir / 'failures.json'}); "
+          "rerun the same command to retry them")
+  return {"aggregate": agg, "failures": failures, "plots": [str(p) for p in plots]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+  parser.add_argument("--methods", default="all",
+                      help=f"comma-separated, or 'all' = {','.join(methods.COMPARED)}")
+  parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+  own, rest = parser.parse_known_args(argv)
+  names = list(methods.COMPARED) if own.methods == "all" else own.methods.split(",")
+  for name in names:
+    methods.kind(name)  # an unknown method fails before any run
+  seeds = [int(s) for s in own.seeds.split(",")]
+  base = parse_config(rest, base=TrainConfig(out_dir="runs/compare"),
+                      description=__doc__.splitlines()[0])
+  result = compare(base, names, seeds, Path(base.out_dir))
+  return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,135 @@
+"""The data-mixing methods the trainer knows, behind one switch (``--method``).
+
+Three kinds:
+
+* ``plain`` — the batch-mean gradient: ``uniform`` (natural proportions;
+  with ``--proportions uniform`` it is stratified).
+* ``dograph`` — ``dograph_transform`` chained ahead of AdamW (the paper).
+* ``online`` — an :class:`dograph_jax.mixing.OnlineMixer` turns the step's
+  losses (and, where it asks, reference losses, the per-domain gradient Gram
+  matrix or held-out probe losses) into per-sample loss weights:
+  ``loss_based`` (Sow et al. 2025), ``group_dro`` (Sagawa et al. 2020),
+  ``aioli`` (Chen et al. 2025), and the proxy runs ``doremi_proxy`` and
+  ``doge_proxy``.
+* ``offline`` — a pipeline of proxy runs that ends in sampling proportions
+  for a final plain run: ``stratified``, ``doremi``, ``doge``, ``regmix``,
+  ``mixing_law`` (``experiments/offline.py``).
+
+A new online method is one module in ``dograph_jax/mixing`` with a factory
+``f(num_domains, **hyperparameters) -> OnlineMixer`` plus one line in
+:data:`ONLINE`. ``--method_args "name=value,..."`` sets the factory's keyword
+arguments, checked against its signature. Float-valued ones are kept in the
+train state and passed to the factory inside the jitted step (the factories
+accept traced scalars), so changing them does not recompile — like the
+``inject_hyperparams`` hyperparameters of the optimizer; ints and strings
+(strategies, phase lengths) are compile-time constants.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import jax.numpy as jnp
+
+# method -> (module, factory) of its OnlineMixer.
+ONLINE = {
+    "loss_based": ("dograph_jax.mixing.loss_reweighting", "loss_reweighting"),
+    "group_dro": ("dograph_jax.mixing.group_dro", "group_dro"),
+    "aioli": ("dograph_jax.mixing.aioli", "aioli"),
+    "doremi_proxy": ("dograph_jax.mixing.doremi", "doremi"),
+    "doge_proxy": ("dograph_jax.mixing.doge", "doge"),
+}
+OFFLINE = ("stratified", "doremi", "doge", "regmix", "mixing_law")
+METHODS = ("uniform", "dograph", *ONLINE, *OFFLINE)
+# The paper's Table 2 order, then the extra baselines: what compare.py runs.
+COMPARED = ("uniform", "stratified", "loss_based", "doremi", "doge", "regmix", "mixing_law",
+            "group_dro", "aioli", "dograph")
+
+
+# Offline methods whose proxy run is an online mixer: their --method_args go to it.
+PROXY = {"doremi": "doremi_proxy", "doge": "doge_proxy"}
+
+
+def kind(method: str) -> str:
+  """``"plain"``, ``"dograph"``, ``"online"`` or ``"offline"``."""
+  if method == "uniform":
+    return "plain"
+  if method == "dograph":
+    return "dograph"
+  if method in ONLINE:
+    return "online"
+  if method in OFFLINE:
+    return "offline"
+  raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def factory(method: str):
+  module, name = ONLINE[method]
+  return getattr(importlib.import_module(module), name)
+
+
+def _convert(text: str, default: Any, method: str, name: str) -> Any:
+  try:
+    if isinstance(default, bool):
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+      return text.lower() in ("true", "1")
+    if isinstance(default, (int, float, str)):
+      return type(default)(text)
+  except ValueError:
+    raise ValueError(f"--method_args: {name}={text!r} is not a valid "
+                     f"{type(default).__name__} for method {method!r}") from None
+  return float(text)
+
+
+def parse_method_args(method: str, text: str) -> tuple[dict, dict]:
+  """``(static, traced)`` keyword arguments of ``method``'s factory from
+  ``"name=value,..."``, typed by the factory's defaults.
+
+  ``traced`` holds the float-valued ones (kept in the train state, see the
+  module docstring). Every float argument appears in ``traced`` (defaults
+  included), so the train state has the same structure for every value.
+
+  Raises:
+    ValueError: an argument the factory does not take, a malformed pair, a
+      value of the wrong type, or arguments for a method that takes none.
+  """
+  pairs = [p for p in text.split(",") if p.strip()]
+  if method in PROXY:  # checked against the proxy run's mixer
+    return parse_method_args(PROXY[method], text)
+  if kind(method) != "online":
+    if pairs:
+      raise ValueError(f"--method_args is only for the online mixers {tuple(ONLINE)} "
+                       f"and the proxies of {tuple(PROXY)}; "
+                       f"method {method!r} takes none (got {text!r})")
+    return {}, {}
+  params = dict(list(inspect.signature(factory(method)).parameters.items())[1:])
+  given = {}
+  for pair in pairs:
+    if "=" not in pair:
+      raise ValueError(f"--method_args: expected name=value, got {pair!r}")
+    name, value = (s.strip() for s in pair.split("=", 1))
+    if name not in params:
+      raise ValueError(f"--method_args: method {method!r} has no argument {name!r}; "
+                       f"it takes {sorted(params)}")
+    given[name] = _convert(value, params[name].default, method, name)
+  static, traced = {}, {}
+  for name, p in params.items():
+    value = given.get(name, p.default)
+    if isinstance(p.default, float) and not isinstance(p.default, bool):
+      traced[name] = float(value)
+    elif name in given:
+      static[name] = value
+  return static, traced
+
+
+def build_mixer(method: str, num_domains: int, static: dict, traced: dict):
+  """The method's ``OnlineMixer``; ``traced`` values may be jax scalars."""
+  return factory(method)(num_domains, **static, **traced)
+
+
+def traced_state(traced: dict) -> dict:
+  """The float hyperparameters as float32 scalars for the train state."""
+  return {k: jnp.asarray(v, jnp.float32) for k, v in traced.items()}
