@@ -1,0 +1,216 @@
+"""The trainer's method switch: the online-mixer step against jax.grad oracles,
+--method_args, traced mixer hyperparameters, the offline pipelines end to end
+(proportions reach the data pipeline, stages resume), and the compare harness."""
+
+import dataclasses
+import json
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dograph_jax.data import write_synthetic_corpus
+from dograph_jax.mixing import OnlineMixer, domain_counts, mean_sample_weights
+from dograph_jax.mixing.base import NEEDS
+from dograph_jax.models import sequence_loss, token_losses, apply
+from experiments import compare, methods, offline, pretrain, training
+from experiments.configs import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), seed=1, total_docs=300)
+
+
+def _cfg(corpus, out_dir, **kw):
+  base = dict(data_dir=str(corpus), vocab_size=300, model="mini", steps=4,
+              batch_size=8, seq_len=32, num_domains=3, sketch_dim=64, eval_every=0,
+              eval_rows=8, save_every=0, log_every=1, warmup_steps=1, lr=3e-3,
+              out_dir=str(out_dir), plots=False)
+  base.update(kw)
+  return TrainConfig(**base)
+
+
+# --- --method_args ---------------------------------------------------------
+
+def test_method_args_are_typed_and_checked():
+  static, traced = methods.parse_method_args("group_dro", "step_size=0.5")
+  assert static == {} and traced == {"step_size": 0.5}
+  _, traced = methods.parse_method_args("group_dro", "")
+  assert set(traced) == {"step_size"}  # defaults too: the state's structure never changes
+  with pytest.raises(ValueError, match="no argument 'eta'"):
+    methods.parse_method_args("group_dro", "eta=1")
+  with pytest.raises(ValueError, match="expected name=value"):
+    methods.parse_method_args("group_dro", "step_size")
+  with pytest.raises(ValueError, match="not a valid float"):
+    methods.parse_method_args("group_dro", "step_size=big")
+  with pytest.raises(ValueError, match="takes none"):
+    methods.parse_method_args("uniform", "a=1")
+  with pytest.raises(ValueError, match="unknown method"):
+    methods.kind("nope")
+  with pytest.raises(ValueError, match="no argument"):
+    TrainConfig(method="group_dro", method_args="eta=1")
+
+
+# --- the online step against oracles -----------------------------------------
+
+class _SpyState(NamedTuple):
+  weights: jax.Array
+  weights_sum: jax.Array
+  count: jax.Array
+
+
+def _spy_factory(seen):
+  """A mixer that needs every optional input, records them, and weights the
+  samples by softmax(losses) (non-uniform, so the gradient checks bite)."""
+
+  def spy(num_domains, *, scale: float = 1.0):
+    def init():
+      z = jnp.zeros((num_domains,), jnp.float32)
+      return _SpyState(z, z, jnp.zeros((), jnp.int32))
+
+    def update(state, inputs):
+      seen.append(inputs)
+      w = jax.nn.softmax(scale * inputs.losses)
+      share = mean_sample_weights(w, inputs.domain_id, num_domains)
+      return w, _SpyState(share, state.weights_sum + share, state.count + 1)
+
+    return OnlineMixer(init, update, NEEDS)
+  return spy
+
+
+def test_online_step_matches_jax_grad_oracles(corpus, tmp_path, monkeypatch):
+  seen = []
+  monkeypatch.setattr(methods, "factory", lambda method: _spy_factory(seen))
+  cfg = _cfg(corpus, tmp_path, method="group_dro")
+  data = pretrain.load_data(cfg)
+  _, graphdef, params = training.build_model(cfg, data.vocab_size)
+  _, _, ref_params = training.build_model(dataclasses.replace(cfg, seed=7), data.vocab_size)
+  tx = training.make_optimizer(cfg)
+  num_domains = len(data.names)
+  state = training.init_train_state(params, tx, cfg, num_domains, ref_params=ref_params)
+  batch = next(data.train_iter)
+  batch["domain_id"] = np.where(batch["domain_id"] == 1, 0, batch["domain_id"])  # domain 1 absent
+  probe = np.stack([data.eval_batches[n][0]["tokens"][:3] for n in data.names])
+  losses, grads, _ = training._mixer_grads(graphdef, cfg, state, batch, jnp.asarray(probe))
+  inputs = seen[-1]
+  tokens, domain = jnp.asarray(batch["tokens"]), jnp.asarray(batch["domain_id"])
+  one = lambda p, t: sequence_loss(graphdef, p, t)
+  oracle_losses = jnp.stack([one(params, t) for t in tokens])
+  np.testing.assert_allclose(losses, oracle_losses, rtol=1e-5)
+  w = jax.nn.softmax(oracle_losses)
+  oracle = jax.grad(lambda p: sum(w[i] * one(p, tokens[i]) for i in range(len(tokens))))(params)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(oracle)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  # Reference token losses, held-out probe losses, counts.
+  np.testing.assert_allclose(
+      inputs.ref_token_losses,
+      token_losses(apply(graphdef, ref_params, tokens[:, :-1]), tokens[:, 1:]), rtol=1e-5)
+  oracle_probe = [np.mean([one(params, jnp.asarray(t)) for t in probe[d]])
+                  for d in range(num_domains)]
+  np.testing.assert_allclose(inputs.probe_losses, oracle_probe, rtol=1e-5)
+  np.testing.assert_array_equal(inputs.domain_counts, domain_counts(domain, num_domains))
+  # Gram of per-domain mean-loss gradients, each from its own jax.grad.
+  flat = []
+  for d in range(num_domains):
+    members = [i for i in range(len(tokens)) if int(domain[i]) == d]
+    if not members:
+      flat.append(jnp.zeros(sum(x.size for x in jax.tree.leaves(params))))
+      continue
+    g = jax.grad(lambda p: sum(one(p, tokens[i]) for i in members) / len(members))(params)
+    flat.append(jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]))
+  flat = jnp.stack(flat)
+  oracle_gram = flat @ flat.T
+  np.testing.assert_allclose(inputs.domain_gram, oracle_gram, rtol=1e-4,
+                             atol=1e-6 * float(jnp.abs(oracle_gram).max()))
+  assert float(jnp.abs(inputs.domain_gram[1]).max()) == 0.0  # the absent domain
+
+
+def test_mixer_hyperparameters_are_traced(corpus, tmp_path):
+  cfg = _cfg(corpus, tmp_path, method="group_dro")
+  data = pretrain.load_data(cfg)
+  _, graphdef, params = training.build_model(cfg, data.vocab_size)
+  tx = training.make_optimizer(cfg)
+  step = training.make_train_step(graphdef, tx, cfg)
+  batch = next(data.train_iter)
+  outs = []
+  for step_size in (0.0, 5.0):
+    state = training.init_train_state(jax.tree.map(jnp.copy, params), tx, cfg, len(data.names))
+    state["mixer_hparams"]["step_size"] = jnp.asarray(step_size, jnp.float32)
+    state, metrics = step(state, batch)
+    state, metrics = step(state, batch)
+    outs.append(np.asarray(metrics["weights"]))
+  assert len(step.traces) == 1
+  assert not np.allclose(outs[0], outs[1])  # the new step size took effect without a retrace
+
+
+# --- offline pipelines and the harness, end to end ---------------------------
+
+def test_doremi_pipeline_reaches_the_data_and_resumes(corpus, tmp_path, caplog):
+  cfg = _cfg(corpus, tmp_path / "doremi", method="doremi", steps=4, proxy_steps=3)
+  summary = pretrain.train(cfg)
+  stages = tmp_path / "doremi" / "stages"
+  assert sorted(p.name for p in stages.iterdir()) == ["final", "proxy", "reference"]
+  proxy = json.loads((stages / "proxy" / "summary.json").read_text())
+  average = np.asarray(list(proxy["mixer_average"].values()))
+  assert np.all(average > 0) and abs(average.sum() - 1) < 1e-5
+  mixture = json.loads((tmp_path / "doremi" / "mixture.json").read_text())
+  np.testing.assert_allclose(list(mixture.values()),
+                             np.maximum(average, offline.MIN_PROPORTION)
+                             / np.maximum(average, offline.MIN_PROPORTION).sum(), rtol=1e-6)
+  final = json.loads((stages / "final" / "summary.json").read_text())
+  np.testing.assert_allclose(list(final["proportions"].values()), list(mixture.values()),
+                             rtol=1e-9)  # the mixture reached grain's mix
+  assert summary["method"] == "doremi" and summary["mixture"] == mixture
+  assert summary["wall_s"] == pytest.approx(sum(summary["stages"].values()))
+  assert set(summary["stages"]) == {"reference", "proxy", "final"}
+  # A crash after the proxy: the finished stages are reused, not retrained.
+  stamps = {s: (stages / s / "summary.json").stat().st_mtime_ns for s in ("reference", "proxy")}
+  import shutil
+  shutil.rmtree(stages / "final")
+  caplog.clear()
+  with caplog.at_level("INFO", logger="offline"):
+    again = pretrain.train(cfg)
+  assert {s: (stages / s / "summary.json").stat().st_mtime_ns for s in stamps} == stamps
+  assert "stage reference: finished before" in caplog.text
+  assert again["mixture"] == mixture
+  assert again["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)  # same final run
+
+
+def test_compare_runs_methods_survives_a_crash_and_resumes(corpus, tmp_path, monkeypatch):
+  base = _cfg(corpus, tmp_path, steps=3, proxy_steps=2, proxy_runs=3, plots=True)
+  names = ["uniform", "stratified", "loss_based", "group_dro", "aioli", "doge", "regmix",
+           "mixing_law"]
+  real_train = pretrain.train
+
+  def flaky(cfg):
+    if cfg.method == "aioli":
+      raise RuntimeError("simulated crash")
+    return real_train(cfg)
+
+  monkeypatch.setattr(pretrain, "train", flaky)
+  result = compare.compare(base, names, [0], tmp_path / "cmp")
+  assert list(result["failures"]) == ["aioli/seed0"]
+  agg = result["aggregate"]
+  assert set(agg) == set(names) - {"aioli"}
+  assert agg["uniform"]["wall_vs_uniform"] == pytest.approx(1.0)
+  for method in ("regmix", "mixing_law", "doge", "stratified"):
+    mixture = np.asarray(list(agg[method]["mixture"].values()))
+    assert np.all(mixture >= offline.MIN_PROPORTION * 0.999) and abs(mixture.sum() - 1) < 1e-6
+  for method in ("regmix", "mixing_law"):
+    assert len(json.loads((tmp_path / "cmp" / method / "seed0" / "summary.json").read_text())
+               ["stages"]) == 4  # 3 proxy runs + the final run, all in the cost
+  table = (tmp_path / "cmp" / "compare.md").read_text()
+  assert "| regmix | 1 |" in table and "aioli" not in table
+  assert (tmp_path / "cmp" / "per_domain_ppl.png").exists()
+  assert (tmp_path / "cmp" / "weights.png").exists()
+  # Rerun: the crashed method trains now; the finished ones are read back.
+  monkeypatch.setattr(pretrain, "train", real_train)
+  stamp = (tmp_path / "cmp" / "uniform" / "seed0" / "summary.json").stat().st_mtime_ns
+  result = compare.compare(base, names, [0], tmp_path / "cmp")
+  assert result["failures"] == {} and set(result["aggregate"]) == set(names)
+  assert (tmp_path / "cmp" / "uniform" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+  aioli = json.loads((tmp_path / "cmp" / "aioli" / "seed0" / "summary.json").read_text())
+  assert abs(sum(aioli["mixer_average"].values()) - 1) < 1e-5
