@@ -8,8 +8,9 @@ Every method trains the same model on the same corpus for the same number of
 steps and batch (equal token budget for the final model); offline methods'
 proxy and reference runs come on top and count in their wall-clock cost.
 Any ``pretrain.py`` option (``--model``, ``--steps``, ``--batch_size``, ...)
-is shared by all runs; ``--method_args`` is not (each method keeps its
-defaults).
+is shared by all runs; ``--method_args`` is not: each method keeps its
+defaults unless ``--args METHOD:name=value,...`` sets them (e.g. a burn-in
+scaled to a short budget).
 
 Resumable: each (method, seed) run lives in ``out_dir/<method>/seed<k>``; a
 finished run (its ``summary.json``) is read back, an unfinished one resumes
@@ -56,11 +57,12 @@ def run_dir(out_dir: Path, method: str, seed: int) -> Path:
   return out_dir / method / f"seed{seed}"
 
 
-def run_one(base: TrainConfig, method: str, seed: int, out_dir: Path) -> dict:
+def run_one(base: TrainConfig, method: str, seed: int, out_dir: Path,
+            method_args: str = "") -> dict:
   """The summary of one (method, seed) run; trains it unless it finished."""
   directory = run_dir(out_dir, method, seed)
   cfg = dataclasses.replace(base, method=method, seed=seed, out_dir=str(directory),
-                            method_args="", resume=True, halt_after=0)
+                            method_args=method_args, resume=True, halt_after=0)
   done = directory / "summary.json"
   if done.exists():
     pretrain._check_resumable(json.loads((directory / "config.json").read_text()), cfg)
@@ -174,16 +176,32 @@ def write_plots(agg: dict[str, dict], out_dir: Path, seed: int) -> list[Path]:
   return written
 
 
+def parse_method_args_for(specs: Sequence[str]) -> dict[str, str]:
+  """``--args METHOD:name=value,...`` (repeatable) -> {method: "name=value,..."}."""
+  out = {}
+  for spec in specs:
+    method, sep, args = spec.partition(":")
+    if not sep:
+      raise ValueError(f"--args {spec!r}: expected METHOD:name=value,...")
+    methods.parse_method_args(method, args)  # fails early on a bad name or value
+    out[method] = args
+  return out
+
+
 def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int],
-            out_dir: Path) -> dict:
-  """Runs every (method, seed) not yet finished; writes and returns the report."""
+            out_dir: Path, method_args: dict[str, str] | None = None) -> dict:
+  """Runs every (method, seed) not yet finished; writes and returns the report.
+
+  ``method_args``: per-method ``--method_args`` (default: each method's own
+  defaults)."""
+  method_args = method_args or {}
   out_dir.mkdir(parents=True, exist_ok=True)
   summaries: dict[str, list[dict]] = {m: [] for m in method_names}
   failures = {}
   for method in method_names:
     for seed in seeds:
       try:
-        summary = run_one(base, method, seed, out_dir)
+        summary = run_one(base, method, seed, out_dir, method_args.get(method, ""))
       except Exception as e:  # one crashed method must not lose the others
         log.error("%s seed %d failed: %s", method, seed, e)
         failures[f"{method}/seed{seed}"] = traceback.format_exc()
@@ -195,7 +213,8 @@ def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int]
   text = table(agg, title)
   (out_dir / "compare.md").write_text(text)
   (out_dir / "compare.json").write_text(json.dumps(
-      {"config": dataclasses.asdict(base), "seeds": list(seeds), "aggregate": agg,
+      {"config": dataclasses.asdict(base), "seeds": list(seeds), "method_args": method_args,
+       "aggregate": agg,
        "runs": summaries}, indent=2))
   (out_dir / "failures.json").write_text(json.dumps(failures, indent=2))
   plots = write_plots(agg, out_dir, seeds[0]) if base.plots else []
@@ -215,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--methods", default="all",
                       help=f"comma-separated, or 'all' = {','.join(methods.COMPARED)}")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+  parser.add_argument("--args", action="append", default=[],
+                      help="METHOD:name=value,... a method's --method_args (repeatable), "
+                           "e.g. loss_based:burn_in=100")
   own, rest = parser.parse_known_args(argv)
   names = list(methods.COMPARED) if own.methods == "all" else own.methods.split(",")
   for name in names:
@@ -222,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   seeds = [int(s) for s in own.seeds.split(",")]
   base = parse_config(rest, base=TrainConfig(out_dir="runs/compare"),
                       description=__doc__.splitlines()[0])
-  result = compare(base, names, seeds, Path(base.out_dir))
+  result = compare(base, names, seeds, Path(base.out_dir), parse_method_args_for(own.args))
   return 1 if result["failures"] else 0
 
 
