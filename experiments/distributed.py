@@ -30,7 +30,7 @@ distributed runtime (``jax.distributed.initialize`` would wait for peers).
 
 Data, two ways:
 
-* **Each host loads its slice** (what the trainer does with several
+* **Each host loads its slice** (the way for the trainer with several
   processes; scales the input pipeline): every host builds the same train
   iterator with its own shard, ``make_train_iterator(packed, B, ...,
   **host_data_shard())`` (:func:`host_data_shard`: grain's
