@@ -128,7 +128,7 @@ def load_data(cfg: TrainConfig) -> RunData:
   return RunData(
       names=list(packed.names),
       train_iter=make_train_iterator(packed, cfg.batch_size, proportions=resolved,
-                                     seed=cfg.seed),
+                                     seed=cfg.seed, **distributed.host_data_shard()),
       eval_batches=make_eval_batches(packed_val, cfg.batch_size,
                                      max_rows_per_domain=cfg.eval_rows or None,
                                      domain_names=packed.names),
@@ -245,10 +245,14 @@ def train(cfg: TrainConfig) -> dict:
     from experiments import offline  # imports this module
     return offline.run(cfg)
   wall0 = time.perf_counter()
+  if jax.process_count() > 1 and not cfg.mesh:
+    raise ValueError("several processes need --mesh over all hosts' devices, e.g. "
+                     f"data={jax.device_count()}")
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad spec fails before any work
   out_dir = Path(cfg.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  if distributed.is_main_process():  # other hosts write nothing but their checkpoint shards
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   data = load_data(cfg)
   model_cfg, graphdef, params = training.build_model(cfg, data.vocab_size)
   log.info("model %s: %s parameters", cfg.model, f"{count_params(params):,}")
@@ -263,11 +267,14 @@ def train(cfg: TrainConfig) -> dict:
       raise ValueError(f"the reference model in {cfg.reference_dir} does not match --model "
                        f"{cfg.model} with this tokenizer")
   state = training.init_train_state(params, tx, cfg, len(data.names), ref_params=ref_params)
-  put, step_shardings = (lambda batch: batch), {}
+  put = put_train = lambda batch: batch
+  step_shardings = {}
   if mesh is not None:
     state_sharding = sharding.state_shardings(state, mesh)
     state = jax.device_put(state, state_sharding)
-    put = lambda batch: sharding.shard_batch(batch, mesh)
+    put = lambda batch: sharding.shard_batch(batch, mesh)  # eval: the same rows on every host
+    # train: each host holds its own rows of the global batch (per-host loading)
+    put_train = lambda batch: sharding.shard_host_batch(batch, mesh)
     step_shardings = dict(state_sharding=state_sharding,
                           batch_sharding=sharding.batch_sharding(mesh))
     log.info("mesh %s: %d %s devices, %d process(es)", dict(mesh.shape), mesh.size,
@@ -286,6 +293,11 @@ def train(cfg: TrainConfig) -> dict:
     else:
       state, data_state, meta = checkpointer.restore(step, training.abstract_like(state))
       _check_resumable(meta["config"], cfg)
+      if meta.get("process_count", 1) != jax.process_count():
+        raise ValueError(
+            f"--resume: the checkpoint was written by {meta.get('process_count', 1)} "
+            f"process(es), this run has {jax.process_count()}; each host's share of the data "
+            "would differ, so the run would not continue exactly. Use a new --out_dir.")
       wall_before = float(meta.get("wall_s", 0.0))
       data.train_iter.set_state(data_state)
       start = int(state["step"])
@@ -300,6 +312,7 @@ def train(cfg: TrainConfig) -> dict:
     checkpointer.save(step, state, data.train_iter.get_state(),
                       {"config": dataclasses.asdict(cfg), "step": step,
                        "vocab_size": data.vocab_size, "domains": data.names,
+                       "process_count": jax.process_count(),
                        "wall_s": wall_before + time.perf_counter() - wall0})
 
   progress = Progress(start, cfg.steps, cfg.batch_size * cfg.seq_len, cfg.log_every)
@@ -327,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
   pending = None  # (step, metrics) of the step whose results are not fetched yet
   try:
     for step in range(start, cfg.steps):
-      batch = put(next(data.train_iter))
+      batch = put_train(next(data.train_iter))
       state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
       done = step + 1
       # Fetch the previous step's metrics while this one runs (nanodo-style),
@@ -372,6 +385,8 @@ def train(cfg: TrainConfig) -> dict:
     summary["mixer_final"] = dict(zip(data.names, np.asarray(mixer.weights).tolist()))
   title = (f"{cfg.method}{'/' + cfg.objective if cfg.method == 'dograph' else ''} "
            f"{cfg.model}, {cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len}")
+  if not distributed.is_main_process():
+    return summary
   text = reporting.summary_table(title, final, summary["steps_per_s"])
   (out_dir / "summary.txt").write_text(text + "\n")
   (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
