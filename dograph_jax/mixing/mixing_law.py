@@ -182,7 +182,8 @@ def fit_mixing_law(mixtures_NxD, losses_NxM, *, restarts: int = RESTARTS, seed: 
   Args:
     mixtures_NxD: ``(N, D)`` proxy mixtures (rows on the simplex).
     losses_NxM: ``(N, M)`` validation losses, column ``i`` for validation
-      domain ``i`` (usually the ``M = D`` training domains).
+      domain ``i`` (usually the ``M = D`` training domains; then column ``i``
+      must be training domain ``i``, whose random starts get ``t_ii < 0``).
     restarts: random starts per domain.
     seed: seeds the random starts.
     huber_delta: Huber threshold in loss units (reference 0.05); ``None``
