@@ -24,6 +24,13 @@ the plain step's weight-gradient product with the narrower operand scaled.
 backward with cotangent ``a`` (exact too, about a third more FLOPs, and it
 keeps nothing but the autodiff residuals).
 
+Dtypes: ``X`` and ``D`` stay in the model's compute dtype (bfloat16 runs keep
+bfloat16 operands, so a GPU multiplies them on its tensor cores) and every
+large product accumulates in float32 (``preferred_element_type``) at default
+precision, as the model's own matmuls do; the sketch factors are cast to the
+compute dtype for those products (a fixed rounding of the map, the same at
+every step). With float32 compute this is exactly the float32 map.
+
 The model must be built from :mod:`dograph_jax.models.taps` layers (``Linear``,
 ``LayerNorm``) and may tap, at its root, ``tokens``/``embeddings`` (the sum of
 token and position embeddings) and ``head_inputs``/``logits`` (a tied output
@@ -47,6 +54,9 @@ from dograph_jax.models import taps
 
 PyTree = Any
 Update = Literal["bookkeeping", "second_backward"]
+# Only for the small products of already-projected float32 factors
+# (O(B T k_in k_out)), where the precision is free; the large products use
+# the default precision (see the module docstring).
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -57,7 +67,10 @@ class FactoredGrads(NamedTuple):
   """
   losses: jax.Array      # (B,) float32 per-sample losses
   sketches: jax.Array    # (B, K) float32 Kronecker sketches of the gradients
-  weighted_grad: Callable[[jax.Array], PyTree]  # a_B -> sum_i a_i g_i (params-like)
+  # (a_B, keep_B=None) -> sum_i a_i g_i (params-like, float32 accumulation);
+  # keep_B (B,) bool marks the samples whose stored tensors may be read
+  # (None: those with a_i != 0), so a non-finite sample can be left out.
+  weighted_grad: Callable[..., PyTree]
   second_backward: bool  # True if weighted_grad is a second backward pass
   blocks: dict | None = None  # name -> (B, K) sketch of each parameter block, if asked
 
@@ -90,6 +103,11 @@ def _first(v):
 
 def _f32(x):
   return x.astype(jnp.float32)
+
+
+def _mm(spec, x, y):
+  """A large product: accumulated and returned in float32, default precision."""
+  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
 def _masked(x_BxTxN, keep_B):
@@ -166,15 +184,15 @@ def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nn
 
   for path, node in _walk(dgrad):
     if "outputs" in node and path in _paths_with(inter, "inputs"):  # Linear
-      x = _f32(_first(_get(inter, path)["inputs"]))
-      d = _f32(node["outputs"])
+      x = _first(_get(inter, path)["inputs"])  # compute dtype, as stored
+      d = node["outputs"]
       kernel = _get(params, path)["kernel"]
       has_bias = "bias" in _get(params, path)
       p_in, p_out = factors(path + ("kernel",), kernel.shape[0] + has_bias, kernel.shape[1])
-      xp = jnp.einsum("bti,ia->bta", x, p_in[:kernel.shape[0]], precision=_HI)
+      xp = _mm("bti,ia->bta", x, p_in[:kernel.shape[0]].astype(x.dtype))
       if has_bias:
         xp = xp + p_in[kernel.shape[0]]
-      add(path, kron(xp, jnp.einsum("bto,oc->btc", d, p_out, precision=_HI)))
+      add(path, kron(xp, _mm("bto,oc->btc", d, p_out.astype(d.dtype))))
       blocks.append(("linear", path, (x, d, has_bias)))
     elif "outputs" in node and path in _paths_with(inter, "normalized"):  # LayerNorm
       xhat = _f32(_first(_get(inter, path)["normalized"]))
@@ -188,31 +206,34 @@ def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nn
 
   if "embeddings" in dgrad:  # token and position embeddings, tied output layer
     tokens = _first(inter["tokens"])
-    d_emb = _f32(dgrad["embeddings"])
+    d_emb = dgrad["embeddings"]
     wte = params["wte"]["embedding"]
     t = tokens.shape[1]
     p_in, p_out = factors(("wte", "embedding"), *wte.shape)
-    d_emb_p = jnp.einsum("btd,dc->btc", d_emb, p_out, precision=_HI)
+    d_emb_p = _mm("btd,dc->btc", d_emb, p_out.astype(d_emb.dtype))
     add(("wte", "embedding"), kron(p_in[tokens], d_emb_p))
     if "logits" in dgrad:
-      h = _f32(_first(inter["head_inputs"]))
-      d_logits = _f32(dgrad["logits"])
-      add(("wte", "embedding"), kron(jnp.einsum("btv,va->bta", d_logits, p_in, precision=_HI),
-                                     jnp.einsum("btd,dc->btc", h, p_out, precision=_HI)))
+      h = _first(inter["head_inputs"])
+      d_logits = dgrad["logits"]  # float32 (the model's logits are)
+      add(("wte", "embedding"), kron(_mm("btv,va->bta", d_logits, p_in.astype(d_logits.dtype)),
+                                     _mm("btd,dc->btc", h, p_out.astype(h.dtype))))
       blocks.append(("head", ("wte", "embedding"), (h, d_logits)))
     if "wpe" in params:
       q_in, q_out = factors(("wpe", "embedding"), *params["wpe"]["embedding"].shape)
       add(("wpe", "embedding"), jnp.einsum(
-          "ta,btc->bac", q_in[:t], jnp.einsum("btd,dc->btc", d_emb, q_out, precision=_HI),
+          "ta,btc->bac", q_in[:t], _mm("btd,dc->btc", d_emb, q_out.astype(d_emb.dtype)),
           precision=_HI).reshape(batch, dim))
     blocks.append(("embeddings", (), (tokens, d_emb)))
 
   if update == "second_backward":
-    def weighted_grad(a_B):
+    def weighted_grad(a_B, keep_B=None):
+      # Non-finite samples cannot be left out of a backward pass (0 * NaN is
+      # NaN in its residuals); the transform skips such a step instead.
+      del keep_B
       return vjp_fn(a_B.astype(losses.dtype))[0]
   else:
-    def weighted_grad(a_B):
-      return _bookkeeping(params, blocks, a_B)
+    def weighted_grad(a_B, keep_B=None):
+      return _bookkeeping(params, blocks, a_B, keep_B)
 
   z_BxK = sum(contributions.values(), jnp.zeros((batch, dim), jnp.float32))
   return FactoredGrads(losses, z_BxK, weighted_grad, update == "second_backward",
@@ -223,10 +244,27 @@ def _paths_with(inter: dict, name: str) -> set:
   return {path for path, node in _walk(inter) if name in node}
 
 
-def _bookkeeping(params: PyTree, blocks: list, a_B: jax.Array) -> PyTree:
-  """``sum_i a_i g_i`` from the stored inputs and output-gradients."""
-  keep = a_B != 0
-  a = a_B.astype(jnp.float32)
+def _bookkeeping(params: PyTree, blocks: list, a_B: jax.Array,
+                 keep_B: jax.Array | None) -> PyTree:
+  """``sum_i a_i g_i`` from the stored inputs and output-gradients.
+
+  A sample with ``keep_B[i] = False`` (default: ``a_i == 0``) contributes
+  nothing even if its stored tensors are non-finite. Leaving it out costs a
+  select over every stored tensor, so that runs only when some sample is
+  dropped (``lax.cond``); the common step reads the tensors as stored.
+  """
+  if keep_B is None:
+    keep_B = a_B != 0
+  a_B = jnp.where(keep_B, a_B.astype(jnp.float32), 0.0)
+  return jax.lax.cond(jnp.all(keep_B),
+                      lambda: _accumulate(params, blocks, a_B, None),
+                      lambda: _accumulate(params, blocks, a_B, keep_B))
+
+
+def _accumulate(params: PyTree, blocks: list, a: jax.Array,
+                keep: jax.Array | None) -> PyTree:
+  """The book-keeping sums; ``keep`` (if given) zeroes dropped samples' rows."""
+  mask = (lambda x: x) if keep is None else (lambda x: _masked(x, keep))
   grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
   def put(path, name, value):
@@ -236,28 +274,29 @@ def _bookkeeping(params: PyTree, blocks: list, a_B: jax.Array) -> PyTree:
   for kind, path, tensors in blocks:
     if kind == "linear":
       x, d, has_bias = tensors
-      x, d = _masked(x, keep), _masked(d, keep)
-      # Scale the narrower operand by a: the cheaper of the two products.
+      x, d = mask(x), mask(d)
+      # Scale the narrower operand by a (the cheaper product), kept in the
+      # compute dtype so that the product runs at its speed.
       if x.shape[-1] <= d.shape[-1]:
-        x_scaled, d_scaled = x * a[:, None, None], d
+        x_scaled, d_scaled = (x * a[:, None, None]).astype(x.dtype), d
       else:
-        x_scaled, d_scaled = x, d * a[:, None, None]
-      put(path, "kernel", jnp.einsum("bti,bto->io", x_scaled, d_scaled, precision=_HI))
+        x_scaled, d_scaled = x, (d * a[:, None, None]).astype(d.dtype)
+      put(path, "kernel", _mm("bti,bto->io", x_scaled, d_scaled))
       if has_bias:
-        put(path, "bias", jnp.einsum("b,bto->o", a, d, precision=_HI))
+        put(path, "bias", a @ jnp.sum(d, axis=1, dtype=jnp.float32))
     elif kind == "layernorm":
-      g_scale, g_bias = (_masked(g, keep) for g in tensors)
+      g_scale, g_bias = (mask(g) for g in tensors)
       put(path, "scale", a @ g_scale)
       put(path, "bias", a @ g_bias)
     elif kind == "head":
-      h, d_logits = (_masked(x, keep) for x in tensors)
+      h, d_logits = (mask(x) for x in tensors)
       # Scale the narrow operand (h, width D) and read D_logits (width V)
       # as stored: no scaled copy of the widest tensor.
-      put(path[:-1], path[-1], jnp.einsum("btd,btv->dv", h * a[:, None, None], d_logits,
-                                          precision=_HI).T)
+      h_scaled = (h * a[:, None, None]).astype(h.dtype)
+      put(path[:-1], path[-1], _mm("btd,btv->dv", h_scaled, d_logits).T)
     elif kind == "embeddings":
       tokens, d_emb = tensors
-      ad = _masked(d_emb, keep) * a[:, None, None]
+      ad = _f32(mask(d_emb)) * a[:, None, None]
       put(("wte",), "embedding",
           jnp.zeros_like(grads["wte"]["embedding"]).at[tokens.reshape(-1)].add(
               ad.reshape(-1, ad.shape[-1])))

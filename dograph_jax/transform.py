@@ -339,7 +339,9 @@ def dograph_transform(
                                 stats.counts > 0, ema, weight_floor)
     a_B = sample_coefficients(applied, assign_B, stats.counts, finite_B)
     if fast:
-      out = updates.weighted_grad(a_B)
+      # finite_B tells the map which samples to leave out (their stored
+      # tensors may hold NaN); it skips that work when every sample is finite.
+      out = updates.weighted_grad(a_B, finite_B)
       if updates.second_backward:
         # A second backward cannot leave a non-finite sample out (0 * NaN is
         # NaN in its residuals): such a step is skipped (zero update) and
