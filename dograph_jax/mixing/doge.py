@@ -68,8 +68,9 @@ Choices where the official code leaves room or cannot be followed:
 Defaults (official): ``mu = 0.01``, ``step_size = 5e-4``, ``dw_min = 0``,
 ``dw_max = 5``, ``smoothing = 0`` from ``config/doge.json`` (the run that
 ``script/doge.sh`` launches; ``step_size`` is its peak ``learning_rate``, under
-a linear-warmup-cosine schedule to ``lr_end = 1e-4``). The ``TrainingArguments``
-dataclass defaults differ only in ``mu = 0.05``.
+a linear-warmup-cosine schedule to ``lr_end = 1e-4``). The trainer's own
+dataclass defaults differ only in ``mu = 0.05``; without a scheduler it uses
+``eta_t = 1e-4``.
 
 Shape legend: ``B`` batch, ``D`` human domains.
 """
