@@ -16,6 +16,7 @@ complete one (temporary directories are never listed as steps).
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,17 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
     self.directory = Path(directory).absolute()
+    # Remove what an interrupted save left behind here, synchronously: orbax's
+    # own `cleanup_tmp_directories` runs in a background thread that can race
+    # with the next manager opened on the same directory (seen under load).
+    if jax.process_index() == 0 and self.directory.exists():
+      for partial in self.directory.glob("*.orbax-checkpoint-tmp-*"):
+        shutil.rmtree(partial, ignore_errors=True)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+            cleanup_tmp_directories=False),
         item_names=("state", "data", "meta"))
 
   def latest_step(self) -> int | None:

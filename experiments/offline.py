@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import pretrain, reporting
+from experiments import distributed, pretrain, reporting
 from experiments.configs import TrainConfig
 from experiments.methods import PROXY
 
@@ -143,11 +143,14 @@ def run(cfg: TrainConfig) -> dict:
   """Runs (or resumes) offline method ``cfg.method``; returns its summary."""
   out_dir = Path(cfg.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  main = distributed.is_main_process()  # other hosts only train
+  if main:
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   stages = _Stages(cfg)
   t0 = time.perf_counter()
   mixture = _floor(mixture_for(cfg, stages))
-  (out_dir / "mixture.json").write_text(json.dumps(mixture, indent=2))
+  if main:
+    (out_dir / "mixture.json").write_text(json.dumps(mixture, indent=2))
   log.info("%s mixture: %s", cfg.method, ", ".join(f"{n}={w:.3f}" for n, w in mixture.items()))
   final = stages.run("final", proxy=False, proportions=pretrain.format_proportions(mixture))
   summary = {**final, "method": cfg.method, "mixture": mixture,
@@ -155,6 +158,8 @@ def run(cfg: TrainConfig) -> dict:
              "orchestration_s": time.perf_counter() - t0}
   title = (f"{cfg.method} {cfg.model}, {cfg.steps} steps + {len(stages.cost) - 1} proxy "
            f"run(s), batch {cfg.batch_size} x {cfg.seq_len}")
+  if not main:
+    return summary
   text = reporting.summary_table(title, final["val_loss"], final["steps_per_s"])
   (out_dir / "summary.txt").write_text(text + "\n")
   (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
