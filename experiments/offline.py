@@ -116,6 +116,10 @@ def mixture_for(cfg: TrainConfig, stages: _Stages) -> dict[str, float]:
   """Runs the method's proxy stages and returns its sampling proportions."""
   prior = _natural(cfg)
   names = list(prior)
+  if cfg.method == "mixing_law" and cfg.proxy_runs < len(names) + 1:
+    # Checked before any proxy run: the law has D + 2 parameters per domain.
+    raise ValueError(f"--method mixing_law needs --proxy_runs >= {len(names) + 1} "
+                     f"(D + 1 for {len(names)} domains), got {cfg.proxy_runs}")
   if cfg.method == "stratified":
     return {n: 1.0 / len(names) for n in names}
   if cfg.method in PROXY:

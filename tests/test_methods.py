@@ -180,7 +180,7 @@ def test_doremi_pipeline_reaches_the_data_and_resumes(corpus, tmp_path, caplog):
 
 
 def test_compare_runs_methods_survives_a_crash_and_resumes(corpus, tmp_path, monkeypatch):
-  base = _cfg(corpus, tmp_path, steps=3, proxy_steps=2, proxy_runs=3, plots=True)
+  base = _cfg(corpus, tmp_path, steps=3, proxy_steps=2, proxy_runs=6, plots=True)
   names = ["uniform", "stratified", "loss_based", "group_dro", "aioli", "doge", "regmix",
            "mixing_law"]
   real_train = pretrain.train
@@ -201,7 +201,7 @@ def test_compare_runs_methods_survives_a_crash_and_resumes(corpus, tmp_path, mon
     assert np.all(mixture >= offline.MIN_PROPORTION * 0.999) and abs(mixture.sum() - 1) < 1e-6
   for method in ("regmix", "mixing_law"):
     assert len(json.loads((tmp_path / "cmp" / method / "seed0" / "summary.json").read_text())
-               ["stages"]) == 4  # 3 proxy runs + the final run, all in the cost
+               ["stages"]) == 7  # 6 proxy runs + the final run, all in the cost
   table = (tmp_path / "cmp" / "compare.md").read_text()
   assert "| regmix | 1 |" in table and "aioli" not in table
   assert (tmp_path / "cmp" / "per_domain_ppl.png").exists()
@@ -214,3 +214,10 @@ def test_compare_runs_methods_survives_a_crash_and_resumes(corpus, tmp_path, mon
   assert (tmp_path / "cmp" / "uniform" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
   aioli = json.loads((tmp_path / "cmp" / "aioli" / "seed0" / "summary.json").read_text())
   assert abs(sum(aioli["mixer_average"].values()) - 1) < 1e-5
+
+
+def test_mixing_law_refuses_too_few_proxy_runs_before_training(corpus, tmp_path):
+  cfg = _cfg(corpus, tmp_path / "ml", method="mixing_law", proxy_runs=5)  # 5 domains
+  with pytest.raises(ValueError, match="needs --proxy_runs >= 6"):
+    pretrain.train(cfg)
+  assert not (tmp_path / "ml" / "stages").exists()
