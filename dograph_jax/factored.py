@@ -110,11 +110,6 @@ def _mm(spec, x, y):
   return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
-def _masked(x_BxTxN, keep_B):
-  # Rows of dropped samples may hold NaN; 0 * NaN is NaN, so select instead.
-  return jnp.where(keep_B.reshape((-1,) + (1,) * (x_BxTxN.ndim - 1)), x_BxTxN, 0)
-
-
 def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nnx.GraphDef,
                    params: PyTree, inputs: Any, key: jax.Array, dim: int, *,
                    update: Update = "bookkeeping",
@@ -249,32 +244,59 @@ def _bookkeeping(params: PyTree, blocks: list, a_B: jax.Array,
   """``sum_i a_i g_i`` from the stored inputs and output-gradients.
 
   A sample with ``keep_B[i] = False`` (default: ``a_i == 0``) contributes
-  nothing even if its stored tensors are non-finite. Leaving it out costs a
-  select over every stored tensor, so that runs only when some sample is
-  dropped (``lax.cond``); the common step reads the tensors as stored.
+  nothing even if its stored tensors are non-finite (``0 * NaN`` is NaN, so
+  scaling by ``a_i = 0`` is not enough). The common step (every sample kept)
+  reads the stored tensors as they are, in one product per layer; only when
+  some sample is dropped (``lax.cond``) are the products taken sample by
+  sample and a dropped sample's contribution discarded, which needs no
+  masked copy of any stored tensor (D_logits, ``B x T x V``, is the widest).
   """
   if keep_B is None:
     keep_B = a_B != 0
   a_B = jnp.where(keep_B, a_B.astype(jnp.float32), 0.0)
-  return jax.lax.cond(jnp.all(keep_B),
-                      lambda: _accumulate(params, blocks, a_B, None),
-                      lambda: _accumulate(params, blocks, a_B, keep_B))
+
+  def all_kept():
+    return _accumulate(params, blocks, a_B)
+
+  def some_dropped():
+    def one_sample(i, grads):
+      rows = [(kind, path, tuple(jax.lax.dynamic_slice_in_dim(x, i, 1, 0)
+                                 if isinstance(x, jax.Array) else x for x in tensors))
+              for kind, path, tensors in blocks]
+      return _accumulate(params, rows, jax.lax.dynamic_slice_in_dim(a_B, i, 1, 0),
+                         grads, keep_B[i])
+    return jax.lax.fori_loop(0, a_B.shape[0], one_sample, _zeros_like_f32(params))
+
+  grads = jax.lax.cond(jnp.all(keep_B), all_kept, some_dropped)
+  return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
-def _accumulate(params: PyTree, blocks: list, a: jax.Array,
-                keep: jax.Array | None) -> PyTree:
-  """The book-keeping sums; ``keep`` (if given) zeroes dropped samples' rows."""
-  mask = (lambda x: x) if keep is None else (lambda x: _masked(x, keep))
-  grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+def _zeros_like_f32(params: PyTree) -> PyTree:
+  return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
+def _accumulate(params: PyTree, blocks: list, a: jax.Array, grads: PyTree | None = None,
+                keep: jax.Array | None = None) -> PyTree:
+  """Add the book-keeping sums over the samples of ``blocks`` to ``grads``.
+
+  ``grads``: float32, params-like (default zeros). ``keep``: optional scalar
+  bool; if False every contribution is discarded (a select on each product,
+  never on the stored tensors), so a non-finite sample adds nothing.
+  """
+  grads = jax.tree.map(lambda g: g, grads if grads is not None else _zeros_like_f32(params))
+  kept = (lambda v: v) if keep is None else (lambda v: jnp.where(keep, v, 0.0))
 
   def put(path, name, value):
     node = _get(grads, path)
-    node[name] = node[name] + value
+    node[name] = node[name] + kept(value)
+
+  def scatter_add(path, name, index, rows):
+    node = _get(grads, path)
+    node[name] = node[name].at[index].add(kept(rows))
 
   for kind, path, tensors in blocks:
     if kind == "linear":
       x, d, has_bias = tensors
-      x, d = mask(x), mask(d)
       # Scale the narrower operand by a (the cheaper product), kept in the
       # compute dtype so that the product runs at its speed.
       if x.shape[-1] <= d.shape[-1]:
@@ -285,23 +307,20 @@ def _accumulate(params: PyTree, blocks: list, a: jax.Array,
       if has_bias:
         put(path, "bias", a @ jnp.sum(d, axis=1, dtype=jnp.float32))
     elif kind == "layernorm":
-      g_scale, g_bias = (mask(g) for g in tensors)
+      g_scale, g_bias = tensors
       put(path, "scale", a @ g_scale)
       put(path, "bias", a @ g_bias)
     elif kind == "head":
-      h, d_logits = (mask(x) for x in tensors)
+      h, d_logits = tensors
       # Scale the narrow operand (h, width D) and read D_logits (width V)
       # as stored: no scaled copy of the widest tensor.
       h_scaled = (h * a[:, None, None]).astype(h.dtype)
       put(path[:-1], path[-1], _mm("btd,btv->dv", h_scaled, d_logits).T)
     elif kind == "embeddings":
       tokens, d_emb = tensors
-      ad = _f32(mask(d_emb)) * a[:, None, None]
-      put(("wte",), "embedding",
-          jnp.zeros_like(grads["wte"]["embedding"]).at[tokens.reshape(-1)].add(
-              ad.reshape(-1, ad.shape[-1])))
+      ad = _f32(d_emb) * a[:, None, None]
+      scatter_add(("wte",), "embedding", tokens.reshape(-1), ad.reshape(-1, ad.shape[-1]))
       if "wpe" in params:
-        t = tokens.shape[1]
-        put(("wpe",), "embedding",
-            jnp.zeros_like(grads["wpe"]["embedding"]).at[:t].add(jnp.sum(ad, 0)))
-  return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        put(("wpe",), "embedding", jnp.pad(jnp.sum(ad, 0), (
+            (0, params["wpe"]["embedding"].shape[0] - tokens.shape[1]), (0, 0))))
+  return grads

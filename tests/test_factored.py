@@ -77,13 +77,17 @@ def test_sketch_equals_kronecker_sketch_of_per_sample_grads_per_block(setup):
     assert _rel(fast_blocks[name], ref) <= 1e-5, name
 
 
+@pytest.mark.parametrize("keep", [None, "all"])
 @pytest.mark.parametrize("update", ["bookkeeping", "second_backward"])
-def test_weighted_grad_equals_grad_of_weighted_loss(setup, update):
+def test_weighted_grad_equals_grad_of_weighted_loss(setup, update, keep):
+  """keep=None: sample 2 (a = 0) is left out (the sample-by-sample branch);
+  keep="all": every sample kept (the one-product-per-layer branch)."""
   graphdef, params, tokens, _, _ = setup
   a = jax.random.uniform(jax.random.PRNGKey(3), (B,)).at[2].set(0.0)
+  keep_B = None if keep is None else jnp.ones((B,), bool)
   got = jax.jit(lambda p, t, a: factored.factored_grads(
-      _model_fn, graphdef, p, t, jax.random.PRNGKey(0), K, update=update).weighted_grad(a))(
-          params, tokens, a)
+      _model_fn, graphdef, p, t, jax.random.PRNGKey(0), K, update=update).weighted_grad(
+          a, keep_B))(params, tokens, a)
   want = jax.grad(lambda p: jnp.sum(a * jax.vmap(sequence_loss, in_axes=(None, None, 0))(
       graphdef, p, tokens)))(params)
   assert _tree_rel(got, want) <= 1e-5
@@ -169,6 +173,64 @@ def test_nonfinite_sample_in_fast_path(setup, update):
     assert _tree_rel(u, want) <= 1e-5
   else:  # a second backward cannot leave the sample out: the step is skipped
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+
+
+def test_bookkeeping_leaves_out_samples_not_kept(setup):
+  """A non-finite sample with a nonzero coefficient: keep_B alone leaves it
+  out; without it the update is NaN (so the mask is what is tested)."""
+  graphdef, params, tokens, _, _ = setup
+  bad = tokens.at[1, 4].set(V + 5)  # NaN logits for sample 1
+  a = jax.random.uniform(jax.random.PRNGKey(7), (B,)) + 0.1
+  keep = jnp.arange(B) != 1
+  fg = jax.jit(lambda p, t, a, k: factored.factored_grads(
+      _model_fn, graphdef, p, t, jax.random.PRNGKey(0), K).weighted_grad(a, k))
+  got = fg(params, bad, a, keep)
+  want = jax.grad(lambda p: jnp.sum(jnp.where(keep, a, 0.0) * jax.vmap(
+      sequence_loss, in_axes=(None, None, 0))(graphdef, p, jnp.where(
+          keep[:, None], bad, tokens))))(params)
+  assert _tree_rel(got, want) <= 1e-5
+  unmasked = fg(params, bad, a, jnp.ones((B,), bool))
+  assert not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(unmasked))
+
+
+def _dot_generals(jaxpr):
+  """Every dot_general of a jaxpr, its sub-jaxprs (cond, loops, pjit) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          yield from _dot_generals(getattr(sub, "jaxpr", sub))
+
+
+def test_bfloat16_products_keep_bfloat16_operands():
+  """With bfloat16 compute, every linear layer's sketch products and its
+  book-keeping product multiply bfloat16 operands into float32 (so that a GPU
+  uses its bfloat16 tensor cores); none asks for HIGHEST precision."""
+  graphdef16, params, tokens = _setup(jnp.bfloat16, seed=4)
+  n_linear = 4 * get_config("mini").n_layer  # c_attn, c_proj, c_fc, mlp c_proj
+  fg = factored.factored_grads(_model_fn, graphdef16, params, tokens, jax.random.PRNGKey(5), K)
+  kept = jax.make_jaxpr(lambda a: fg.weighted_grad(a, jnp.ones((B,), bool)))(
+      jnp.ones((B,), jnp.float32))
+  # Only the all-kept branch: the book-keeping's first cond branch is the
+  # sample-by-sample one (lax.cond lists the false branch first).
+  cond = [e for e in kept.jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(cond) == 1
+  dots = list(_dot_generals(cond[0].params["branches"][1].jaxpr))
+  bf16 = [e for e in dots if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+  assert len(bf16) == n_linear
+  assert all(e.params["preferred_element_type"] == jnp.float32 for e in bf16)
+  sketch = jax.make_jaxpr(lambda p, t: factored.factored_grads(
+      _model_fn, graphdef16, p, t, jax.random.PRNGKey(5), K).sketches)(params, tokens)
+  dots = list(_dot_generals(sketch.jaxpr))
+  # x P_in and D P_out of every linear layer (and of the embeddings' D).
+  assert sum(all(v.aval.dtype == jnp.bfloat16 for v in e.invars)
+             and e.params["preferred_element_type"] == jnp.float32 for e in dots) >= 2 * n_linear
+  # The large products (an operand of at least B x T x width) at default
+  # precision; HIGHEST is left to the small products of projected factors.
+  big = [e for e in dots if max(v.aval.size for v in e.invars) >= B * T * 64]
+  assert big and all(e.params["precision"] is None for e in big)
 
 
 def test_sketch_dimension_mismatch_raises(setup):
