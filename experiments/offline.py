@@ -54,9 +54,20 @@ MIN_PROPORTION = 1e-3
 
 
 def _floor(mixture: dict[str, float]) -> dict[str, float]:
-  values = np.maximum(np.asarray(list(mixture.values()), np.float64), MIN_PROPORTION)
+  """``mixture`` normalised with every proportion >= ``MIN_PROPORTION``: the
+  domains below it are raised to it and the others scaled down together
+  (repeated until none falls below)."""
+  values = np.asarray(list(mixture.values()), np.float64)
+  if not np.all(np.isfinite(values)) or np.any(values < 0) or values.sum() <= 0:
+    raise ValueError(f"not a mixture: {mixture}")
   values = values / values.sum()
-  return dict(zip(mixture, values.tolist()))
+  low = values < MIN_PROPORTION
+  while True:
+    free = 1.0 - MIN_PROPORTION * low.sum()
+    out = np.where(low, MIN_PROPORTION, values * free / values[~low].sum())
+    if not np.any(out[~low] < MIN_PROPORTION):
+      return dict(zip(mixture, out.tolist()))
+    low |= out < MIN_PROPORTION
 
 
 class _Stages:

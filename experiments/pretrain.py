@@ -119,7 +119,7 @@ def load_data(cfg: TrainConfig) -> RunData:
   packed_val = pack_domains_cached(val_docs, tokenizer, cfg.seq_len, cache)
   resolved = resolve_proportions(packed, parse_proportions(cfg.proportions))
   probe = None
-  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer_needs(cfg):
+  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer_needs(cfg, packed):
     packed, probe = _hold_out_probe(packed, cfg.probe_rows)
   log.info("domains: %s", ", ".join(
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
@@ -137,9 +137,9 @@ def load_data(cfg: TrainConfig) -> RunData:
       probe_tokens=probe)
 
 
-def _mixer_needs(cfg: TrainConfig) -> frozenset:
+def _mixer_needs(cfg: TrainConfig, packed) -> frozenset:
   static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
-  return methods.build_mixer(cfg.method, 1, static, traced).needs
+  return methods.build_mixer(cfg.method, len(packed.names), static, traced).needs
 
 
 def _hold_out_probe(packed, rows: int):

@@ -141,7 +141,9 @@ def init_train_state(params, tx, cfg: TrainConfig | None = None, num_domains: in
     mixer = methods.build_mixer(cfg.method, num_domains, static, traced)
     if "ref_token_losses" in mixer.needs and ref_params is None:
       raise ValueError(f"method {cfg.method!r} needs a reference model (--reference_dir)")
-    state["mixer"] = mixer.init()
+    # Copy every leaf: an init may use one array for several fields, and the
+    # donated train state must not hold the same buffer twice.
+    state["mixer"] = jax.tree.map(lambda x: jnp.array(x, copy=True), mixer.init())
     state["mixer_hparams"] = methods.traced_state(traced)
   if ref_params is not None:
     state["ref_params"] = ref_params
