@@ -45,8 +45,8 @@ memory back to the kernel), so they are page-faulted in again on every step,
 which in a VM costs a lot: on this project's 2-core VM a ``mini`` B = 48,
 T = 128 plain step took ~390 ms with ~56,000 minor faults per step, and
 ~145 ms with none. Which candidates fault depends on their temp sizes (at the
-defaults the factored step's 32.2 MiB temp crossed glibc's 32 MiB threshold,
-plain's 31.9 MiB did not) and on the allocator's history, so the ratios
+defaults the factored step's 32.8 MiB temp crosses glibc's 32 MiB threshold,
+plain's 31.9 MiB does not) and on the allocator's history, so the ratios
 include it. The CPU table shows minor page faults per step (``getrusage``) and
 a note when there are any. ``--cpu_malloc neutral`` calls glibc's ``mallopt``
 before JAX starts (no ``mmap``, no trimming, one arena; equivalently
@@ -507,7 +507,10 @@ def breakdown(args, graphdef, params, batches) -> list[list[str]]:
   ``plain grad``: value_and_grad of the batch-mean loss (no optimizer);
   ``engine``: ``factored_grads`` losses + sketches (update map unused);
   ``engine + bookkeeping``: the same plus the book-keeping update at uniform
-  coefficients; ``engine + 2nd backward``: the same with the second backward;
+  coefficients (every sample kept); ``1 sample left out``: the same with one
+  sample's ``keep_B`` False (the rare, sample-by-sample branch that a
+  non-finite sample takes); ``engine + 2nd backward``: the same with the
+  second backward;
   ``kmeans``: warm-started Lloyd on the step's sketches; ``stats + solve``:
   ``domain_stats`` and ``solve_weights``; ``transform``: the whole
   ``dograph_transform.update`` on the engine's output; ``clip + adamw``.
@@ -527,12 +530,18 @@ def breakdown(args, graphdef, params, batches) -> list[list[str]]:
     return dg.factored_grads(sequence_losses, graphdef, p, tokens, key, k, update=update)
 
   uniform_a = jnp.full((b,), 1.0 / b, jnp.float32)
+  all_kept = jnp.ones((b,), bool)
+  one_dropped = all_kept.at[0].set(False)
   fns = {
       "plain grad (value_and_grad of mean loss)": jax.jit(jax.value_and_grad(mean_loss)),
       "engine: losses + sketches": jax.jit(
           lambda p, t: (lambda f: (f.losses, f.sketches))(engine(p, t))),
       "engine + book-keeping update": jax.jit(
-          lambda p, t: (lambda f: (f.sketches, f.weighted_grad(uniform_a)))(engine(p, t))),
+          lambda p, t: (lambda f: (f.sketches, f.weighted_grad(uniform_a, all_kept)))(
+              engine(p, t))),
+      "engine + book-keeping, 1 sample left out": jax.jit(
+          lambda p, t: (lambda f: (f.sketches, f.weighted_grad(uniform_a, one_dropped)))(
+              engine(p, t))),
       "engine + second backward": jax.jit(
           lambda p, t: (lambda f: (f.sketches, f.weighted_grad(uniform_a)))(
               engine(p, t, "second_backward"))),

@@ -20,6 +20,9 @@ output (``Module.perturb``), the parameters held fixed, so XLA drops the
 weight-gradient products. The update ``sum_i a_i g_i`` is then formed from the
 same stored tensors ("book-keeping"): ``[X, 1]^T (a * D)`` over all tokens,
 the plain step's weight-gradient product with the narrower operand scaled.
+A sample the caller leaves out (``keep_B``, e.g. a non-finite one: ``0 * NaN``
+is NaN) is discarded without masking any stored tensor: only when some sample
+is left out does a ``lax.cond`` switch to products taken sample by sample.
 ``update="second_backward"`` instead reuses the forward pass for a second
 backward with cotangent ``a`` (exact too, about a third more FLOPs, and it
 keeps nothing but the autodiff residuals).
@@ -132,7 +135,8 @@ def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nn
 
   Returns:
     :class:`FactoredGrads`; ``sketches`` equals
-    ``sketch(per_sample_grads, key, dim, kind="kronecker")``.
+    ``sketch(per_sample_grads, key, dim, kind="kronecker")`` (with float32
+    compute; with bfloat16 up to its rounding, see the module docstring).
   """
   if update not in ("bookkeeping", "second_backward"):
     raise ValueError(f"factored_grads: unknown update {update!r}.")
