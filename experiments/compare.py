@@ -94,7 +94,10 @@ def aggregate(summaries: dict[str, list[dict]], baseline: str = "uniform") -> di
         "per_domain_mean": {n: float(v.mean()) for n, v in per_domain.items()},
         "per_domain_std": {n: float(v.std(ddof=0)) for n, v in per_domain.items()},
         "wall_s": wall, "wall_vs_uniform": wall / base_wall if base_wall else None,
-        "mixture": runs[0].get("mixture") or runs[0].get("mixer_average"),
+        # what the first seed trained on: an offline method's mixture, an
+        # online one's time-averaged weights, else the sampling proportions
+        "mixture": (runs[0].get("mixture") or runs[0].get("mixer_average")
+                    or runs[0].get("proportions")),
     }
   return out
 
@@ -165,9 +168,11 @@ def write_plots(agg: dict[str, dict], out_dir: Path, seed: int) -> list[Path]:
     ax.set_title(method, fontsize=9)
   for ax in list(axes.flat)[len(agg):]:
     ax.axis("off")
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  if handles:
-    fig.legend(handles, labels, fontsize=7, loc="lower right")
+  for ax in axes.flat:  # one legend: the domain names of the first trajectory
+    handles, labels = ax.get_legend_handles_labels()
+    if handles and labels[0] == names[0]:
+      fig.legend(handles, labels, fontsize=8, loc="lower right")
+      break
   fig.suptitle(f"Domain weights (seed {seed}): trajectories, or the final mixture")
   fig.tight_layout()
   written.append(out_dir / "weights.png")
