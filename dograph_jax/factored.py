@@ -287,6 +287,7 @@ def _accumulate(params: PyTree, blocks: list, a: jax.Array, grads: PyTree | None
   bool; if False every contribution is discarded (a select on each product,
   never on the stored tensors), so a non-finite sample adds nothing.
   """
+  # A fresh nest of dicts (same leaves): `put` assigns into it.
   grads = jax.tree.map(lambda g: g, grads if grads is not None else _zeros_like_f32(params))
   kept = (lambda v: v) if keep is None else (lambda v: jnp.where(keep, v, 0.0))
 
