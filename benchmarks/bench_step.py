@@ -236,15 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def neutral_malloc() -> str:
   """glibc ``mallopt``: never ``mmap``, never trim, one arena (see the docstring)."""
-  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-    return "not glibc: unchanged"
-  import ctypes
-  libc = ctypes.CDLL("libc.so.6")
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  ok = [libc.mallopt(m_mmap_max, 0), libc.mallopt(m_trim_threshold, 2**31 - 1),
-        libc.mallopt(m_arena_max, 1)]
-  return "mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1, M_ARENA_MAX=1)" + (
-      "" if all(ok) else f" (some refused: {ok})")
+  from experiments.allocator import tune_cpu_malloc
+  return tune_cpu_malloc()
 
 
 def resolve_defaults(args: argparse.Namespace, backend: str) -> None:

@@ -406,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   cfg = parse_config(argv, description=__doc__.splitlines()[0])
   distributed.maybe_initialize_distributed()  # several hosts only; before any JAX call
+  if jax.default_backend() == "cpu":  # no per-step page faults of XLA:CPU temporaries
+    from experiments.allocator import tune_cpu_malloc
+    log.info("CPU allocator: %s", tune_cpu_malloc())
   try:
     train(cfg)
   except NonFiniteLossError as e:
