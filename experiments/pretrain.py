@@ -226,6 +226,9 @@ _RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "l
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
   current = dataclasses.asdict(cfg)
+  # An option the checkpoint's code did not have yet is read at its default.
+  defaults = dataclasses.asdict(TrainConfig())
+  saved = {**defaults, **saved}
   changed = sorted(k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k])
   if changed:
     raise ValueError(

@@ -250,3 +250,12 @@ def test_mixing_law_refuses_too_few_proxy_runs_before_training(corpus, tmp_path)
   with pytest.raises(ValueError, match="needs --proxy_runs >= 6"):
     pretrain.train(cfg)
   assert not (tmp_path / "ml" / "stages").exists()
+
+
+def test_resume_check_reads_options_newer_than_the_checkpoint_at_their_default():
+  cfg = TrainConfig(method="uniform")
+  older = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("proxy_runs", "method_args")}  # written before these existed
+  pretrain._check_resumable(older, cfg)
+  with pytest.raises(ValueError, match="proxy_runs"):
+    pretrain._check_resumable(older, dataclasses.replace(cfg, proxy_runs=3))
