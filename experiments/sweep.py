@@ -55,14 +55,15 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
   data = pretrain.load_data(cfg)
   _, graphdef, params = training.build_model(cfg, data.vocab_size)
   tx = training.make_optimizer(cfg)
-  train_step = training.make_train_step(graphdef, tx, cfg)
+  train_step = training.make_train_step(graphdef, tx, cfg, probe_tokens=data.probe_tokens)
   eval_step = training.make_eval_step(graphdef)
   start_position = data.train_iter.get_state()
   results = []
   names = list(grid)
   for values in itertools.product(*(grid[n] for n in names)):
     setting = dict(zip(names, values))
-    state = training.init_train_state(jax.tree.map(lambda x: x.copy(), params), tx)
+    state = training.init_train_state(jax.tree.map(lambda x: x.copy(), params), tx, cfg,
+                                      len(data.names))
     state["opt_state"] = training.set_hyperparams(state["opt_state"], **setting)
     data.train_iter.set_state(start_position)
     for step in range(cfg.steps):
