@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MixingInputs(NamedTuple):
@@ -107,3 +108,25 @@ def mean_sample_weights(sample_weights: jax.Array, domain_id: jax.Array,
   """``(D,)`` total weight that ``sample_weights (B,)`` gives each domain
   (what per-sample methods log as their domain weights)."""
   return jnp.zeros((num_domains,), jnp.float32).at[domain_id].add(sample_weights)
+
+
+def check_mixtures(mixtures_NxD, name: str = "mixtures_NxD", num_domains: int | None = None,
+                   atol: float = 1e-3) -> np.ndarray:
+  """``mixtures_NxD`` as a float64 ``(N, D)`` array of mixtures (host side:
+  the offline fits of RegMix and the mixing law).
+
+  Raises:
+    ValueError: a wrong shape, another number of domains than
+      ``num_domains``, NaN/inf, or a row that is not on the simplex (within
+      ``atol``).
+  """
+  x = np.asarray(mixtures_NxD, np.float64)
+  if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 2:
+    raise ValueError(f"{name} must have shape (N, D) with N >= 1, D >= 2, got {x.shape}")
+  if num_domains is not None and x.shape[1] != num_domains:
+    raise ValueError(f"{name} has {x.shape[1]} domains, expected {num_domains}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{name} contains NaN or inf")
+  if np.any(x < -1e-9) or np.any(np.abs(x.sum(axis=1) - 1.0) > atol):
+    raise ValueError(f"every row of {name} must be a mixture (>= 0, sums to 1 within {atol})")
+  return x

@@ -33,6 +33,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import optimize
 
+from dograph_jax.mixing.base import check_mixtures
+
 # mix_5_domains.ipynb fits the per-domain laws with Huber delta 0.05 (law.py's
 # default is 0.01, the two-domain notebooks use 0.02).
 HUBER_DELTA = 0.05
@@ -50,20 +52,6 @@ class MixingLawParams(NamedTuple):
   c: np.ndarray  # (M,) float64, irreducible loss of validation domain i (> 0)
   k: np.ndarray  # (M,) float64, scale of the reducible part (> 0)
   t: np.ndarray  # (M, D) float64, t[i, j]: effect of proportion r_j on log(L_i - c_i)
-
-
-def _check_mixtures(mixtures_NxD, num_domains: int | None = None,
-                    atol: float = 1e-3) -> np.ndarray:
-  x = np.asarray(mixtures_NxD, np.float64)
-  if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 2:
-    raise ValueError(f"mixtures_NxD must have shape (N, D) with N >= 1, D >= 2, got {x.shape}")
-  if num_domains is not None and x.shape[1] != num_domains:
-    raise ValueError(f"mixtures_NxD has {x.shape[1]} domains, the law has {num_domains}")
-  if not np.all(np.isfinite(x)):
-    raise ValueError("mixtures_NxD contains NaN or inf")
-  if np.any(x < -1e-9) or np.any(np.abs(x.sum(axis=1) - 1.0) > atol):
-    raise ValueError(f"every row of mixtures_NxD must be a mixture (>= 0, sums to 1 within {atol})")
-  return x
 
 
 def _check_params(params: MixingLawParams) -> MixingLawParams:
@@ -87,7 +75,7 @@ def predict_losses(params: MixingLawParams, mixtures_NxD) -> np.ndarray:
     ``(N, M)`` float64, ``c + k * exp(mixtures @ t.T)``.
   """
   c, k, t = _check_params(params)
-  x = _check_mixtures(mixtures_NxD, num_domains=t.shape[1])
+  x = check_mixtures(mixtures_NxD, num_domains=t.shape[1])
   return c[None, :] + k[None, :] * np.exp(x @ t.T)
 
 
@@ -199,7 +187,7 @@ def fit_mixing_law(mixtures_NxD, losses_NxM, *, restarts: int = RESTARTS, seed: 
       ``D + 1`` runs (the law has ``D + 1`` identifiable parameters per
       domain, so fewer runs leave it undetermined).
   """
-  x = _check_mixtures(mixtures_NxD)
+  x = check_mixtures(mixtures_NxD)
   n, d = x.shape
   y = np.asarray(losses_NxM, np.float64)
   if y.ndim == 1:

@@ -38,6 +38,8 @@ from typing import Any, Callable
 import numpy as np
 import threadpoolctl
 
+from dograph_jax.mixing.base import check_mixtures
+
 # Reference defaults (sail-sg/regmix, mixture_config/synthesize_mixture.py).
 TEMPERATURE = 0.5        # the proposal is centred on prior**0.5 (renormalised)
 MIN_STRENGTH = 0.1       # smallest Dirichlet concentration scale
@@ -87,20 +89,6 @@ def _check_prior(prior_D) -> np.ndarray:
     # A zero prior gives a zero Dirichlet concentration (undefined).
     raise ValueError(f"prior_D must be finite and > 0, got {prior_D}")
   return prior_D / prior_D.sum()
-
-
-def _check_mixtures(mixtures_NxD, name: str = "mixtures_NxD", num_domains: int | None = None,
-                    atol: float = 1e-3) -> np.ndarray:
-  x = np.asarray(mixtures_NxD, np.float64)
-  if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 2:
-    raise ValueError(f"{name} must have shape (N, D) with N >= 1, D >= 2, got {x.shape}")
-  if num_domains is not None and x.shape[1] != num_domains:
-    raise ValueError(f"{name} has {x.shape[1]} domains, expected {num_domains}")
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name} contains NaN or inf")
-  if np.any(x < -1e-9) or np.any(np.abs(x.sum(axis=1) - 1.0) > atol):
-    raise ValueError(f"every row of {name} must be a mixture (>= 0, sums to 1 within {atol})")
-  return x
 
 
 def _check_losses(losses_N, n: int) -> np.ndarray:
@@ -294,7 +282,7 @@ class RegressionPredictor:
 
   def predict(self, mixtures_NxD) -> np.ndarray:
     """``(N,)`` predicted losses of ``mixtures_NxD (N, D)``."""
-    x = _check_mixtures(mixtures_NxD, num_domains=self.num_domains)
+    x = check_mixtures(mixtures_NxD, num_domains=self.num_domains)
     with threadpoolctl.threadpool_limits(limits=self.num_threads, user_api="openmp"):
       return np.asarray(self.model.predict(x), np.float64)
 
@@ -341,7 +329,7 @@ def fit_regression(mixtures_NxD, losses_N, *, model: str = "linear",
   Returns:
     A :class:`RegressionPredictor`; ``predictor.predict(mixtures) -> (N,)``.
   """
-  x = _check_mixtures(mixtures_NxD)
+  x = check_mixtures(mixtures_NxD)
   n, d = x.shape
   y = _check_losses(losses_N, n)
   if n < 2:
@@ -358,7 +346,7 @@ def fit_regression(mixtures_NxD, losses_N, *, model: str = "linear",
   settings = dict(GBM_DEFAULTS, min_samples_leaf=min(20, max(2, n // 10)), random_state=seed)
   fit_kwargs = {}
   if eval_set is not None:
-    x_val = _check_mixtures(eval_set[0], "eval_set mixtures", num_domains=d)
+    x_val = check_mixtures(eval_set[0], "eval_set mixtures", num_domains=d)
     y_val = _check_losses(eval_set[1], x_val.shape[0])
     if "X_val" not in inspect.signature(HistGradientBoostingRegressor.fit).parameters:
       raise ValueError("eval_set needs scikit-learn >= 1.7 (fit(..., X_val, y_val))")
