@@ -4,28 +4,36 @@ The public surface (optax-style facade over one-concern modules):
 
 * :func:`per_sample_grads`, :func:`per_sample_loss_and_grads` — ``g_i``;
 * :func:`sketch` — random projections ``z_i = R g_i``;
-* :func:`kmeans` — jit-stable Lloyd's K-means;
+* :func:`kmeans` — jit-stable Lloyd's K-means; :func:`streaming_kmeans_update`
+  — persistent centroids refined by every batch (mini-batch K-means);
 * :func:`domain_stats` — per-domain statistics and the similarity graph;
+  :func:`running_domain_stats` — the same from decayed sums over steps;
 * :func:`solve_weights` — one weight per domain on the simplex;
 * :func:`dograph_transform` — all of it as an optax transformation;
-* :func:`sample_coefficients` — ``a_i`` for the weighted-loss form;
+* :func:`sample_coefficients`, :func:`frequency_coefficients` — ``a_i`` for
+  the weighted-loss form (per-batch and persistent domains);
 * :func:`factored_grads` — sketches and update in one pass (the fast path).
 """
 
-from dograph_jax.domains import DomainStats, domain_stats
+from dograph_jax.clustering import (KMeansResult, StreamingKMeans, kmeans,
+                                    streaming_kmeans_update)
+from dograph_jax.domains import (DomainStats, RunningSums, domain_stats, running_domain_stats,
+                                 update_running_sums)
 from dograph_jax.factored import FactoredGrads, factored_grads
-from dograph_jax.clustering import KMeansResult, kmeans
 from dograph_jax.objectives import OBJECTIVES, solve_weights
 from dograph_jax.per_sample import per_sample_grads, per_sample_loss_and_grads
 from dograph_jax.projection import sketch
-from dograph_jax.transform import (STATIC_ARGS, DoGraphState, dograph_transform,
-                                   projection_key, sample_coefficients)
+from dograph_jax.transform import (STATIC_ARGS, DoGraphState, anchored_weights,
+                                   dograph_transform, frequency_coefficients, projection_key,
+                                   sample_coefficients)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DoGraphState", "DomainStats", "FactoredGrads", "KMeansResult", "OBJECTIVES", "STATIC_ARGS",
-    "domain_stats", "dograph_transform", "factored_grads", "kmeans", "per_sample_grads",
-    "per_sample_loss_and_grads", "projection_key", "sample_coefficients", "sketch",
-    "solve_weights",
+    "DoGraphState", "DomainStats", "FactoredGrads", "KMeansResult", "OBJECTIVES", "RunningSums",
+    "STATIC_ARGS", "StreamingKMeans", "anchored_weights", "domain_stats", "dograph_transform",
+    "factored_grads", "frequency_coefficients", "kmeans", "per_sample_grads",
+    "per_sample_loss_and_grads", "projection_key", "running_domain_stats",
+    "sample_coefficients", "sketch", "solve_weights", "streaming_kmeans_update",
+    "update_running_sums",
 ]

@@ -169,3 +169,97 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
                    * mask[:, None], 0)
   inertia = jnp.sum(jnp.where(mask, nearest, 0.0))
   return KMeansResult(c, assignments, counts.astype(jnp.int32), inertia)
+
+
+def assign(x_BxK: jax.Array, centroids_MxK: jax.Array,
+           distance: Distance = "euclidean") -> tuple[jax.Array, jax.Array]:
+  """Nearest centroid of every row: ``(assignments (B,) int32, distance (B,))``.
+
+  With ``distance="cosine"`` rows and centroids are normalised first and the
+  distance is ``1 - cos``.
+  """
+  x = x_BxK.astype(jnp.float32)
+  c = centroids_MxK.astype(jnp.float32)
+  if distance == "cosine":
+    x, c = _normalize(x), _normalize(c)
+  return _assign(x, c, distance)
+
+
+class StreamingKMeans(NamedTuple):
+  """Persistent centroids refined by every batch (:func:`streaming_kmeans_update`)."""
+  centroids: jax.Array  # (M, K) float32 (unit rows for cosine)
+  mass: jax.Array       # (M,) float32, decayed count of the samples each absorbed
+  reseeded: jax.Array   # (M,) bool, re-seeded by the last update
+
+
+def streaming_kmeans_update(state: StreamingKMeans, x_BxK: jax.Array,
+                            assignments_B: jax.Array, nearest_B: jax.Array, *,
+                            decay=1.0, reseed_fraction=0.0,
+                            distance: Distance = "euclidean",
+                            sample_mask: jax.Array | None = None) -> StreamingKMeans:
+  """One mini-batch K-means step with a forgetting factor.
+
+  Mini-batch K-means (Sculley, "Web-scale k-means clustering", WWW 2010, in
+  the per-batch form of scikit-learn's ``MiniBatchKMeans``) with the old
+  masses discounted by ``decay`` first, so that the centroids follow the
+  sketches of a model that keeps changing::
+
+      m_j <- decay * m_j;   c_j <- (m_j c_j + sum_{i in C_j} x_i) / (m_j + n_j);
+      m_j <- m_j + n_j
+
+  ``c_j`` is then the exponentially weighted mean of the rows the cluster
+  absorbed (``decay = 1``: scikit-learn's ``partial_fit`` exactly, which the
+  tests check). For ``"cosine"`` the rows are normalised and each centroid is
+  renormalised after the step (online spherical K-means).
+
+  Re-seeding (dead clusters): after the step, a cluster whose mass is below
+  ``reseed_fraction * mean_j m_j`` is moved to an unmasked row of this batch
+  that is far from its own centroid (the ``r``-th dead cluster takes the
+  ``r``-th farthest row) and given the smallest mass among the live clusters,
+  as scikit-learn does when it reassigns, so that it can compete on the next
+  batch rather than being re-seeded again at once. ``reseed_fraction = 0``
+  never re-seeds.
+
+  Args:
+    state: the centroids and masses before this batch.
+    x_BxK: ``(B, K)`` rows of this batch.
+    assignments_B, nearest_B: :func:`assign` of ``x_BxK`` to ``state.centroids``.
+    decay: forgetting factor in ``(0, 1]`` (may be traced).
+    reseed_fraction: dead-cluster threshold (may be traced).
+    distance: ``"euclidean"`` or ``"cosine"``.
+    sample_mask: ``(B,)`` bool; ``False`` rows take no part.
+
+  Returns:
+    The new :class:`StreamingKMeans`.
+  """
+  m = state.centroids.shape[0]
+  x = x_BxK.astype(jnp.float32)
+  if distance == "cosine":
+    x = _normalize(x)
+  mask = (jnp.ones(x.shape[0], bool) if sample_mask is None
+          else jnp.asarray(sample_mask, bool))
+  x = jnp.where(mask[:, None], x, 0.0)
+  onehot_BxM = jax.nn.one_hot(assignments_B, m, dtype=jnp.float32) * mask[:, None]
+  n_M = jnp.sum(onehot_BxM, 0)
+  old_M = decay * state.mass
+  sums_MxK = jnp.dot(onehot_BxM.T, x, precision=_HI)
+  mass_M = old_M + n_M
+  c = jnp.where(n_M[:, None] > 0,
+                (old_M[:, None] * state.centroids + sums_MxK)
+                / jnp.where(mass_M > 0, mass_M, 1.0)[:, None],
+                state.centroids)
+  if distance == "cosine":
+    c = _normalize(c)
+  # Dead clusters: re-seed at the farthest rows of this batch.
+  mean_mass = jnp.sum(mass_M) / m
+  dead_M = mass_M < reseed_fraction * mean_mass
+  far_d = jnp.where(mask, nearest_B, -1.0)
+  _, far_idx = jax.lax.top_k(far_d, min(m, x.shape[0]))
+  rank_M = jnp.cumsum(dead_M) - 1
+  cand_M = far_idx[jnp.clip(rank_M, 0, far_idx.shape[0] - 1)]
+  dead_M = dead_M & (rank_M < far_idx.shape[0]) & (far_d[cand_M] > 0)
+  live_min = jnp.min(jnp.where(dead_M, jnp.inf, mass_M))
+  live_min = jnp.where(jnp.isfinite(live_min), live_min, 1.0)
+  c = jnp.where(dead_M[:, None], x[cand_M], c)
+  mass_M = jnp.where(dead_M, live_min, mass_M)
+  return StreamingKMeans(c, mass_M, dead_M)

@@ -102,3 +102,89 @@ def domain_stats(z: jax.Array, assignments: jax.Array, num_domains: int,
   pooled = jnp.where(dof > 0, jnp.sum(ss_M) / jnp.maximum(dof, 1.0), 0.0)
   return DomainStats(counts_M, means_MxK, variances_M, losses_M, gram_MxM,
                      adjacency, laplacian, batch_mean, pooled)
+
+
+class RunningSums(NamedTuple):
+  """Decayed sums over recent steps of each persistent domain's samples.
+
+  With forgetting factor ``gamma`` and step ``t``'s samples ``C_j^t``:
+  ``mass_j = sum_t gamma^(T-t) |C_j^t|`` and likewise for the sketches, the
+  losses and the squared residuals (each residual taken against the running
+  mean after its own step, which avoids the cancellation of
+  ``E||z||^2 - ||E z||^2``).
+  """
+  mass: jax.Array      # (M,) float32
+  sum_z: jax.Array     # (M, K) float32
+  sum_sq: jax.Array    # (M,) float32
+  sum_loss: jax.Array  # (M,) float32
+
+
+def zero_running_sums(num_domains: int, dim: int) -> RunningSums:
+  return RunningSums(jnp.zeros((num_domains,), jnp.float32),
+                     jnp.zeros((num_domains, dim), jnp.float32),
+                     jnp.zeros((num_domains,), jnp.float32),
+                     jnp.zeros((num_domains,), jnp.float32))
+
+
+def update_running_sums(sums: RunningSums, z: jax.Array, assignments: jax.Array,
+                        losses: jax.Array | None = None, *, decay=1.0,
+                        sample_mask: jax.Array | None = None) -> RunningSums:
+  """Discount ``sums`` by ``decay`` and add this batch.
+
+  Args:
+    sums: the sums before this batch.
+    z: ``(B, K)`` sketches; assignments: ``(B,)`` int domains.
+    losses: optional ``(B,)`` per-sample losses.
+    decay: forgetting factor in ``(0, 1]`` (may be traced).
+    sample_mask: optional ``(B,)`` bool; ``False`` samples are ignored.
+  """
+  m = sums.mass.shape[0]
+  b = z.shape[0]
+  mask = (jnp.ones((b,), bool) if sample_mask is None
+          else jnp.asarray(sample_mask, bool))
+  z = jnp.where(mask[:, None], z.astype(jnp.float32), 0.0)
+  onehot_BxM = jax.nn.one_hot(assignments, m, dtype=jnp.float32) * mask[:, None]
+  mass = decay * sums.mass + jnp.sum(onehot_BxM, 0)
+  sum_z = decay * sums.sum_z + jnp.dot(onehot_BxM.T, z, precision=_HI)
+  means = sum_z / jnp.where(mass > 0, mass, 1.0)[:, None]
+  resid_B = jnp.sum((z - jnp.dot(onehot_BxM, means, precision=_HI))**2, -1)
+  sum_sq = decay * sums.sum_sq + jnp.dot(onehot_BxM.T, jnp.where(mask, resid_B, 0.0),
+                                         precision=_HI)
+  if losses is None:
+    sum_loss = decay * sums.sum_loss
+  else:
+    l_B = jnp.where(mask, jnp.asarray(losses, jnp.float32), 0.0)
+    sum_loss = decay * sums.sum_loss + jnp.dot(onehot_BxM.T, l_B, precision=_HI)
+  return RunningSums(mass, sum_z, sum_sq, sum_loss)
+
+
+def running_domain_stats(sums: RunningSums) -> DomainStats:
+  """:class:`DomainStats` of the persistent domains from their decayed sums.
+
+  ``counts`` are the decayed masses (so ``counts / sum(counts)`` is the
+  running frequency ``p_j``), ``means = sum_z / mass``, ``variances =
+  sum_sq / mass``, ``losses = sum_loss / mass``; the Gram matrix, cosine graph
+  and Laplacian are those of the running means, exactly as in
+  :func:`domain_stats`; ``batch_mean`` is the running mean over all domains
+  (the sketch of the natural-mixture gradient) and ``pooled_variance`` is
+  ``sum_j sum_sq_j / (sum_j mass_j - #present)``.
+  """
+  m = sums.mass.shape[0]
+  mass = sums.mass
+  present = mass > 0
+  safe = jnp.where(present, mass, 1.0)
+  means = jnp.where(present[:, None], sums.sum_z / safe[:, None], 0.0)
+  variances = jnp.where(present, sums.sum_sq / safe, 0.0)
+  losses = jnp.where(present, sums.sum_loss / safe, 0.0)
+  gram = jnp.dot(means, means.T, precision=_HI)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+  denom = norms[:, None] * norms[None, :]
+  cos = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)
+  adjacency = jnp.maximum(cos, 0.0) * (1.0 - jnp.eye(m))
+  laplacian = jnp.diag(jnp.sum(adjacency, 1)) - adjacency
+  total = jnp.sum(mass)
+  batch_mean = jnp.sum(sums.sum_z, 0) / jnp.maximum(total, 1e-30)
+  dof = total - jnp.sum(present)
+  pooled = jnp.where(dof > 0, jnp.sum(sums.sum_sq) / jnp.maximum(dof, 1e-30), 0.0)
+  return DomainStats(mass, means, variances, losses, gram, adjacency, laplacian,
+                     batch_mean, pooled)

@@ -54,11 +54,14 @@ _HI = jax.lax.Precision.HIGHEST
 _TINY = 1e-30  # squared norms below this count as zero vectors
 
 
-def _uniform(mask_M):
+def uniform_on(mask_M):
   """Uniform on the present domains; uniform on all if none is present."""
   n = jnp.sum(mask_M)
   return jnp.where(n > 0, jnp.where(mask_M, 1.0, 0.0) / jnp.maximum(n, 1),
                    1.0 / mask_M.shape[0])
+
+
+_uniform = uniform_on
 
 
 def _masked_softmax(logits_M, mask_M):

@@ -48,16 +48,18 @@ import jax.numpy as jnp
 import optax
 
 from dograph_jax import objectives
-from dograph_jax.domains import domain_stats
+from dograph_jax.clustering import (StreamingKMeans, assign, kmeans, kmeans_plusplus,
+                                    streaming_kmeans_update)
+from dograph_jax.domains import (RunningSums, domain_stats, running_domain_stats,
+                                 update_running_sums, zero_running_sums)
 from dograph_jax.factored import FactoredGrads
-from dograph_jax.clustering import kmeans, kmeans_plusplus
 from dograph_jax.projection import DEFAULT_BLOCK_BUDGET, sketch
 
 PyTree = Any
 
 # Arguments of `dograph_transform` that fix shapes or Python control flow:
 # pass them as `static_args` to `optax.inject_hyperparams`.
-STATIC_ARGS = ("num_domains", "sketch_dim", "objective", "seed", "sketch_kind",
+STATIC_ARGS = ("num_domains", "sketch_dim", "objective", "domains", "seed", "sketch_kind",
                "kmeans_iters", "distance", "warm_start", "buffer_size",
                "batch_size", "solver_steps", "solver_backend", "block_budget")
 
@@ -77,6 +79,11 @@ class DoGraphState(NamedTuple):
   coefficients: jax.Array | None  # (B,) float32, last a_i; None if batch_size is None
   nonfinite: jax.Array        # () int32, samples dropped in the last update
   nonfinite_total: jax.Array  # () int32, samples dropped since init
+  # Persistent domains only (None with domains="batch"):
+  mass: jax.Array | None = None         # (M,) float32, centroids' decayed sample mass
+  sums: RunningSums | None = None       # decayed per-domain sums (running statistics)
+  frequencies: jax.Array | None = None  # (M,) float32, last running frequencies p_j
+  reseeded: jax.Array | None = None     # () int32, clusters re-seeded since init
 
 
 def projection_key(seed: int) -> jax.Array:
@@ -112,6 +119,58 @@ def sample_coefficients(weights: jax.Array, assignments: jax.Array,
   if sample_mask is not None:
     a = jnp.where(sample_mask, a, 0.0)
   return a.astype(jnp.float32)
+
+
+def anchored_weights(optimum: jax.Array, frequencies: jax.Array, anchor) -> jax.Array:
+  """``w_j ∝ p_j^(1 - anchor) * w*_j^anchor`` over the domains with ``p_j > 0``.
+
+  A geometric path from the natural mixture ``p`` (``anchor = 0``: DoGraph
+  reduces to the plain batch mean) to the objective's optimum ``w*``
+  (``anchor = 1``); ``anchor`` may be traced. Returns ``(M,)`` float32 on
+  the simplex (``p`` itself if the result is not finite).
+  """
+  present = frequencies > 0
+  log_p = jnp.log(jnp.where(present, frequencies, 1.0))
+  log_w = jnp.log(jnp.maximum(optimum, 1e-30))
+  logits = jnp.where(present, (1.0 - anchor) * log_p + anchor * log_w, -jnp.inf)
+  w = jax.nn.softmax(jnp.where(jnp.any(present), logits, 0.0))
+  w = jnp.where(present | ~jnp.any(present), w, 0.0)
+  return jnp.where(jnp.all(jnp.isfinite(w)), w, frequencies).astype(jnp.float32)
+
+
+def frequency_coefficients(weights: jax.Array, frequencies: jax.Array,
+                           assignments: jax.Array, sample_mask: jax.Array | None = None,
+                           max_ratio=jnp.inf) -> jax.Array:
+  """Frequency-relative per-sample coefficients (persistent domains).
+
+  ``r_j = min(w_j / p_j, max_ratio)`` is how far domain ``j``'s weight departs
+  from its running frequency ``p_j``; ``a_i = r_{c(i)} / sum_k r_{c(k)}``
+  (self-normalised over the kept samples, so ``sum_i a_i = 1``). With ``w =
+  p`` every ``a_i = 1 / B``: the plain batch mean. ``max_ratio`` caps how much
+  one domain's samples can be up-weighted relative to the natural mixture
+  (before the normalisation; it may be traced). With in-batch frequencies
+  ``p_j = n_j / B`` and no cap this is :func:`sample_coefficients`.
+
+  Args:
+    weights: ``(M,)`` domain weights; frequencies: ``(M,)`` running ``p``
+      (summing to 1); assignments: ``(B,)`` int; sample_mask: optional
+      ``(B,)`` bool (``False``: ``a_i = 0``).
+
+  Returns:
+    ``(B,)`` float32 coefficients summing to 1 (uniform over the kept samples
+    if every ratio is 0; all 0 if no sample is kept).
+  """
+  freq = jnp.asarray(frequencies, jnp.float32)
+  ratio = jnp.where(freq > 0, weights / jnp.where(freq > 0, freq, 1.0), 0.0)
+  ratio = jnp.minimum(ratio, max_ratio)
+  mask = (jnp.ones(assignments.shape, bool) if sample_mask is None
+          else jnp.asarray(sample_mask, bool))
+  r_B = jnp.where(mask, ratio[assignments], 0.0)
+  total = jnp.sum(r_B)
+  kept = jnp.sum(mask.astype(jnp.float32))
+  fallback = jnp.where(mask, 1.0, 0.0) / jnp.maximum(kept, 1.0)
+  return jnp.where(total > 0, r_B / jnp.where(total > 0, total, 1.0),
+                   fallback).astype(jnp.float32)
 
 
 def _finite_mask(grads: PyTree, losses: jax.Array | None) -> jax.Array:
@@ -172,13 +231,18 @@ def dograph_transform(
     sketch_dim: int = 256,
     objective: str = "uncertainty",
     *,
+    domains: str = "persistent",
     seed: int = 0,
     sketch_kind: str = "gaussian",
     kmeans_iters: int = 10,
-    distance: str = "euclidean",
+    distance: str = "cosine",
     warm_start: bool = True,
     buffer_size: int = 0,
     batch_size: int | None = None,
+    decay: float = 0.9,
+    anchor: float = 1.0,
+    max_ratio: float = 4.0,
+    reseed_fraction: float = 0.05,
     ema: float = 0.0,
     weight_floor: float = 0.0,
     lambda_graph: float = 0.0,
@@ -192,6 +256,26 @@ def dograph_transform(
 ) -> optax.GradientTransformationExtraArgs:
   """DoGraph: reduce per-sample gradients to a domain-weighted update.
 
+  Two ways to form the model-centric domains (``docs/method.md``):
+
+  * ``domains="persistent"`` (default): ``M`` centroids persist across steps
+    and are refined by every batch (mini-batch K-means with forgetting factor
+    ``decay``, :func:`~dograph_jax.clustering.streaming_kmeans_update`; the
+    first batch is clustered by k-means++ and Lloyd); each sample joins its
+    nearest centroid. The objective reads running statistics (decayed sums
+    over recent steps, :func:`~dograph_jax.domains.running_domain_stats`),
+    its optimum ``w*`` is anchored to the running frequencies ``p``
+    (:func:`anchored_weights`) and the update uses frequency-relative
+    coefficients ``a_i ∝ min(w_{c(i)} / p_{c(i)}, max_ratio)``
+    (:func:`frequency_coefficients`): with ``w = p`` it is the plain batch
+    mean, so DoGraph departs from the natural mixture only as far as its
+    weights depart from the domains' frequencies.
+  * ``domains="batch"``: the paper's Appendix A.3 taken literally: K-means of
+    each mini-batch (warm-started, optionally over a rolling ``buffer_size``
+    buffer), statistics of this batch, ``a_i = w_{c(i)} / |C_{c(i)}|``
+    (:func:`sample_coefficients`). With ``distance="euclidean"`` this is the
+    behaviour of the project's first versions.
+
   Args:
     num_domains: ``M``, number of model-centric domains (paper: 11).
     sketch_dim: ``K``, dimension of the gradient sketches. The default, 256,
@@ -200,20 +284,33 @@ def dograph_transform(
       (``benchmarks/sketch_distortion.py``).
     objective: ``"uncertainty"`` (default), ``"variance"``, ``"robust"``
       (needs ``losses``) or ``"alignment"``; see :mod:`dograph_jax.objectives`.
+    domains: ``"persistent"`` or ``"batch"`` (above).
     seed: fixes the projection ``R`` (for the whole run) and the seeding keys.
     sketch_kind: ``"gaussian"`` or ``"kronecker"`` (:func:`~dograph_jax.projection.sketch`).
-    kmeans_iters: Lloyd iterations per step.
-    distance: ``"euclidean"`` or ``"cosine"`` K-means.
-    warm_start: start Lloyd from the previous step's centroids (after the
-      first step), which also keeps domain ``j`` the same domain across steps
-      and so makes the EMA meaningful.
-    buffer_size: ``S``; if > 0, cluster on this batch plus the ``S`` most
-      recent sketches of earlier batches (more samples per cluster when ``B``
-      is small); statistics and the update use this batch only.
+    kmeans_iters: Lloyd iterations (per step in batch mode; on the first
+      batch in persistent mode).
+    distance: ``"cosine"`` (spherical K-means on the sketch directions, the
+      default) or ``"euclidean"``.
+    warm_start: batch mode: start Lloyd from the previous step's centroids
+      (after the first step), which also keeps domain ``j`` the same domain
+      across steps and so makes the EMA meaningful.
+    buffer_size: batch mode: ``S``; if > 0, cluster on this batch plus the
+      ``S`` most recent sketches of earlier batches; statistics and the
+      update use this batch only.
     batch_size: ``B``; if given, ``state.assignments`` and
       ``state.coefficients`` hold the last step's per-sample values (their
       shape must be known at ``init``; otherwise they are None) and
       ``update`` checks ``B``.
+    decay: persistent mode: forgetting factor of the centroid masses and the
+      running statistics, in ``(0, 1]`` (an effective window of about ``1 /
+      (1 - decay)`` steps).
+    anchor: persistent mode: ``0`` keeps the natural mixture, ``1`` applies
+      the objective's optimum; in between, the geometric interpolation.
+    max_ratio: persistent mode: cap on ``w_j / p_j``, the up-weighting of a
+      domain relative to its frequency.
+    reseed_fraction: persistent mode: a centroid whose mass falls below this
+      fraction of the mean mass is re-seeded (dead-cluster policy of
+      :func:`~dograph_jax.clustering.streaming_kmeans_update`).
     ema: weight of the previous smoothed weights (0 = no smoothing).
     weight_floor: minimum weight of every domain present in the batch
       (clipped to ``1 / present``).
@@ -228,14 +325,15 @@ def dograph_transform(
     params=None, *, losses=None)`` takes per-sample gradients (every leaf
     ``(B, *param.shape)``) and optional per-sample ``losses (B,)``, and
     returns a pytree shaped like ``params``. Hyperparameters that do not
-    change shapes (``ema``, ``weight_floor``, ``lambda_*``, ``temperature``,
-    ``eps``) may be traced: wrap with ``optax.inject_hyperparams(
-    dograph_transform, static_args=STATIC_ARGS)`` to change them without
-    recompiling.
+    change shapes (``decay``, ``anchor``, ``max_ratio``, ``reseed_fraction``,
+    ``ema``, ``weight_floor``, ``lambda_*``, ``temperature``, ``eps``) may be
+    traced: wrap with ``optax.inject_hyperparams(dograph_transform,
+    static_args=STATIC_ARGS)`` to change them without recompiling.
 
   References:
-    DESIGN.md §1–4; "Rethinking Data Mixing from the Perspective of Large
-    Language Models" (arXiv 2604.07963), Algorithm 1 and Appendix A.6.
+    ``docs/method.md``; "Rethinking Data Mixing from the Perspective of Large
+    Language Models" (arXiv 2604.07963), Algorithm 1 and Appendix A.3/A.6;
+    Sculley, "Web-scale k-means clustering" (WWW 2010).
   """
   if not isinstance(num_domains, int) or num_domains < 1:
     raise ValueError(f"dograph_transform: num_domains must be an int >= 1, got {num_domains!r}.")
@@ -244,17 +342,36 @@ def dograph_transform(
   if objective not in objectives.OBJECTIVES:
     raise ValueError(f"dograph_transform: unknown objective {objective!r}; "
                      f"choose one of {objectives.OBJECTIVES}.")
+  if domains not in ("persistent", "batch"):
+    raise ValueError(f"dograph_transform: domains must be 'persistent' or 'batch', "
+                     f"got {domains!r}.")
+  if distance not in ("euclidean", "cosine"):
+    raise ValueError(f"dograph_transform: unknown distance {distance!r}.")
   if sketch_kind not in ("gaussian", "kronecker"):
     raise ValueError(f"dograph_transform: unknown sketch_kind {sketch_kind!r}.")
   if buffer_size < 0:
     raise ValueError(f"dograph_transform: buffer_size must be >= 0, got {buffer_size}.")
+  if buffer_size and domains == "persistent":
+    raise ValueError("dograph_transform: buffer_size is an option of domains='batch' "
+                     "(persistent domains already pool every batch through their "
+                     "running sums); use one or the other.")
   if isinstance(ema, (int, float)) and not 0.0 <= ema < 1.0:
     raise ValueError(f"dograph_transform: ema must be in [0, 1), got {ema}.")
+  if isinstance(decay, (int, float)) and not 0.0 < decay <= 1.0:
+    raise ValueError(f"dograph_transform: decay must be in (0, 1], got {decay}.")
+  if isinstance(anchor, (int, float)) and not 0.0 <= anchor <= 1.0:
+    raise ValueError(f"dograph_transform: anchor must be in [0, 1], got {anchor}.")
+  if isinstance(max_ratio, (int, float)) and not max_ratio >= 1.0:
+    raise ValueError(f"dograph_transform: max_ratio must be >= 1, got {max_ratio}.")
+  if isinstance(reseed_fraction, (int, float)) and not 0.0 <= reseed_fraction < 1.0:
+    raise ValueError(f"dograph_transform: reseed_fraction must be in [0, 1), "
+                     f"got {reseed_fraction}.")
   if isinstance(weight_floor, (int, float)) and not 0.0 <= weight_floor <= 1.0 / num_domains:
     raise ValueError(f"dograph_transform: weight_floor must be in [0, 1/num_domains], "
                      f"got {weight_floor}.")
 
   m, k = num_domains, sketch_dim
+  persistent = domains == "persistent"
   base_key = jax.random.PRNGKey(seed)
   proj_key = projection_key(seed)
   # Optional fields are None rather than zero-sized arrays: checkpointers
@@ -276,7 +393,82 @@ def dograph_transform(
         assignments=jnp.zeros((batch_size,), jnp.int32) if has_batch else None,
         coefficients=jnp.zeros((batch_size,), jnp.float32) if has_batch else None,
         nonfinite=jnp.zeros((), jnp.int32),
-        nonfinite_total=jnp.zeros((), jnp.int32))
+        nonfinite_total=jnp.zeros((), jnp.int32),
+        mass=jnp.zeros((m,), jnp.float32) if persistent else None,
+        sums=zero_running_sums(m, k) if persistent else None,
+        frequencies=jnp.zeros((m,), jnp.float32) if persistent else None,
+        reseeded=jnp.zeros((), jnp.int32) if persistent else None)
+
+  def solve(stats):
+    return objectives.solve_weights(
+        stats, objective, lambda_graph=lambda_graph, temperature=temperature,
+        lambda_dir=lambda_dir, lambda_align=lambda_align, eps=eps,
+        num_steps=solver_steps, backend=solver_backend)
+
+  def batch_domains(state, z_BxK, finite_B, losses, seed_key):
+    """Literal mode: cluster this batch; coefficients ``w_j / |C_j|``."""
+    if has_buffer:
+      points = jnp.concatenate([state.buffer, z_BxK], 0)
+      mask = jnp.concatenate([state.buffer_valid, finite_B], 0)
+    else:
+      points, mask = z_BxK, finite_B
+    fresh = kmeans_plusplus(points, m, seed_key, mask)
+    init_c = (jnp.where(state.count > 0, state.centroids, fresh)
+              if warm_start else fresh)
+    clusters = kmeans(points, m, seed_key, iters=kmeans_iters,
+                      init_centroids=init_c, distance=distance,
+                      sample_mask=mask)
+    assign_B = clusters.assignments[buffer_size:]
+    stats = domain_stats(z_BxK, assign_B, m, losses, sample_mask=finite_B)
+    raw = solve(stats)
+    # Huge but finite sketches can overflow the statistics: never NaN weights.
+    raw = jnp.where(jnp.all(jnp.isfinite(raw)), raw, objectives.uniform_on(stats.present))
+    smoothed, applied = _smooth(raw, state.weights, state.count,
+                                stats.counts > 0, ema, weight_floor)
+    a_B = sample_coefficients(applied, assign_B, stats.counts, finite_B)
+    fields = dict(
+        centroids=clusters.centroids,
+        buffer=points[points.shape[0] - buffer_size:] if has_buffer else None,
+        buffer_valid=mask[mask.shape[0] - buffer_size:] if has_buffer else None)
+    return assign_B, stats.counts, raw, smoothed, applied, a_B, fields
+
+  def persistent_domains(state, z_BxK, finite_B, losses, seed_key):
+    """Persistent centroids, running statistics, frequency-relative a_i."""
+    first = state.count == 0
+    # The first batch founds the centroids (k-means++ then Lloyd); later
+    # batches only refine them.
+    start_c = jax.lax.cond(
+        first,
+        lambda: kmeans(z_BxK, m, seed_key, iters=kmeans_iters, distance=distance,
+                       sample_mask=finite_B).centroids,
+        lambda: state.centroids)
+    assign_B, nearest_B = assign(z_BxK, start_c, distance)
+    stream = streaming_kmeans_update(
+        StreamingKMeans(start_c, state.mass, jnp.zeros((m,), bool)), z_BxK,
+        assign_B, nearest_B, decay=decay, reseed_fraction=reseed_fraction,
+        distance=distance, sample_mask=finite_B)
+    sums = update_running_sums(state.sums, z_BxK, assign_B, losses, decay=decay,
+                               sample_mask=finite_B)
+    stats = running_domain_stats(sums)
+    total = jnp.sum(stats.counts)
+    freq = stats.counts / jnp.where(total > 0, total, 1.0)
+    raw = solve(stats)
+    raw = jnp.where(jnp.all(jnp.isfinite(raw)), raw, freq)
+    target = anchored_weights(raw, freq, anchor)
+    smoothed, applied = _smooth(target, state.weights, state.count, freq > 0,
+                                ema, weight_floor)
+    a_B = frequency_coefficients(applied, freq, assign_B, finite_B, max_ratio)
+    counts_B = jnp.sum(jax.nn.one_hot(assign_B, m, dtype=jnp.int32)
+                       * finite_B[:, None], 0)
+    # A re-seeded centroid starts a new domain: its running sums restart at
+    # the next step (this step still used them).
+    fresh = stream.reseeded
+    sums = jax.tree.map(
+        lambda s: jnp.where(fresh.reshape((m,) + (1,) * (s.ndim - 1)), 0.0, s), sums)
+    fields = dict(centroids=stream.centroids, mass=stream.mass, sums=sums,
+                  frequencies=freq.astype(jnp.float32),
+                  reseeded=state.reseeded + jnp.sum(fresh).astype(jnp.int32))
+    return assign_B, counts_B, raw, smoothed, applied, a_B, fields
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
@@ -317,27 +509,9 @@ def dograph_transform(
       losses = jnp.where(finite_B, losses, 0.0)
 
     key, seed_key = jax.random.split(state.key)
-    if has_buffer:
-      points = jnp.concatenate([state.buffer, z_BxK], 0)
-      mask = jnp.concatenate([state.buffer_valid, finite_B], 0)
-    else:
-      points, mask = z_BxK, finite_B
-    fresh = kmeans_plusplus(points, m, seed_key, mask)
-    init_c = (jnp.where(state.count > 0, state.centroids, fresh)
-              if warm_start else fresh)
-    clusters = kmeans(points, m, seed_key, iters=kmeans_iters,
-                      init_centroids=init_c, distance=distance,
-                      sample_mask=mask)
-    assign_B = clusters.assignments[buffer_size:]
-
-    stats = domain_stats(z_BxK, assign_B, m, losses, sample_mask=finite_B)
-    raw = objectives.solve_weights(
-        stats, objective, lambda_graph=lambda_graph, temperature=temperature,
-        lambda_dir=lambda_dir, lambda_align=lambda_align, eps=eps,
-        num_steps=solver_steps, backend=solver_backend)
-    smoothed, applied = _smooth(raw, state.weights, state.count,
-                                stats.counts > 0, ema, weight_floor)
-    a_B = sample_coefficients(applied, assign_B, stats.counts, finite_B)
+    form = persistent_domains if persistent else batch_domains
+    assign_B, counts_M, raw, smoothed, applied, a_B, fields = form(
+        state, z_BxK, finite_B, losses, seed_key)
     if fast:
       # finite_B tells the map which samples to leave out (their stored
       # tensors may hold NaN); it skips that work when every sample is finite.
@@ -356,20 +530,18 @@ def dograph_transform(
           clean)
 
     dropped = jnp.sum(~finite_B).astype(jnp.int32)
-    new_state = DoGraphState(
+    new_state = state._replace(
         count=optax.safe_increment(state.count),
         key=key,
-        centroids=clusters.centroids,
         weights=smoothed.astype(jnp.float32),
-        buffer=points[points.shape[0] - buffer_size:] if has_buffer else None,
-        buffer_valid=mask[mask.shape[0] - buffer_size:] if has_buffer else None,
-        raw_weights=raw,
+        raw_weights=raw.astype(jnp.float32),
         applied_weights=applied.astype(jnp.float32),
-        counts=stats.counts.astype(jnp.int32),
+        counts=counts_M.astype(jnp.int32),
         assignments=assign_B if has_batch else None,
         coefficients=a_B if has_batch else None,
         nonfinite=dropped,
-        nonfinite_total=state.nonfinite_total + dropped)
+        nonfinite_total=state.nonfinite_total + dropped,
+        **fields)
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -207,6 +207,11 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
                            for i, n in enumerate(names) if (domain == i).any()}}
   if "weights" in m:
     record["weights"] = [float(w) for w in m["weights"]]
+  if "frequencies" in m:
+    record["frequencies"] = [float(p) for p in m["frequencies"]]
+  if "coefficients" in m:  # each human domain's share of the update (sum of a_i)
+    a = np.asarray(m["coefficients"])
+    record["update_share"] = {n: float(a[domain == i].sum()) for i, n in enumerate(names)}
   if "assignments" in m:
     assign = np.asarray(m["assignments"])
     record.update(

@@ -273,7 +273,7 @@ def test_state_shardings_follow_params_and_replicate_the_rest():
             "b": jax.ShapeDtypeStruct((128,), np.float32)}
   # A DoGraph buffer (S, K) shaped like the parameter "w" stays replicated:
   # only whole params-like subtrees are sharded.
-  tx = optax.chain(dg.dograph_transform(3, 128, buffer_size=64, batch_size=8),
+  tx = optax.chain(dg.dograph_transform(3, 128, domains="batch", buffer_size=64, batch_size=8),
                    optax.adamw(1e-3))
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), np.int32)}

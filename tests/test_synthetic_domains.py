@@ -32,9 +32,11 @@ from dograph_jax import toy
 B, STEPS = 96, 40
 
 
-def _train(seed):
+def _train(seed, domains="persistent"):
   params = toy.init_params(24)
-  tx = optax.chain(dg.dograph_transform(3, 64, "uncertainty", batch_size=B, seed=seed),
+  extra = {} if domains == "persistent" else {"distance": "euclidean"}
+  tx = optax.chain(dg.dograph_transform(3, 64, "uncertainty", batch_size=B, seed=seed,
+                                        domains=domains, **extra),
                    optax.adam(0.01))
   state = tx.init(params)
 
@@ -55,9 +57,10 @@ def _train(seed):
   return np.asarray(aris), np.asarray(mass)
 
 
+@pytest.mark.parametrize("domains", ["persistent", "batch"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_clusters_match_domains_and_noise_is_downweighted(seed):
-  aris, mass = _train(seed)
+def test_clusters_match_domains_and_noise_is_downweighted(seed, domains):
+  aris, mass = _train(seed, domains)
   assert aris[:10].mean() > 0.8, aris[:10]
   share = mass.mean(0)
   np.testing.assert_allclose(mass.sum(1), 1.0, rtol=1e-5)

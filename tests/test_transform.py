@@ -1,4 +1,7 @@
-"""dograph_transform: the update identity, optax contracts, misuse, degenerate input."""
+"""dograph_transform in the literal per-batch mode (``domains="batch"``,
+Euclidean K-means: the behaviour of the project's first versions): the update
+identity, optax contracts, misuse, degenerate input. The persistent mode has
+its own tests in ``test_persistent.py``."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,10 @@ import pytest
 import dograph_jax as dg
 
 B = 16
+
+
+def _literal(*args, **kwargs):
+  return dg.dograph_transform(*args, **{"domains": "batch", "distance": "euclidean", **kwargs})
 
 
 def _params():
@@ -40,7 +47,7 @@ def test_update_is_weighted_loss_gradient(objective):
   """sum_j w_j mu_j == grad(sum_i a_i l_i) and == the NumPy domain sum."""
   params, batch = _params(), _batch()
   losses, grads = _per_sample(params, batch)
-  tx = dg.dograph_transform(4, 64, objective, batch_size=B, lambda_graph=0.1)
+  tx = _literal(4, 64, objective, batch_size=B, lambda_graph=0.1)
   update, state = jax.jit(lambda g, s, l: tx.update(g, s, params, losses=l))(
       grads, tx.init(params), losses)
   a = state.coefficients
@@ -60,7 +67,7 @@ def test_update_is_weighted_loss_gradient(objective):
 def test_in_a_chain_with_clip_and_adamw():
   params, batch = _params(), _batch()
   losses, grads = _per_sample(params, batch)
-  tx = optax.chain(dg.dograph_transform(4, 32, "robust"),
+  tx = optax.chain(_literal(4, 32, "robust"),
                    optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.01))
   state = tx.init(params)
   updates, state = jax.jit(lambda g, s: tx.update(g, s, params, losses=losses))(grads, state)
@@ -72,7 +79,7 @@ def test_in_a_chain_with_clip_and_adamw():
 
 def test_init_on_shape_dtype_structs():
   params = _params()
-  tx = dg.dograph_transform(4, 32, batch_size=B, buffer_size=8)
+  tx = _literal(4, 32, batch_size=B, buffer_size=8)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   s1, s2 = tx.init(abstract), tx.init(params)
   assert jax.tree.structure(s1) == jax.tree.structure(s2)
@@ -85,7 +92,7 @@ def test_init_on_shape_dtype_structs():
 
 def test_no_recompilation_and_stable_state_under_cond():
   params = _params()
-  tx = dg.dograph_transform(4, 32, batch_size=B, ema=0.5)
+  tx = _literal(4, 32, batch_size=B, ema=0.5)
   traces = []
 
   @jax.jit
@@ -112,7 +119,7 @@ def test_inject_hyperparams_changes_value_without_recompiling():
   losses, grads = _per_sample(params, batch)
   make = optax.inject_hyperparams(dg.dograph_transform, static_args=dg.STATIC_ARGS)
   tx = make(num_domains=4, sketch_dim=32, objective="robust", temperature=1.0,
-            lambda_graph=0.0, batch_size=B)
+            lambda_graph=0.0, batch_size=B, domains="batch", distance="euclidean")
   traces = []
 
   @jax.jit
@@ -129,7 +136,7 @@ def test_inject_hyperparams_changes_value_without_recompiling():
   w1, w2 = s1.inner_state.raw_weights, s2.inner_state.raw_weights
   assert not np.allclose(w1, w2)  # the new temperature took effect
   # ... and it is exactly the transform built with that temperature.
-  ref = dg.dograph_transform(4, 32, "robust", temperature=0.05, batch_size=B)
+  ref = _literal(4, 32, "robust", temperature=0.05, batch_size=B)
   u_ref, s_ref = ref.update(grads, ref.init(params), params, losses=losses)
   np.testing.assert_allclose(w2, s_ref.raw_weights, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u2, u_ref)
@@ -138,7 +145,7 @@ def test_inject_hyperparams_changes_value_without_recompiling():
 def test_misuse_raises_clear_errors():
   params, batch = _params(), _batch()
   losses, grads = _per_sample(params, batch)
-  tx = dg.dograph_transform(4, 32, "robust", batch_size=B)
+  tx = _literal(4, 32, "robust", batch_size=B)
   state = tx.init(params)
   mean_grads = jax.tree.map(lambda g: g.mean(0), grads)
   with pytest.raises(ValueError, match="per-sample gradients"):
@@ -150,13 +157,13 @@ def test_misuse_raises_clear_errors():
   with pytest.raises(ValueError, match="batch_size"):
     tx.update(jax.tree.map(lambda g: g[:8], grads), state, params, losses=losses[:8])
   with pytest.raises(ValueError, match="num_domains"):
-    dg.dograph_transform(0)
+    _literal(0)
   with pytest.raises(ValueError, match="sketch_dim"):
-    dg.dograph_transform(4, 0)
+    _literal(4, 0)
   with pytest.raises(ValueError, match="objective"):
-    dg.dograph_transform(4, 8, "median")
+    _literal(4, 8, "median")
   with pytest.raises(ValueError, match="weight_floor"):
-    dg.dograph_transform(4, 8, weight_floor=0.5)
+    _literal(4, 8, weight_floor=0.5)
 
 
 def _run(tx, grads, params, losses=None):
@@ -171,7 +178,7 @@ def _finite(tree):
 def test_fewer_samples_than_domains(objective):
   params = _params()
   losses, grads = _per_sample(params, _batch(b=3))
-  update, state = _run(dg.dograph_transform(11, 32, objective), grads, params, losses)
+  update, state = _run(_literal(11, 32, objective), grads, params, losses)
   assert _finite(update) and _finite(state)
   np.testing.assert_allclose(np.asarray(state.applied_weights).sum(), 1, rtol=1e-6)
   assert int((state.counts > 0).sum()) <= 3
@@ -183,7 +190,7 @@ def test_duplicate_samples_give_their_gradient(objective):
   x, y = _batch()
   dup = (jnp.repeat(x[:1], B, 0), jnp.repeat(y[:1], B, 0))
   losses, grads = _per_sample(params, dup)
-  update, state = _run(dg.dograph_transform(4, 32, objective), grads, params, losses)
+  update, state = _run(_literal(4, 32, objective), grads, params, losses)
   jax.tree.map(lambda u, g: np.testing.assert_allclose(u, g[0], rtol=1e-5, atol=1e-7),
                update, grads)
 
@@ -192,7 +199,7 @@ def test_duplicate_samples_give_their_gradient(objective):
 def test_all_zero_gradients(objective):
   params = _params()
   grads = jax.tree.map(lambda p: jnp.zeros((B,) + p.shape), params)
-  update, state = _run(dg.dograph_transform(4, 32, objective), grads, params,
+  update, state = _run(_literal(4, 32, objective), grads, params,
                        jnp.ones(B))
   assert _finite(state)
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(update))
@@ -204,7 +211,7 @@ def test_singletons_fall_back_to_the_mean_gradient():
   and the update is the plain mean gradient."""
   params = _params()
   _, grads = _per_sample(params, _batch(b=4))
-  update, state = _run(dg.dograph_transform(4, 32), grads, params)
+  update, state = _run(_literal(4, 32), grads, params)
   np.testing.assert_array_equal(state.counts, [1, 1, 1, 1])
   jax.tree.map(lambda u, g: np.testing.assert_allclose(u, g.mean(0), rtol=1e-5, atol=1e-7),
                update, grads)
@@ -216,7 +223,7 @@ def test_nonfinite_sample_is_dropped_and_counted(objective):
   losses, grads = _per_sample(params, _batch())
   bad = jax.tree.map(lambda g: g.at[3].set(jnp.nan), grads)
   bad_losses = losses.at[5].set(jnp.inf)
-  tx = dg.dograph_transform(4, 32, objective, batch_size=B)
+  tx = _literal(4, 32, objective, batch_size=B)
   update, state = _run(tx, bad, params, bad_losses)
   assert _finite(update) and _finite(state)
   assert int(state.nonfinite) == 2 and int(state.nonfinite_total) == 2
@@ -233,7 +240,7 @@ def test_nonfinite_sample_is_dropped_and_counted(objective):
 
 def test_ema_and_floor():
   params = _params()
-  tx = dg.dograph_transform(4, 32, batch_size=B, ema=0.5, weight_floor=0.1)
+  tx = _literal(4, 32, batch_size=B, ema=0.5, weight_floor=0.1)
   state = tx.init(params)
   step = jax.jit(lambda g, s: tx.update(g, s, params))
   _, g0 = _per_sample(params, _batch(1))
@@ -250,7 +257,7 @@ def test_ema_and_floor():
 
 def test_rolling_buffer():
   params = _params()
-  tx = dg.dograph_transform(3, 16, batch_size=B, buffer_size=24)
+  tx = _literal(3, 16, batch_size=B, buffer_size=24)
   step = jax.jit(lambda g, s: tx.update(g, s, params))
   _, g1 = _per_sample(params, _batch(1))
   _, g2 = _per_sample(params, _batch(2))
@@ -270,7 +277,7 @@ def test_warm_start_keeps_cluster_identity():
   """The same batch twice: Lloyd restarts from its own fixed point, so the
   domains keep their indices and centroids."""
   params = _params()
-  tx = dg.dograph_transform(3, 16, batch_size=B)
+  tx = _literal(3, 16, batch_size=B)
   step = jax.jit(lambda g, s: tx.update(g, s, params))
   _, grads = _per_sample(params, _batch(1))
   _, s1 = step(grads, tx.init(params))
@@ -289,6 +296,6 @@ def test_update_dtype_follows_gradients():
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
   _, grads = _per_sample(_params(), _batch())
   grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
-  update, state = _run(dg.dograph_transform(4, 32), grads, params)
+  update, state = _run(_literal(4, 32), grads, params)
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(update))
   assert state.centroids.dtype == jnp.float32 and state.weights.dtype == jnp.float32

@@ -36,14 +36,19 @@ class TrainConfig:
   probe_rows: int = 8               # aioli: held-out probe rows per domain (taken from each domain's last training rows)
   objective: str = "uncertainty"    # DoGraph objective: uncertainty | variance | robust | alignment
   num_domains: int = 11             # m, model-centric domains (paper: 11)
+  domains: str = "persistent"       # DoGraph domains: persistent (centroids refined across steps, running statistics, frequency-relative a_i) | batch (K-means of each batch, the paper's A.3 literally)
   sketch: str = "factored"          # factored (one pass, no per-sample gradients) | reference (vmap(grad), any loss)
   update: str = "bookkeeping"       # factored path's update: bookkeeping (from stored tensors) | second_backward
   sketch_dim: int = 1024            # K: the Kronecker map needs ~4x the dense dimension for the same distortion (benchmarks/sketch_distortion.py); 256 suits --sketch_kind gaussian
   sketch_kind: str = "kronecker"    # reference path's map: gaussian | kronecker (the factored path is always kronecker)
   kmeans_iters: int = 10            # Lloyd iterations per step
-  distance: str = "euclidean"       # K-means distance: euclidean | cosine (clusters gradient directions, ignores norms)
-  warm_start: bool = True           # warm-start K-means from the previous centroids
-  buffer_size: int = 0              # rolling buffer of recent sketches for clustering (0 = batch only)
+  distance: str = "cosine"          # K-means distance: cosine (clusters gradient directions, ignores norms) | euclidean
+  warm_start: bool = True           # batch domains: warm-start K-means from the previous centroids
+  buffer_size: int = 0              # batch domains: rolling buffer of recent sketches for clustering (0 = batch only)
+  decay: float = 0.9                # persistent domains: forgetting factor of centroids and running statistics
+  anchor: float = 1.0               # persistent domains: 0 = natural mixture, 1 = objective's optimum (geometric path)
+  max_ratio: float = 4.0            # persistent domains: cap on a domain's weight / frequency
+  reseed_fraction: float = 0.05     # persistent domains: re-seed a centroid whose mass is below this fraction of the mean
   ema: float = 0.0                  # EMA of domain weights across steps
   weight_floor: float = 0.0         # minimum weight of a present domain
   lambda_graph: float = 0.0         # graph-Laplacian term, relative to the objective's scale
@@ -91,6 +96,12 @@ class TrainConfig:
       raise ValueError(f"--sketch must be factored or reference, got {self.sketch!r}")
     if self.update not in ("bookkeeping", "second_backward"):
       raise ValueError(f"--update must be bookkeeping or second_backward, got {self.update!r}")
+    if self.domains not in ("persistent", "batch"):
+      raise ValueError(f"--domains must be persistent or batch, got {self.domains!r}")
+    if self.distance not in ("cosine", "euclidean"):
+      raise ValueError(f"--distance must be cosine or euclidean, got {self.distance!r}")
+    if self.method == "dograph" and self.domains == "persistent" and self.buffer_size:
+      raise ValueError("--buffer_size is an option of --domains batch")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
 
