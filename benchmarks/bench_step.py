@@ -10,7 +10,7 @@ on ``make_optimizer``'s chain, state donated):
 * ``reference``: ``--sketch reference``, per-sample gradients (``vmap(grad)``)
   handed to ``dograph_transform`` (Kronecker sketch, K-means, weights, update);
 * ``factored``: ``--sketch factored --update bookkeeping`` (the trainer's
-  default), sketches and update from one forward/backward pass (DESIGN §7);
+  default), sketches and update from one forward/backward pass (docs/method.md §7);
 * ``factored_2bwd``: ``--sketch factored --update second_backward``.
 
 Defaults: on the CPU ``--model mini --batch_size 16 --seq_len 64 --sketch_dim

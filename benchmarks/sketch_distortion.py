@@ -6,11 +6,11 @@ CPU; ``--quick``: the small model only, about a minute; ``--help`` for the
 options).
 
 DoGraph clusters per-sample gradients by their sketches ``z_i = R g_i``
-(DESIGN §2), so what the sketch must keep is the pairwise geometry of the
+(docs/method.md §2), so what the sketch must keep is the pairwise geometry of the
 batch: squared distances (K-means) and cosines (the domain graph). This script
 measures how well it does, for the two maps of :func:`dograph_jax.sketch`:
 ``"gaussian"`` (dense JL map, the reference path) and ``"kronecker"``
-(``P_in^T G P_out`` per layer, the map the factored engine of DESIGN §7
+(``P_in^T G P_out`` per layer, the map the factored engine of docs/method.md §7
 computes), at ``K`` in 64 ... 4096.
 
 Measurement, per model:
@@ -38,7 +38,7 @@ Measurement, per model:
    For each seed, over all pairs ``i < j``, three RMS errors:
 
    * ``dist``: ``||z_i - z_j|| / ||g_i - g_j|| - 1`` (relative error of the
-     distance; the figure DESIGN §7 quotes: dense 0.044 / Kronecker 0.061 at
+     distance; the figure docs/method.md §7 quotes: dense 0.044 / Kronecker 0.061 at
      k = 256, 0.023 / 0.033 at k = 1024; for a dense Gaussian map it is about
      ``sqrt(1 / (2K))``);
    * ``sq-dist``: ``||z_i - z_j||^2 / ||g_i - g_j||^2 - 1`` (relative error of
@@ -85,10 +85,10 @@ error: the transform keeps one projection for a whole run
 It ends with the recommended defaults. Rule: one distortion target for both
 paths, so that switching between them does not change what K-means sees: the
 smallest power of two whose mean RMS distance error is at most 0.05 on every
-model measured (the dense map reaches it at ``K = 256``, DESIGN §7's
+model measured (the dense map reaches it at ``K = 256``, docs/method.md §7's
 reference point). The dense map's cost is ``P * K`` random numbers per step,
 linear in ``K``, so it gets no more than that; the Kronecker map's cost grows
-like ``sqrt(K)`` (DESIGN §7), so its larger dimension is cheap.
+like ``sqrt(K)`` (docs/method.md §7), so its larger dimension is cheap.
 
 Why the Kronecker map needs more: for one layer, ``||P_in^T G P_out||^2 /
 ||G||^2`` has relative variance about ``2 / K`` when ``G`` has a high stable
@@ -105,13 +105,13 @@ its Gram-equivalent. The Kronecker map: 0.095 / 0.062 at ``K = 256``, 0.071 /
 0.054 at 512, 0.040 / 0.041 at 1024 (mini / mini-4x128; 20 seeds: 0.043 /
 0.044); its error falls like ``K^-0.32`` to ``K^-0.41``, not ``K^-0.5``. At
 equal distortion it needs 3.1-4.0x the dense dimension at ``dist = 0.05`` and
-4.5-8x at 0.035 (DESIGN §7's "about 2x" is the low end, and its 0.061 at
+4.5-8x at 0.035 (docs/method.md §7's "about 2x" is the low end, and its 0.061 at
 ``K = 256`` matches ours on the 4-layer model). So:
 
 * reference path (``sketch_kind="gaussian"``): default ``K = 256``;
 * factored path and ``sketch_kind="kronecker"``: default ``K = 1024``, the
   smallest power of two with the dense default's distortion (0.04-0.045),
-  at a cost DESIGN §7 puts at +1.7% of a GPT-2 124M step's FLOPs (vs +0.9%
+  at a cost docs/method.md §7 puts at +1.7% of a GPT-2 124M step's FLOPs (vs +0.9%
   at 256). ``K = 256`` Kronecker distorts like a dense map with ``K`` of only
   about 50-140.
 """
@@ -463,10 +463,10 @@ def summary(results: dict[str, list[Row]]) -> None:
     span = (f"{min(ratios):.1f}" if len(ratios) == 1
             else f"{min(ratios):.1f}-{max(ratios):.1f}")
     print(f"why: at equal distortion the Kronecker map needs {span}x the "
-          f"dense dimension here (DESIGN §7: about 2x), "
+          f"dense dimension here (docs/method.md §7: about 2x), "
           f"more for tighter targets (its error falls slower than K^-1/2:\n"
           f"     between K^-1/4 for low-rank layer gradients and K^-1/2); it "
-          f"costs ~sqrt(K) (DESIGN §7: +0.9% -> +1.7% FLOPs of a GPT-2 124M\n"
+          f"costs ~sqrt(K) (docs/method.md §7: +0.9% -> +1.7% FLOPs of a GPT-2 124M\n"
           f"     step from K=256 to 1024), while the dense map costs P*K random "
           f"numbers per step, so it stays at the smallest K that meets the "
           f"target.")

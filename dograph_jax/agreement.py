@@ -1,6 +1,6 @@
 """Agreement between model-centric domains and human domain labels.
 
-Used for analysis (DESIGN §1, the paper's Figure 1/3): how far do the
+Used for analysis (docs/method.md §1, the paper's Figure 1/3): how far do the
 clusters DoGraph finds coincide with the corpus's own domains? Plain NumPy,
 host-side, on label vectors of any length.
 

@@ -1,6 +1,6 @@
 """Lloyd's K-means with k-means++ seeding, jit-stable (fixed iteration count).
 
-DESIGN §2: the sketches ``z_i`` are clustered into ``M`` model-centric domains.
+docs/method.md §2: the sketches ``z_i`` are clustered into ``M`` model-centric domains.
 
 Empty-cluster policy (the same as scikit-learn's Lloyd): after each assignment
 step, a cluster that received no sample is re-seeded at the sample farthest

@@ -1,4 +1,4 @@
-"""Per-domain statistics of a clustered batch, in sketch space (DESIGN §2).
+"""Per-domain statistics of a clustered batch, in sketch space (docs/method.md §2).
 
 Every quantity the weight objectives use is an inner product of gradients,
 which the random projection keeps in expectation, so all of them are computed

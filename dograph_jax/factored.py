@@ -1,5 +1,5 @@
 """The factored engine: per-sample sketches and the DoGraph update from one
-forward/backward pass, never forming a per-sample gradient (DESIGN §7).
+forward/backward pass, never forming a per-sample gradient (docs/method.md §7).
 
 For a linear layer ``y = x W + b`` applied to the tokens of sample ``i``, the
 per-sample gradient of ``[W; b]`` is ``[X_i, 1]^T D_i`` (``X_i``: the layer's

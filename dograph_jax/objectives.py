@@ -1,4 +1,4 @@
-"""Domain weights on the simplex: the four objectives of DESIGN §3.
+"""Domain weights on the simplex: the four objectives of docs/method.md §3.
 
 ``w`` lives on the simplex over the domains present in the batch (an empty
 domain has no mean gradient, so it gets weight exactly 0); ``u`` is uniform on
@@ -29,7 +29,7 @@ and 1 for ``"robust"`` (losses in nats) and ``"alignment"`` (cosines).
   gradient ascent step of size ``1/lambda_align``, whose fixed points are the
   objective's stationary points. When ``grad h`` is the vector of cosines
   (which it is up to the dependence of ``g(w)`` on ``w``) this moves ``w``
-  toward the domains best aligned with the update, as DESIGN §3 describes.
+  toward the domains best aligned with the update, as docs/method.md §3 describes.
 
 Quadratic programmes go through :mod:`dograph_jax.simplex` (jaxopt's
 ``ProjectedGradient`` + ``projection_simplex``, or the optax fallback).
@@ -180,7 +180,7 @@ def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
                   lambda_graph=0.0, temperature=1.0, lambda_dir=1.0,
                   lambda_align=1.0, eps=1e-6, num_steps: int = 200,
                   backend: simplex.Backend = "auto") -> jax.Array:
-  """One weight per model-centric domain, on the simplex (DESIGN §3).
+  """One weight per model-centric domain, on the simplex (docs/method.md §3).
 
   Args:
     stats: :class:`~dograph_jax.domains.DomainStats` of the batch.

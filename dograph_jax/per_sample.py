@@ -1,6 +1,6 @@
 """Per-sample losses and gradients.
 
-The reference path of DoGraph (DESIGN §2): every sample's gradient ``g_i``,
+The reference path of DoGraph (docs/method.md §2): every sample's gradient ``g_i``,
 stacked along a new leading axis ``B``. It is exact for any ``loss_fn`` and is
 the oracle for the faster, factored path.
 

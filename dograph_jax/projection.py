@@ -1,6 +1,6 @@
 """Random projections ("sketches") of per-sample gradients.
 
-DESIGN §2: ``z_i = R g_i`` with ``R`` a ``k x P`` random matrix whose entries
+docs/method.md §2: ``z_i = R g_i`` with ``R`` a ``k x P`` random matrix whose entries
 have variance ``1/k``, so that ``E ||z_i||^2 = ||g_i||^2`` and, by the
 Johnson–Lindenstrauss lemma, pairwise distances and inner products between
 gradients are kept up to a relative error of order ``1/sqrt(k)``.
@@ -23,7 +23,7 @@ Two kinds of map:
   ``G = [W; b]`` (``(in + 1) x out``), the way the factored engine sees it
   (``[X, 1]^T D``), and is keyed by the kernel; other leaves with fewer than
   two axes (LayerNorm scales and biases) get a dense Gaussian block. It is
-  the map that the factored engine (DESIGN §7) computes from layer inputs
+  the map that the factored engine (docs/method.md §7) computes from layer inputs
   and output-gradients without forming ``G``; here it is applied to
   materialised gradients, as that engine's oracle. It is unbiased too
   (``E[R^T R] = I``) but, its error falling more slowly than ``K^-1/2``,
@@ -148,7 +148,7 @@ def sketch(grads: PyTree, key: jax.Array, dim: int, *,
     key: PRNG key that defines ``R`` (same key, same map).
     dim: sketch dimension ``K``.
     kind: ``"gaussian"`` (dense JL map) or ``"kronecker"`` (factored map of
-      DESIGN §7); see the module docstring.
+      docs/method.md §7); see the module docstring.
     block_budget: most random numbers generated at once by a dense block.
 
   Returns:

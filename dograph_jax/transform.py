@@ -1,6 +1,6 @@
 """``dograph_transform``: DoGraph as an optax gradient transformation.
 
-Each ``update`` turns per-sample gradients into one update (DESIGN §1–4):
+Each ``update`` turns per-sample gradients into one update (docs/method.md §1–4):
 
 1. drop non-finite samples (policy below);
 2. sketch every gradient, ``z_i = R g_i`` (``R`` fixed by ``seed`` for the
@@ -99,7 +99,7 @@ def projection_key(seed: int) -> jax.Array:
 def sample_coefficients(weights: jax.Array, assignments: jax.Array,
                         counts: jax.Array,
                         sample_mask: jax.Array | None = None) -> jax.Array:
-  """Per-sample coefficients ``a_i = w_{c(i)} / |C_{c(i)}|`` (DESIGN §2).
+  """Per-sample coefficients ``a_i = w_{c(i)} / |C_{c(i)}|`` (docs/method.md §2).
 
   ``sum_i a_i g_i = sum_j w_j mu_j``, so a trainer may apply DoGraph's weights
   as the weighted loss ``sum_i a_i l_i`` (``jax.lax.stop_gradient(a)``)

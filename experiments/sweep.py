@@ -5,7 +5,8 @@
 
 Every ``--sweep name=v1,v2,...`` names a traced hyperparameter (``lr``,
 ``weight_decay``, ``temperature``, ``lambda_graph``, ``lambda_dir``,
-``lambda_align``, ``ema``, ``weight_floor``); the grid is their Cartesian
+``lambda_align``, ``ema``, ``weight_floor``, and for persistent domains
+``decay``, ``anchor``, ``max_ratio``, ``reseed_fraction``); the grid is their Cartesian
 product. All other options are those of ``pretrain.py`` and are shared by
 every run. Each run starts from the same initial parameters and data
 position; its hyperparameters are written into the optimizer state

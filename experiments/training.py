@@ -1,7 +1,7 @@
 """The pieces of the pretraining loop: optimizer, train state, train/eval steps.
 
 The optimizer is ``optax.chain([dograph_transform], clip_by_global_norm,
-adamw)`` with a linear warm-up + cosine learning rate (DESIGN §6), wrapped in
+adamw)`` with a linear warm-up + cosine learning rate (docs/method.md §6), wrapped in
 ``optax.inject_hyperparams`` so that every hyperparameter that does not change
 a shape (peak learning rate, weight decay, DoGraph's temperature, lambdas,
 EMA, floor) lives in the optimizer state: changing it (a sweep) reuses the

@@ -186,7 +186,7 @@ def test_param_counts():
   # HF GPT-2 small with tied embeddings.
   assert param_count(get_config("gpt2")) == 124_439_808
   assert _abstract_count(get_config("gpt2")) == 124_439_808
-  # HF GPT-2 medium, and the paper's sizes (DESIGN §6: "210M" and "300M").
+  # HF GPT-2 medium, and the paper's sizes (docs/method.md §6: "210M" and "300M").
   assert param_count(get_config("gpt2-medium")) == 354_823_168
   small, medium = param_count(get_config("paper-small")), param_count(get_config("paper-medium"))
   assert abs(small / 210e6 - 1) < 0.01 and abs(medium / 300e6 - 1) < 0.025

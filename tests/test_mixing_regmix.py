@@ -11,7 +11,7 @@ from scipy import stats
 
 from dograph_jax.mixing import regmix
 
-# SlimPajama byte shares (DESIGN.md section 6): skewed like a real token prior.
+# SlimPajama byte shares (docs/method.md §6): skewed like a real token prior.
 SLIMPAJAMA = np.array([0.541, 0.287, 0.042, 0.037, 0.034, 0.031, 0.028])
 
 

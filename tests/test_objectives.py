@@ -86,7 +86,7 @@ def test_variance_objective(seed, lambda_graph):
   a = np.linalg.norm(s.means, axis=1)
   scale = np.mean(a[present] ** 2)
 
-  def fun(w):  # written from DESIGN §3, independently of variance_qp
+  def fun(w):  # written from docs/method.md §3, independently of variance_qp
     wa = (w * a)[present]
     g = w @ s.means
     return (np.sum((wa - wa.mean()) ** 2) + 1.0 * np.sum((g - s.batch_mean) ** 2)
@@ -140,7 +140,7 @@ def test_alignment_reaches_scipy_optimum(seed, lambda_align, lambda_graph):
   present = s.counts > 0
   u = np.where(present, 1.0 / present.sum(), 0.0)
 
-  def neg(w):  # written from DESIGN §3
+  def neg(w):  # written from docs/method.md §3
     g = w @ s.means
     cos = np.where(present, s.means @ g / (np.linalg.norm(s.means, axis=1) + 1e-30)
                    / (np.linalg.norm(g) + 1e-30), 0)

@@ -10,7 +10,7 @@ be a deterministic function of the parameters and the sample.
 Submodules carry HuggingFace's names (``h.{i}.attn.c_attn``, ``mlp.c_fc``,
 ...), so a checkpoint maps onto them by renaming only (``models/hf.py``), and
 every linear layer is its own ``nnx.Linear`` with a kernel of shape
-``(in, out)``: the layer inputs ``X`` and output-gradients ``D`` of DESIGN §7
+``(in, out)``: the layer inputs ``X`` and output-gradients ``D`` of docs/method.md §7
 are those of named modules.
 
 The boundary to JAX transformations is a pair of pure functions:
@@ -95,10 +95,10 @@ CONFIGS: dict[str, GPT2Config] = {
     # GPT-2 medium, 355M parameters (HF "gpt2-medium").
     "gpt2-medium": GPT2Config(vocab_size=50257, n_positions=1024, n_layer=24,
                               n_head=16, d_model=1024, d_ff=4096),
-    # The DoGraph paper's "GPT-2 Small" (DESIGN §6): deeper and narrower.
+    # The DoGraph paper's "GPT-2 Small" (docs/method.md §6): deeper and narrower.
     "paper-small": GPT2Config(vocab_size=50257, n_positions=512, n_layer=24,
                               n_head=16, d_model=768, d_ff=3072),
-    # The DoGraph paper's "GPT-2 Medium" (DESIGN §6).
+    # The DoGraph paper's "GPT-2 Medium" (docs/method.md §6).
     "paper-medium": GPT2Config(vocab_size=50257, n_positions=512, n_layer=36,
                                n_head=24, d_model=768, d_ff=3072),
 }
@@ -351,7 +351,7 @@ def sequence_loss(graphdef: nnx.GraphDef, params: PyTree,
   """Mean next-token cross-entropy of ONE sequence of ``T + 1`` tokens.
 
   Token ``t + 1`` is predicted from tokens ``<= t`` for ``t < T``, and the
-  ``T`` losses are averaged: the per-sample loss ``l_i`` of DESIGN §2. It
+  ``T`` losses are averaged: the per-sample loss ``l_i`` of docs/method.md §2. It
   takes a single sequence so that per-sample gradients are
   ``jax.vmap(jax.grad(lambda p, x: sequence_loss(graphdef, p, x)),
   in_axes=(None, 0))`` over a ``(B, T + 1)`` token array, as

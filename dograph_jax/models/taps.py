@@ -1,4 +1,4 @@
-"""Layers that expose what the factored DoGraph engine needs (DESIGN §7).
+"""Layers that expose what the factored DoGraph engine needs (docs/method.md §7).
 
 For a linear layer ``y = x W + b`` the per-sample gradient is ``X_i^T D_i``
 (with ``D = dloss/dy``), so the engine needs each layer's input ``X`` and

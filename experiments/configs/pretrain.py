@@ -3,7 +3,7 @@
 One frozen dataclass; every field can be overridden on the command line as
 ``--name value`` (booleans as ``true``/``false``). Defaults give the CPU run
 of the README: ``mini`` GPT-2 trained with DoGraph on the bundled synthetic
-corpus in a few minutes. The paper's setting (DESIGN §6) is batch 48,
+corpus in a few minutes. The paper's setting (docs/method.md §6) is batch 48,
 20,000 steps, warm-up 500 then cosine, weight decay 0.01, clipping 1.0,
 m = 11 clusters, context 512: e.g. ``--model paper-small --batch_size 48
 --seq_len 512 --steps 20000 --warmup_steps 500``.
@@ -59,7 +59,7 @@ class TrainConfig:
   model: str = "mini"               # mini | gpt2 | gpt2-medium | paper-small | paper-medium
   dtype: str = "float32"            # compute dtype (params stay float32): float32 | bfloat16
   mesh: str = ""                    # device mesh "data=N,fsdp=M" (N*M = all devices; params sharded over fsdp); empty = one device
-  # --- optimisation (DESIGN §6) ---
+  # --- optimisation (docs/method.md §6) ---
   steps: int = 1000                 # training steps
   batch_size: int = 16              # sequences per step
   seq_len: int = 64                 # tokens per sequence (model context must be >= this)
