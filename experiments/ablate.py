@@ -136,10 +136,49 @@ def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequ
   lines += [f"- `{label}`: `{text}`" for label, text in configs.items()]
   for corpus, r in result["corpora"].items():
     lines += ["", compare.table(r["aggregate"], f"### {corpus}")]
+    paired = paired_differences(r["runs"])
+    if paired:
+      lines += ["Paired by seed against `uniform` (same initialisation and data order): "
+                "mean ± std over seeds of the difference in average / worst-domain PPL "
+                "(negative = better than Uniform), and the seeds on which the "
+                "configuration's average PPL is lower.", "",
+                "| configuration | Δ avg PPL | Δ worst PPL | seeds better on avg |",
+                "|---|---|---|---|"]
+      lines += [f"| {label} | {d['average_mean']:+.3f} ± {d['average_std']:.3f} | "
+                f"{d['worst_mean']:+.3f} ± {d['worst_std']:.3f} | {d['better']}/{d['seeds']} |"
+                for label, d in paired.items()]
   failed = result["failures"]
   if failed:
     lines += ["", f"Failed runs ({len(failed)}): " + ", ".join(sorted(failed))]
   return "\n".join(lines) + "\n"
+
+
+def paired_differences(runs: dict[str, list[dict]], baseline: str = "uniform") -> dict:
+  """Per configuration, the seed-paired difference to ``baseline`` of the
+  average and worst-domain perplexity (mean and population std over the seeds
+  both have)."""
+  import numpy as np
+
+  from experiments import reporting
+
+  def by_seed(summaries):
+    return {s["seed"]: reporting.perplexities(s["val_loss"]) for s in summaries}
+
+  base = by_seed(runs.get(baseline, []))
+  out = {}
+  for label, summaries in runs.items():
+    if label == baseline:
+      continue
+    mine = by_seed(summaries)
+    seeds = sorted(set(mine) & set(base))
+    if not seeds:
+      continue
+    avg = np.asarray([mine[s]["average"] - base[s]["average"] for s in seeds])
+    worst = np.asarray([mine[s]["worst"] - base[s]["worst"] for s in seeds])
+    out[label] = {"seeds": len(seeds), "better": int(np.sum(avg < 0)),
+                  "average_mean": float(avg.mean()), "average_std": float(avg.std()),
+                  "worst_mean": float(worst.mean()), "worst_std": float(worst.std())}
+  return out
 
 
 def write_plot(result: dict, path: Path) -> Path:

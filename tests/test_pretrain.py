@@ -46,11 +46,14 @@ def _final_params(cfg):
   return restored, data_state
 
 
-@pytest.mark.parametrize("method", ["dograph", "uniform"])
-def test_resume_is_exact(corpus, tmp_path, method):
-  straight = _cfg(corpus, tmp_path / "straight", method=method)
+@pytest.mark.parametrize("method, extra", [
+    ("dograph", {}),                                              # persistent domains
+    ("dograph", {"domains": "batch", "distance": "euclidean"}),   # the literal mode
+    ("uniform", {})])
+def test_resume_is_exact(corpus, tmp_path, method, extra):
+  straight = _cfg(corpus, tmp_path / "straight", method=method, **extra)
   pretrain.train(straight)
-  split = _cfg(corpus, tmp_path / "split", method=method)
+  split = _cfg(corpus, tmp_path / "split", method=method, **extra)
   assert pretrain.train(dataclasses.replace(split, halt_after=3)) == {"halted_at": 3}
   pretrain.train(dataclasses.replace(split, resume=True))
   assert _losses(tmp_path / "straight") == _losses(tmp_path / "split")
@@ -117,6 +120,10 @@ def test_run_artefacts_and_summary(corpus, tmp_path, capsys):
   for r in train_records:
     assert len(r["weights"]) == 3 and abs(sum(r["weights"]) - 1) < 1e-5
     assert sum(r["cluster_sizes"]) == 8 and -1 <= r["ari"] <= 1 and 0 <= r["nmi"] <= 1
+    # persistent domains: running frequencies, and each human domain's share
+    # of the update (sum of its rows' a_i)
+    assert len(r["frequencies"]) == 3 and abs(sum(r["frequencies"]) - 1) < 1e-5
+    assert abs(sum(r["update_share"].values()) - 1) < 1e-5
   evals = [r for r in records if "val_loss" in r]
   assert [r["step"] for r in evals] == [2, 4]
   names = set(evals[-1]["val_loss"])
