@@ -31,6 +31,16 @@ and 1 for ``"robust"`` (losses in nats) and ``"alignment"`` (cosines).
   (which it is up to the dependence of ``g(w)`` on ``w``) this moves ``w``
   toward the domains best aligned with the update, as docs/method.md §3 describes.
 
+Priors. Every objective above is written against the uniform ``u``; given
+a ``prior`` ``pi`` (persistent domains pass the running frequencies ``p``)
+it is written against ``pi`` instead: ``"robust"`` maximises ``sum_j w_j L_j
+- temperature * KL(w || pi)`` (closed form ``w ∝ pi exp(L / temperature)``),
+``"uncertainty"`` minimises the variance of the combined domain means when
+domain ``j`` supplies a share ``pi_j`` of the samples, ``sum_j w_j^2 s2_j /
+(m pi_j)`` (closed form ``w ∝ pi / s2``), and ``"alignment"``'s proximity
+term is ``||w - pi||^2``. ``"variance"`` has no reference distribution and
+ignores the prior. With ``pi = u`` each reduces to the uniform form.
+
 Quadratic programmes go through :mod:`dograph_jax.simplex` (jaxopt's
 ``ProjectedGradient`` + ``projection_simplex``, or the optax fallback).
 
@@ -84,9 +94,25 @@ def effective_variances(stats: DomainStats, eps=1e-6) -> jax.Array:
   return s2 + eps * mean + 1e-30
 
 
-def _uncertainty(stats, lambda_graph, eps, num_steps, backend):
+def _prior_on(prior_M, present):
+  """The prior restricted to the present domains and renormalised (uniform if None)."""
+  if prior_M is None:
+    return _uniform(present)
+  prior = jnp.where(present, jnp.maximum(jnp.asarray(prior_M, jnp.float32), 0.0), 0.0)
+  total = jnp.sum(prior)
+  ok = (total > 0) & jnp.all(jnp.where(present, prior > 0, True))
+  return jnp.where(ok, prior / jnp.where(total > 0, total, 1.0), _uniform(present))
+
+
+def _uncertainty(stats, lambda_graph, eps, num_steps, backend, prior_M=None):
   present = stats.counts > 0
   s2 = effective_variances(stats, eps)
+  if prior_M is not None:
+    # Domain j supplies a share pi_j of the samples, so the variance of its
+    # mean is s2_j / (n pi_j): divide by m * pi_j (1 for a uniform prior).
+    pi = _prior_on(prior_M, present)
+    n_present = jnp.maximum(jnp.sum(present), 1)
+    s2 = jnp.where(present, s2 / jnp.where(present, n_present * pi, 1.0), s2)
 
   def closed_form():
     inv = jnp.where(present, 1.0 / s2, 0.0)
@@ -123,19 +149,19 @@ def _variance(stats, lambda_dir, lambda_graph, num_steps, backend):
                                     maxiter=num_steps, backend=backend)
 
 
-def _robust(stats, temperature, lambda_graph, num_steps):
+def _robust(stats, temperature, lambda_graph, num_steps, prior_M=None):
   present = stats.counts > 0
   tau = jnp.maximum(temperature, 1e-6)
-  start = _masked_softmax(stats.losses / tau, present)
+  log_pi = jnp.log(jnp.where(present, _prior_on(prior_M, present), 1.0))
+  start = _masked_softmax(stats.losses / tau + log_pi, present)
 
   def with_graph():
     lap_norm = jnp.max(jnp.abs(jnp.linalg.eigvalsh(stats.laplacian)))
     eta = 1.0 / (tau + 2.0 * lambda_graph * lap_norm)
 
     def step(_, w):
-      m = jnp.maximum(jnp.sum(present), 1)
       log_w = jnp.log(jnp.where(present, jnp.maximum(w, 1e-38), 1.0))
-      grad = (-stats.losses + tau * (log_w + jnp.log(m) + 1.0)
+      grad = (-stats.losses + tau * (log_w - log_pi + 1.0)
               + 2.0 * lambda_graph * jnp.dot(stats.laplacian, w, precision=_HI))
       return _masked_softmax(log_w - eta * grad, present)
 
@@ -144,11 +170,12 @@ def _robust(stats, temperature, lambda_graph, num_steps):
   return jax.lax.cond(lambda_graph > 0, with_graph, lambda: start)
 
 
-def alignment_value(w_M, stats: DomainStats, lambda_align=1.0, lambda_graph=0.0):
+def alignment_value(w_M, stats: DomainStats, lambda_align=1.0, lambda_graph=0.0,
+                    prior=None):
   """The ``"alignment"`` objective (to maximise) at ``w``."""
   present = stats.counts > 0
   return (_alignment_h(w_M, stats, lambda_graph)
-          - 0.5 * lambda_align * jnp.sum((w_M - _uniform(present))**2))
+          - 0.5 * lambda_align * jnp.sum((w_M - _prior_on(prior, present))**2))
 
 
 def _alignment_h(w_M, stats, lambda_graph):
@@ -162,9 +189,9 @@ def _alignment_h(w_M, stats, lambda_graph):
           - lambda_graph * jnp.dot(w_M, jnp.dot(stats.laplacian, w_M, precision=_HI)))
 
 
-def _alignment(stats, lambda_align, lambda_graph, num_steps, backend):
+def _alignment(stats, lambda_align, lambda_graph, num_steps, backend, prior_M=None):
   present = stats.counts > 0
-  u = _uniform(present)
+  u = _prior_on(prior_M, present)
   lam = jnp.maximum(lambda_align, 1e-6)
   grad_h = jax.grad(_alignment_h)
 
@@ -179,7 +206,7 @@ def _alignment(stats, lambda_align, lambda_graph, num_steps, backend):
 def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
                   lambda_graph=0.0, temperature=1.0, lambda_dir=1.0,
                   lambda_align=1.0, eps=1e-6, num_steps: int = 200,
-                  backend: simplex.Backend = "auto") -> jax.Array:
+                  backend: simplex.Backend = "auto", prior=None) -> jax.Array:
   """One weight per model-centric domain, on the simplex (docs/method.md §3).
 
   Args:
@@ -194,19 +221,21 @@ def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
     eps: relative variance floor of ``"uncertainty"``.
     num_steps: iteration budget of the iterative solvers (static).
     backend: QP backend, see :mod:`dograph_jax.simplex`.
+    prior: optional ``(M,)`` reference distribution ``pi`` in place of the
+      uniform ``u`` (module docstring, "Priors"); None = uniform.
 
   Returns:
     ``weights_M``, float32, non-negative, summing to 1, zero on empty domains
     (uniform if every domain is empty).
   """
   if objective == "uncertainty":
-    w = _uncertainty(stats, lambda_graph, eps, num_steps, backend)
+    w = _uncertainty(stats, lambda_graph, eps, num_steps, backend, prior)
   elif objective == "variance":
     w = _variance(stats, lambda_dir, lambda_graph, num_steps, backend)
   elif objective == "robust":
-    w = _robust(stats, temperature, lambda_graph, num_steps)
+    w = _robust(stats, temperature, lambda_graph, num_steps, prior)
   elif objective == "alignment":
-    w = _alignment(stats, lambda_align, lambda_graph, num_steps, backend)
+    w = _alignment(stats, lambda_align, lambda_graph, num_steps, backend, prior)
   else:
     raise ValueError(
         f"solve_weights: unknown objective {objective!r}; choose one of {OBJECTIVES}.")

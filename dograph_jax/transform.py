@@ -59,7 +59,7 @@ PyTree = Any
 
 # Arguments of `dograph_transform` that fix shapes or Python control flow:
 # pass them as `static_args` to `optax.inject_hyperparams`.
-STATIC_ARGS = ("num_domains", "sketch_dim", "objective", "domains", "seed", "sketch_kind",
+STATIC_ARGS = ("num_domains", "sketch_dim", "objective", "domains", "prior", "seed", "sketch_kind",
                "kmeans_iters", "distance", "warm_start", "buffer_size",
                "batch_size", "solver_steps", "solver_backend", "block_budget")
 
@@ -232,6 +232,7 @@ def dograph_transform(
     objective: str = "uncertainty",
     *,
     domains: str = "persistent",
+    prior: str = "frequency",
     seed: int = 0,
     sketch_kind: str = "gaussian",
     kmeans_iters: int = 10,
@@ -264,7 +265,8 @@ def dograph_transform(
     first batch is clustered by k-means++ and Lloyd); each sample joins its
     nearest centroid. The objective reads running statistics (decayed sums
     over recent steps, :func:`~dograph_jax.domains.running_domain_stats`),
-    its optimum ``w*`` is anchored to the running frequencies ``p``
+    the objective is written against the running frequencies ``p``
+    (``prior``), its optimum ``w*`` is anchored to ``p``
     (:func:`anchored_weights`) and the update uses frequency-relative
     coefficients ``a_i ∝ min(w_{c(i)} / p_{c(i)}, max_ratio)``
     (:func:`frequency_coefficients`): with ``w = p`` it is the plain batch
@@ -285,6 +287,12 @@ def dograph_transform(
     objective: ``"uncertainty"`` (default), ``"variance"``, ``"robust"``
       (needs ``losses``) or ``"alignment"``; see :mod:`dograph_jax.objectives`.
     domains: ``"persistent"`` or ``"batch"`` (above).
+    prior: persistent mode: the reference distribution the objective is
+      written against (:mod:`dograph_jax.objectives`, "Priors"):
+      ``"frequency"`` (the running frequencies ``p``: e.g. ``"robust"``
+      becomes ``w ∝ p exp(L / temperature)``, so ``w / p`` is a pure tilt by
+      the domain's loss) or ``"uniform"`` (the paper's ``u``, which also
+      equalises the domains' shares of the update).
     seed: fixes the projection ``R`` (for the whole run) and the seeding keys.
     sketch_kind: ``"gaussian"`` or ``"kronecker"`` (:func:`~dograph_jax.projection.sketch`).
     kmeans_iters: Lloyd iterations (per step in batch mode; on the first
@@ -347,6 +355,9 @@ def dograph_transform(
                      f"got {domains!r}.")
   if distance not in ("euclidean", "cosine"):
     raise ValueError(f"dograph_transform: unknown distance {distance!r}.")
+  if prior not in ("frequency", "uniform"):
+    raise ValueError(f"dograph_transform: prior must be 'frequency' or 'uniform', "
+                     f"got {prior!r}.")
   if sketch_kind not in ("gaussian", "kronecker"):
     raise ValueError(f"dograph_transform: unknown sketch_kind {sketch_kind!r}.")
   if buffer_size < 0:
@@ -399,11 +410,11 @@ def dograph_transform(
         frequencies=jnp.zeros((m,), jnp.float32) if persistent else None,
         reseeded=jnp.zeros((), jnp.int32) if persistent else None)
 
-  def solve(stats):
+  def solve(stats, prior_M=None):
     return objectives.solve_weights(
         stats, objective, lambda_graph=lambda_graph, temperature=temperature,
         lambda_dir=lambda_dir, lambda_align=lambda_align, eps=eps,
-        num_steps=solver_steps, backend=solver_backend)
+        num_steps=solver_steps, backend=solver_backend, prior=prior_M)
 
   def batch_domains(state, z_BxK, finite_B, losses, seed_key):
     """Literal mode: cluster this batch; coefficients ``w_j / |C_j|``."""
@@ -452,7 +463,7 @@ def dograph_transform(
     stats = running_domain_stats(sums)
     total = jnp.sum(stats.counts)
     freq = stats.counts / jnp.where(total > 0, total, 1.0)
-    raw = solve(stats)
+    raw = solve(stats, freq if prior == "frequency" else None)
     raw = jnp.where(jnp.all(jnp.isfinite(raw)), raw, freq)
     target = anchored_weights(raw, freq, anchor)
     smoothed, applied = _smooth(target, state.weights, state.count, freq > 0,

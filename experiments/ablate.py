@@ -45,19 +45,20 @@ log = logging.getLogger("ablate")
 LITERAL = "method=dograph,domains=batch,distance=euclidean"
 STUDIES = {
     # Issue 9: persistent model-centric domains against the literal mode and
-    # the two plain baselines; the rows after "batch_literal" explore the
-    # choices the design leaves open.
+    # the two plain baselines, then the choices the design leaves open
+    # (prior, objective, distance, forgetting factor, anchor). The rows
+    # `persistent_uprior*` were run before the frequency prior existed, by
+    # code whose only prior was the uniform one.
     "dograph_domains": {
         "uniform": "method=uniform",
         "stratified": "method=stratified",
         "batch_literal": LITERAL,
         "persistent": "method=dograph",
-        "persistent_euclidean": "method=dograph,distance=euclidean",
-        "persistent_decay0.99": "method=dograph,decay=0.99",
-        "persistent_anchor0.5": "method=dograph,anchor=0.5",
         "persistent_robust": "method=dograph,objective=robust",
-        "persistent_robust_t0.3": "method=dograph,objective=robust,temperature=0.3",
-        "persistent_m5": "method=dograph,num_domains=5",
+        "persistent_uprior": "method=dograph,prior=uniform",
+        "persistent_uprior_robust": "method=dograph,prior=uniform,objective=robust",
+        "persistent_uprior_robust_t0.3":
+            "method=dograph,prior=uniform,objective=robust,temperature=0.3",
     },
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

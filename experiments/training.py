@@ -44,7 +44,8 @@ from experiments import methods
 from experiments.configs import TrainConfig
 
 # Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
-OPTIMIZER_STATIC = ("method", "objective", "num_domains", "domains", "sketch_dim", "sketch_kind",
+OPTIMIZER_STATIC = ("method", "objective", "num_domains", "domains", "prior", "sketch_dim",
+                    "sketch_kind",
                     "kmeans_iters", "distance", "warm_start", "buffer_size", "batch_size", "seed",
                     "warmup_steps", "total_steps", "clip_norm")
 # The traced hyperparameters, by their TrainConfig names.
@@ -70,7 +71,7 @@ def warmup_cosine(count: jax.Array, warmup_steps: int, total_steps: int,
 def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, lambda_dir,
                       lambda_align, ema, weight_floor, decay, anchor, max_ratio,
                       reseed_fraction, *, method: str, objective: str,
-                      num_domains: int, domains: str, sketch_dim: int, sketch_kind: str, kmeans_iters: int,
+                      num_domains: int, domains: str, prior: str, sketch_dim: int, sketch_kind: str, kmeans_iters: int,
                       distance: str, warm_start: bool, buffer_size: int, batch_size: int, seed: int,
                       warmup_steps: int, total_steps: int,
                       clip_norm: float) -> optax.GradientTransformationExtraArgs:
@@ -80,7 +81,8 @@ def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, la
           optax.adamw(schedule, weight_decay=weight_decay)]
   if method == "dograph":
     head = dg.dograph_transform(
-        num_domains, sketch_dim, objective, domains=domains, seed=seed, sketch_kind=sketch_kind,
+        num_domains, sketch_dim, objective, domains=domains, prior=prior, seed=seed,
+        sketch_kind=sketch_kind,
         kmeans_iters=kmeans_iters, distance=distance, warm_start=warm_start, buffer_size=buffer_size,
         batch_size=batch_size, ema=ema, weight_floor=weight_floor,
         lambda_graph=lambda_graph, temperature=temperature, lambda_dir=lambda_dir,
@@ -94,7 +96,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
   """``inject_hyperparams(optimizer_factory)`` configured from ``cfg``."""
   hyper = {inner: getattr(cfg, outer) for outer, inner in SWEEPABLE.items()}
   static = dict(method=cfg.method, objective=cfg.objective, num_domains=cfg.num_domains,
-                domains=cfg.domains,
+                domains=cfg.domains, prior=cfg.prior,
                 sketch_dim=cfg.sketch_dim, sketch_kind=cfg.sketch_kind,
                 kmeans_iters=cfg.kmeans_iters, distance=cfg.distance, warm_start=cfg.warm_start,
                 buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, seed=cfg.seed,

@@ -243,3 +243,75 @@ def test_falls_back_to_optax_without_jaxopt(monkeypatch):
   finally:
     monkeypatch.undo()
     importlib.reload(simplex)
+
+
+# --- priors (persistent domains write the objectives against p) -------------
+
+def _prior(stats, seed):
+  present = np.asarray(stats.counts) > 0
+  p = np.where(present, np.random.default_rng(seed).dirichlet(np.ones(len(present))), 0.0)
+  return p / p.sum(), present
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("lambda_graph", [0.0, 0.5])
+def test_robust_with_prior_matches_scipy(seed, lambda_graph):
+  stats = _stats(seed)
+  s = _np(stats)
+  pi, present = _prior(stats, seed)
+  tau = 0.7
+
+  def fun(w):  # -(sum w L - tau KL(w || pi) - lambda w^T Lap w), from the docstring
+    wp = w[present]
+    kl = np.sum(np.where(wp > 0, wp * np.log(np.maximum(wp, 1e-300) / pi[present]), 0.0))
+    return -(w @ s.losses - tau * kl - lambda_graph * w @ s.laplacian @ w)
+
+  w_ref, f_ref = _scipy_min(fun, present, starts=3)
+  w = np.asarray(dg.solve_weights(stats, "robust", temperature=tau, lambda_graph=lambda_graph,
+                                  num_steps=500, prior=jnp.asarray(pi, jnp.float32)), np.float64)
+  assert fun(w) <= f_ref + 1e-6
+  np.testing.assert_allclose(w, w_ref, atol=1e-3)
+  if lambda_graph == 0:  # closed form pi exp(L / tau)
+    e = pi * np.exp(s.losses / tau)
+    np.testing.assert_allclose(w, e / e.sum(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("lambda_graph", [0.0, 0.5])
+def test_uncertainty_with_prior_matches_scipy(seed, lambda_graph):
+  stats = _stats(seed)
+  s = _np(stats)
+  pi, present = _prior(stats, seed)
+  m = present.sum()
+  # per-domain variances as the docstring defines them (pooled below 2 samples)
+  s2 = np.where(s.counts >= 2, s.variances, s.pooled_variance)
+  s2 = np.where(present, s2, 0.0)
+  s2 = s2 + 1e-6 * s2[present].mean()
+  eff = np.where(present, s2 / np.where(present, m * pi, 1.0), 0.0)
+  scale = eff[present].mean()
+
+  def fun(w):  # variance of the combined means: sum w^2 s2 / (m pi) + graph term
+    return np.sum(w ** 2 * eff) + lambda_graph * scale * w @ s.laplacian @ w
+
+  w_ref, f_ref = _scipy_min(fun, present, starts=3)
+  w = np.asarray(dg.solve_weights(stats, "uncertainty", lambda_graph=lambda_graph,
+                                  num_steps=2000, prior=jnp.asarray(pi, jnp.float32)),
+                 np.float64)
+  assert fun(w) <= f_ref * (1 + 1e-4)
+  np.testing.assert_allclose(w, w_ref, atol=2e-3)
+  if lambda_graph == 0:  # closed form pi / s2
+    inv = np.where(present, pi / np.where(present, s2, 1.0), 0.0)
+    np.testing.assert_allclose(w, inv / inv.sum(), rtol=1e-4, atol=1e-7)
+
+
+def test_uniform_prior_is_the_default_and_alignment_stays_near_its_prior():
+  stats = _stats(3)
+  present = np.asarray(stats.counts) > 0
+  u = jnp.asarray(np.where(present, 1.0 / present.sum(), 0.0), jnp.float32)
+  for objective in ("uncertainty", "robust", "alignment"):
+    np.testing.assert_allclose(dg.solve_weights(stats, objective, prior=u),
+                               dg.solve_weights(stats, objective), rtol=1e-4, atol=1e-6)
+  pi, _ = _prior(stats, 3)
+  # a strong proximity term keeps alignment's weights at the prior
+  w = dg.solve_weights(stats, "alignment", lambda_align=1e4, prior=jnp.asarray(pi, jnp.float32))
+  np.testing.assert_allclose(np.asarray(w), pi, atol=1e-3)

@@ -246,7 +246,33 @@ def test_degenerate_scales_and_nonfinite_samples_never_give_nan(objective, scale
   assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(out))
 
 
+def test_robust_with_frequency_prior_tilts_by_the_running_loss():
+  """prior="frequency": w = p exp(L / tau), so a_i ∝ exp(L_{c(i)} / tau) (before the cap)."""
+  params = _params()
+  tau = 2.0
+  # no re-seeding: the stored sums are then the ones this step's weights read
+  tx = dg.dograph_transform(M, 32, "robust", batch_size=B, temperature=tau, max_ratio=1e6,
+                            reseed_fraction=0.0)
+  state = tx.init(params)
+  for t in range(3):
+    batch = _batch(t)
+    losses, grads = dg.per_sample_loss_and_grads(_loss, params, batch)
+    _, state = tx.update(grads, state, params, losses=losses)
+  sums = state.sums
+  mean_loss = np.asarray(sums.sum_loss) / np.maximum(np.asarray(sums.mass), 1e-30)
+  p = np.asarray(state.frequencies)
+  e = np.where(p > 0, p * np.exp(mean_loss / tau), 0.0)
+  present = np.asarray(sums.mass) > 0
+  np.testing.assert_allclose(np.asarray(state.applied_weights)[present],
+                             (e / e.sum())[present], rtol=1e-4)
+  a = np.asarray(state.coefficients)
+  r = np.exp(mean_loss / tau)[np.asarray(state.assignments)]
+  np.testing.assert_allclose(a, r / r.sum(), rtol=1e-4)
+
+
 def test_validation_of_new_options():
+  with pytest.raises(ValueError, match="prior"):
+    dg.dograph_transform(4, 8, prior="flat")
   with pytest.raises(ValueError, match="domains"):
     dg.dograph_transform(4, 8, domains="epoch")
   with pytest.raises(ValueError, match="decay"):

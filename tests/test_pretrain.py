@@ -141,3 +141,13 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
   pretrain.train(dataclasses.replace(cfg, halt_after=2))
   with pytest.raises(ValueError, match="lr"):
     pretrain.train(dataclasses.replace(cfg, resume=True, lr=1e-2))
+
+
+def test_bare_boolean_flags():
+  from experiments.configs import parse_config
+  assert parse_config(["--resume"]).resume is True
+  assert parse_config(["--resume", "false"]).resume is False
+  assert parse_config(["--plots", "--steps", "3"]).plots is True
+  assert parse_config([]).resume is False
+  with pytest.raises(SystemExit):
+    parse_config(["--resume", "maybe"])

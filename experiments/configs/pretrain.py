@@ -1,7 +1,8 @@
 """Configuration of ``experiments/pretrain.py``.
 
 One frozen dataclass; every field can be overridden on the command line as
-``--name value`` (booleans as ``true``/``false``). Defaults give the CPU run
+``--name value`` (booleans as ``true``/``false``, or the bare ``--name`` for
+true). Defaults give the CPU run
 of the README: ``mini`` GPT-2 trained with DoGraph on the bundled synthetic
 corpus in a few minutes. The paper's setting (docs/method.md §6) is batch 48,
 20,000 steps, warm-up 500 then cosine, weight decay 0.01, clipping 1.0,
@@ -45,6 +46,7 @@ class TrainConfig:
   distance: str = "cosine"          # K-means distance: cosine (clusters gradient directions, ignores norms) | euclidean
   warm_start: bool = True           # batch domains: warm-start K-means from the previous centroids
   buffer_size: int = 0              # batch domains: rolling buffer of recent sketches for clustering (0 = batch only)
+  prior: str = "frequency"          # persistent domains: reference distribution of the objective: frequency (running p) | uniform
   decay: float = 0.9                # persistent domains: forgetting factor of centroids and running statistics
   anchor: float = 1.0               # persistent domains: 0 = natural mixture, 1 = objective's optimum (geometric path)
   max_ratio: float = 4.0            # persistent domains: cap on a domain's weight / frequency
@@ -98,6 +100,8 @@ class TrainConfig:
       raise ValueError(f"--update must be bookkeeping or second_backward, got {self.update!r}")
     if self.domains not in ("persistent", "batch"):
       raise ValueError(f"--domains must be persistent or batch, got {self.domains!r}")
+    if self.prior not in ("frequency", "uniform"):
+      raise ValueError(f"--prior must be frequency or uniform, got {self.prior!r}")
     if self.distance not in ("cosine", "euclidean"):
       raise ValueError(f"--distance must be cosine or euclidean, got {self.distance!r}")
     if self.method == "dograph" and self.domains == "persistent" and self.buffer_size:
@@ -123,7 +127,11 @@ def parse_config(argv: Sequence[str] | None = None, base: TrainConfig | None = N
   for field in dataclasses.fields(TrainConfig):
     default = getattr(base, field.name)
     kind = {bool: _parse_bool, int: int, float: float, str: str}[type(default)]
-    parser.add_argument(f"--{field.name}", type=kind, default=default,
-                        help=f"(default: {default!r})")
+    if kind is _parse_bool:  # `--resume` alone means `--resume true`
+      parser.add_argument(f"--{field.name}", type=kind, default=default, nargs="?",
+                          const=True, help=f"(default: {default!r})")
+    else:
+      parser.add_argument(f"--{field.name}", type=kind, default=default,
+                          help=f"(default: {default!r})")
   args = parser.parse_args(argv)
   return TrainConfig(**vars(args))
