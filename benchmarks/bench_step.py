@@ -143,6 +143,11 @@ CANDIDATES: dict[str, tuple[dict[str, str], str]] = {
                  "factored, book-keeping update"),
     "factored_2bwd": (dict(method="dograph", sketch="factored", update="second_backward"),
                       "factored, second backward"),
+    # The literal per-batch domains (K-means of every batch), for comparison
+    # with the default persistent domains above; not run unless asked for.
+    "factored_batch": (dict(method="dograph", sketch="factored", update="bookkeeping",
+                            domains="batch", distance="euclidean"),
+                       "factored, book-keeping, per-batch domains"),
 }
 NUM_DOMAINS = 11
 DEFAULTS = {
@@ -195,7 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="compute dtype (default float32 CPU, bfloat16 GPU)")
   parser.add_argument("--vocab_size", type=int, default=None,
                       help="vocabulary (default 2048 for mini, 50257 otherwise)")
-  parser.add_argument("--candidates", default=",".join(CANDIDATES),
+  parser.add_argument("--candidates", default=",".join(c for c in CANDIDATES if c != "factored_batch"),
                       help=f"comma-separated subset of {','.join(CANDIDATES)} "
                            "(plain is always added: it is the reference of the ratios)")
   parser.add_argument("--repeats", type=int, default=15,

@@ -63,7 +63,7 @@ class TrainConfig:
   mesh: str = ""                    # device mesh "data=N,fsdp=M" (N*M = all devices; params sharded over fsdp); empty = one device
   # --- optimisation (docs/method.md §6) ---
   steps: int = 1000                 # training steps
-  batch_size: int = 16              # sequences per step
+  batch_size: int = 32              # sequences per step (32: a few hundred samples in DoGraph's running window of ~10 steps)
   seq_len: int = 64                 # tokens per sequence (model context must be >= this)
   lr: float = 3e-3                  # peak learning rate
   warmup_steps: int = 50            # linear warm-up steps (at most steps), then cosine to 0.1 * lr
