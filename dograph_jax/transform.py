@@ -6,13 +6,22 @@ Each ``update`` turns per-sample gradients into one update (docs/method.md §1�
 2. sketch every gradient, ``z_i = R g_i`` (``R`` fixed by ``seed`` for the
    whole run, so centroids and buffered sketches of earlier steps live in the
    same space);
-3. K-means on the sketches (optionally warm-started from the previous
-   centroids, optionally over a rolling buffer of recent sketches) into
-   ``num_domains`` model-centric domains;
-4. domain statistics and one weight per domain from the chosen objective;
+3. model-centric domains: by default (``domains="persistent"``) every sample
+   joins the nearest of ``num_domains`` centroids that persist across steps
+   and are refined by each batch (mini-batch K-means with a forgetting
+   factor); with ``domains="batch"`` K-means of this batch (optionally
+   warm-started from the previous centroids, optionally over a rolling
+   buffer of recent sketches), the paper's Appendix A.3 literally;
+4. domain statistics (persistent: decayed running sums over recent steps;
+   batch: this batch) and one weight per domain from the chosen objective
+   (persistent: written against the running frequencies ``p`` and anchored
+   to them);
 5. stabilisers: EMA of the weights across steps, a floor on every present
-   domain's weight, renormalisation over the domains present in the batch;
-6. the update ``sum_j w_j mu_j = sum_i a_i g_i``, ``a_i = w_{c(i)} / |C_{c(i)}|``.
+   domain's weight;
+6. the update ``sum_i a_i g_i`` with persistent ``a_i ∝ min(w_{c(i)} /
+   p_{c(i)}, max_ratio)`` (:func:`frequency_coefficients`: the plain mean
+   when ``w = p``) or per-batch ``a_i = w_{c(i)} / |C_{c(i)}|``
+   (:func:`sample_coefficients`).
 
 It must be the first member of a chain, because it is the one that reduces the
 batch axis::

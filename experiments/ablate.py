@@ -58,6 +58,7 @@ STUDIES = {
         "persistent_euclidean": "method=dograph,distance=euclidean",
         "persistent_decay0.99": "method=dograph,decay=0.99",
         "persistent_anchor0.5": "method=dograph,anchor=0.5",
+        "persistent_euclidean_anchor0.5": "method=dograph,distance=euclidean,anchor=0.5",
         "persistent_uprior": "method=dograph,prior=uniform",
         "persistent_uprior_robust": "method=dograph,prior=uniform,objective=robust",
         "persistent_uprior_robust_t0.3":
