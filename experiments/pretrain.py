@@ -229,12 +229,32 @@ _RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "l
                 "save_every", "keep_checkpoints", "plots", "mesh"}
 
 
+# DoGraph's options, and those only one of its domain modes reads: a run
+# that does not read an option is not changed by it.
+_DOGRAPH_ONLY = {"objective", "num_domains", "domains", "prior", "sketch", "update", "sketch_dim",
+                 "sketch_kind", "kmeans_iters", "distance", "warm_start", "buffer_size", "decay",
+                 "anchor", "max_ratio", "reseed_fraction", "ema", "weight_floor", "lambda_graph",
+                 "temperature", "lambda_dir", "lambda_align"}
+_PERSISTENT_ONLY = {"prior", "decay", "anchor", "max_ratio", "reseed_fraction"}
+_BATCH_ONLY = {"warm_start", "buffer_size"}
+
+
+def _unread_options(cfg: TrainConfig) -> set[str]:
+  if cfg.method != "dograph":
+    return _DOGRAPH_ONLY
+  return _PERSISTENT_ONLY if cfg.domains == "batch" else _BATCH_ONLY
+
+
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
   current = dataclasses.asdict(cfg)
   # An option the checkpoint's code did not have yet is read at its default.
   defaults = dataclasses.asdict(TrainConfig())
   saved = {**defaults, **saved}
-  changed = sorted(k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k])
+  ignored = _RESUME_FREE | _unread_options(cfg)
+  if saved.get("method") != cfg.method or (
+      cfg.method == "dograph" and saved.get("domains") != cfg.domains):
+    ignored = _RESUME_FREE  # a different method or domain mode is always a change
+  changed = sorted(k for k in current if k not in ignored and saved.get(k) != current[k])
   if changed:
     raise ValueError(
         "--resume: the checkpoint was written with different settings for "

@@ -151,3 +151,19 @@ def test_bare_boolean_flags():
   assert parse_config([]).resume is False
   with pytest.raises(SystemExit):
     parse_config(["--resume", "maybe"])
+
+
+def test_resume_check_ignores_options_the_method_does_not_read():
+  base = TrainConfig(method="uniform")
+  saved = dataclasses.asdict(dataclasses.replace(base, distance="cosine", anchor=1.0))
+  pretrain._check_resumable(saved, base)  # uniform reads no DoGraph option
+  literal = TrainConfig(domains="batch", buffer_size=0)
+  pretrain._check_resumable(dataclasses.asdict(dataclasses.replace(literal, anchor=0.9)), literal)
+  persistent = TrainConfig()
+  with pytest.raises(ValueError, match="anchor"):
+    pretrain._check_resumable(dataclasses.asdict(dataclasses.replace(persistent, anchor=0.9)),
+                              persistent)
+  with pytest.raises(ValueError, match="domains"):
+    pretrain._check_resumable(dataclasses.asdict(literal), persistent)
+  with pytest.raises(ValueError, match="lr"):
+    pretrain._check_resumable(dataclasses.asdict(dataclasses.replace(base, lr=1.0)), base)

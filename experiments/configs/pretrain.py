@@ -43,12 +43,12 @@ class TrainConfig:
   sketch_dim: int = 1024            # K: the Kronecker map needs ~4x the dense dimension for the same distortion (benchmarks/sketch_distortion.py); 256 suits --sketch_kind gaussian
   sketch_kind: str = "kronecker"    # reference path's map: gaussian | kronecker (the factored path is always kronecker)
   kmeans_iters: int = 10            # Lloyd iterations per step
-  distance: str = "cosine"          # K-means distance: cosine (clusters gradient directions, ignores norms) | euclidean
+  distance: str = "euclidean"       # K-means distance: euclidean | cosine (clusters gradient directions, ignores norms)
   warm_start: bool = True           # batch domains: warm-start K-means from the previous centroids
   buffer_size: int = 0              # batch domains: rolling buffer of recent sketches for clustering (0 = batch only)
   prior: str = "frequency"          # persistent domains: reference distribution of the objective: frequency (running p) | uniform
   decay: float = 0.9                # persistent domains: forgetting factor of centroids and running statistics
-  anchor: float = 1.0               # persistent domains: 0 = natural mixture, 1 = objective's optimum (geometric path)
+  anchor: float = 0.5               # persistent domains: 0 = natural mixture, 1 = objective's optimum (geometric path)
   max_ratio: float = 4.0            # persistent domains: cap on a domain's weight / frequency
   reseed_fraction: float = 0.05     # persistent domains: re-seed a centroid whose mass is below this fraction of the mean
   ema: float = 0.0                  # EMA of domain weights across steps
