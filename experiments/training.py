@@ -4,7 +4,7 @@ The optimizer is ``optax.chain([dograph_transform], clip_by_global_norm,
 adamw)`` with a linear warm-up + cosine learning rate (docs/method.md §6), wrapped in
 ``optax.inject_hyperparams`` so that every hyperparameter that does not change
 a shape (peak learning rate, weight decay, DoGraph's temperature, lambdas,
-EMA, floor) lives in the optimizer state: changing it (a sweep) reuses the
+EMA, floor, decay, anchor, cap, re-seeding threshold) lives in the optimizer state: changing it (a sweep) reuses the
 compiled train step.
 
 The train step is one jitted function with the train state donated:
@@ -45,9 +45,8 @@ from experiments.configs import TrainConfig
 
 # Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
 OPTIMIZER_STATIC = ("method", "objective", "num_domains", "domains", "prior", "sketch_dim",
-                    "sketch_kind",
-                    "kmeans_iters", "distance", "warm_start", "buffer_size", "batch_size", "seed",
-                    "warmup_steps", "total_steps", "clip_norm")
+                    "sketch_kind", "kmeans_iters", "distance", "warm_start", "buffer_size",
+                    "batch_size", "seed", "warmup_steps", "total_steps", "clip_norm")
 # The traced hyperparameters, by their TrainConfig names.
 SWEEPABLE = {"lr": "learning_rate", "weight_decay": "weight_decay",
              "temperature": "temperature", "lambda_graph": "lambda_graph",
@@ -71,8 +70,8 @@ def warmup_cosine(count: jax.Array, warmup_steps: int, total_steps: int,
 def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, lambda_dir,
                       lambda_align, ema, weight_floor, decay, anchor, max_ratio,
                       reseed_fraction, *, method: str, objective: str,
-                      num_domains: int, domains: str, prior: str, sketch_dim: int, sketch_kind: str, kmeans_iters: int,
-                      distance: str, warm_start: bool, buffer_size: int, batch_size: int, seed: int,
+                      num_domains: int, domains: str, prior: str, sketch_dim: int,
+                      sketch_kind: str, kmeans_iters: int, distance: str, warm_start: bool, buffer_size: int, batch_size: int, seed: int,
                       warmup_steps: int, total_steps: int,
                       clip_norm: float) -> optax.GradientTransformationExtraArgs:
   """The run's optimizer; the positional arguments may be traced."""
