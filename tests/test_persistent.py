@@ -247,12 +247,13 @@ def test_degenerate_scales_and_nonfinite_samples_never_give_nan(objective, scale
 
 
 def test_robust_with_frequency_prior_tilts_by_the_running_loss():
-  """prior="frequency": w = p exp(L / tau), so a_i ∝ exp(L_{c(i)} / tau) (before the cap)."""
+  """prior="frequency", anchor 1: w = p exp(L / tau), so a_i ∝ exp(L_{c(i)} / tau)
+  (no cap)."""
   params = _params()
   tau = 2.0
   # no re-seeding: the stored sums are then the ones this step's weights read
   tx = dg.dograph_transform(M, 32, "robust", batch_size=B, temperature=tau, max_ratio=1e6,
-                            reseed_fraction=0.0)
+                            reseed_fraction=0.0, anchor=1.0)
   state = tx.init(params)
   for t in range(3):
     batch = _batch(t)
