@@ -46,6 +46,18 @@ class DomainStats(NamedTuple):
     return self.counts > 0
 
 
+def _similarity_graph(means_MxK: jax.Array):
+  """Gram ``<nu_j, nu_l>``, cosine graph ``max(0, cos)`` (zero diagonal, zero for
+  zero means) and its Laplacian ``diag(A 1) - A``."""
+  gram = jnp.dot(means_MxK, means_MxK.T, precision=_HI)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+  denom = norms[:, None] * norms[None, :]
+  cos = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)
+  adjacency = jnp.maximum(cos, 0.0) * (1.0 - jnp.eye(means_MxK.shape[0]))
+  laplacian = jnp.diag(jnp.sum(adjacency, 1)) - adjacency
+  return gram, adjacency, laplacian
+
+
 def domain_stats(z: jax.Array, assignments: jax.Array, num_domains: int,
                  losses: jax.Array | None = None, *,
                  sample_mask: jax.Array | None = None) -> DomainStats:
@@ -90,12 +102,7 @@ def domain_stats(z: jax.Array, assignments: jax.Array, num_domains: int,
   else:
     l_B = jnp.where(mask, jnp.asarray(losses, jnp.float32), 0.0)
     losses_M = jnp.dot(onehot_BxM.T, l_B, precision=_HI) / safe_counts
-  gram_MxM = jnp.dot(means_MxK, means_MxK.T, precision=_HI)
-  norms_M = jnp.sqrt(jnp.maximum(jnp.diag(gram_MxM), 0.0))
-  denom = norms_M[:, None] * norms_M[None, :]
-  cos_MxM = jnp.where(denom > 0, gram_MxM / jnp.where(denom > 0, denom, 1.0), 0.0)
-  adjacency = jnp.maximum(cos_MxM, 0.0) * (1.0 - jnp.eye(num_domains))
-  laplacian = jnp.diag(jnp.sum(adjacency, 1)) - adjacency
+  gram_MxM, adjacency, laplacian = _similarity_graph(means_MxK)
   n = jnp.sum(mask.astype(jnp.float32))
   batch_mean = jnp.sum(z, 0) / jnp.maximum(n, 1.0)
   dof = n - jnp.sum(counts_M > 0)
@@ -169,19 +176,13 @@ def running_domain_stats(sums: RunningSums) -> DomainStats:
   (the sketch of the natural-mixture gradient) and ``pooled_variance`` is
   ``sum_j sum_sq_j / (sum_j mass_j - #present)``.
   """
-  m = sums.mass.shape[0]
   mass = sums.mass
   present = mass > 0
   safe = jnp.where(present, mass, 1.0)
   means = jnp.where(present[:, None], sums.sum_z / safe[:, None], 0.0)
   variances = jnp.where(present, sums.sum_sq / safe, 0.0)
   losses = jnp.where(present, sums.sum_loss / safe, 0.0)
-  gram = jnp.dot(means, means.T, precision=_HI)
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-  denom = norms[:, None] * norms[None, :]
-  cos = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)
-  adjacency = jnp.maximum(cos, 0.0) * (1.0 - jnp.eye(m))
-  laplacian = jnp.diag(jnp.sum(adjacency, 1)) - adjacency
+  gram, adjacency, laplacian = _similarity_graph(means)
   total = jnp.sum(mass)
   batch_mean = jnp.sum(sums.sum_z, 0) / jnp.maximum(total, 1e-30)
   dof = total - jnp.sum(present)
