@@ -117,7 +117,8 @@ def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nn
                    params: PyTree, inputs: Any, key: jax.Array, dim: int, *,
                    update: Update = "bookkeeping",
                    block_budget: int = projection.DEFAULT_BLOCK_BUDGET,
-                   per_block: bool = False) -> FactoredGrads:
+                   per_block: bool = False,
+                   normalize_blocks: bool = False) -> FactoredGrads:
   """Per-sample losses, Kronecker sketches and the weighted-gradient map.
 
   Args:
@@ -132,6 +133,9 @@ def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nn
     per_block: also return each parameter block's own sketch (for tests and
       diagnostics), keyed by its parameter path (``"h/0/attn/c_attn"``,
       ``"h/0/ln_1/scale"``, ``"wte/embedding"``, ...).
+    normalize_blocks: scale each block's sketch of each sample to unit norm
+      before summing, as :func:`dograph_jax.sketch` does with the same flag
+      (the blocks above; ``per_block`` returns them unscaled).
 
   Returns:
     :class:`FactoredGrads`; ``sketches`` equals
@@ -234,7 +238,8 @@ def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nn
     def weighted_grad(a_B, keep_B=None):
       return _bookkeeping(params, blocks, a_B, keep_B)
 
-  z_BxK = sum(contributions.values(), jnp.zeros((batch, dim), jnp.float32))
+  scale = projection.unit_rows if normalize_blocks else (lambda z: z)
+  z_BxK = sum(map(scale, contributions.values()), jnp.zeros((batch, dim), jnp.float32))
   return FactoredGrads(losses, z_BxK, weighted_grad, update == "second_backward",
                        contributions if per_block else None)
 

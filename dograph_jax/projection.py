@@ -140,7 +140,8 @@ def kronecker_sketch_leaf(g_BxIxO: jax.Array, key: jax.Array,
 
 def sketch(grads: PyTree, key: jax.Array, dim: int, *,
            kind: SketchKind = "gaussian",
-           block_budget: int = DEFAULT_BLOCK_BUDGET) -> jax.Array:
+           block_budget: int = DEFAULT_BLOCK_BUDGET,
+           normalize_blocks: bool = False) -> jax.Array:
   """Project per-sample gradients to ``dim`` dimensions: ``z_i = R g_i``.
 
   Args:
@@ -150,10 +151,15 @@ def sketch(grads: PyTree, key: jax.Array, dim: int, *,
     kind: ``"gaussian"`` (dense JL map) or ``"kronecker"`` (factored map of
       docs/method.md §7); see the module docstring.
     block_budget: most random numbers generated at once by a dense block.
+    normalize_blocks: scale each block's sketch of each sample to unit norm
+      before summing (:func:`unit_rows`): every parameter block (a leaf; with
+      ``"kronecker"`` a linear layer's kernel and bias together) then counts
+      equally, however large its gradients. Default ``False``.
 
   Returns:
     ``z_BxK``, float32. Scaling: each entry of ``R`` has variance ``1/K``, so
-    ``E ||z_i||^2 = ||g_i||^2`` and ``E <z_i, z_j> = <g_i, g_j>``.
+    ``E ||z_i||^2 = ||g_i||^2`` and ``E <z_i, z_j> = <g_i, g_j>`` (without
+    ``normalize_blocks``).
   """
   if not isinstance(dim, int) or dim < 1:
     raise ValueError(f"sketch: dim must be an int >= 1, got {dim!r}.")
@@ -177,11 +183,24 @@ def sketch(grads: PyTree, key: jax.Array, dim: int, *,
       g = g.reshape(batch, g.shape[1], -1)
       if index in folded:  # the bias as one more input row: [W; b]
         g = jnp.concatenate([g, leaves[folded[index]][:, None, :].astype(g.dtype)], 1)
-      z_BxK = z_BxK + kronecker_sketch_leaf(g, k, dim)
+      z_block = kronecker_sketch_leaf(g, k, dim)
     else:
-      z_BxK = z_BxK + dense_sketch_leaf(g.reshape(batch, -1), k, dim,
-                                        block_budget)
+      z_block = dense_sketch_leaf(g.reshape(batch, -1), k, dim, block_budget)
+    z_BxK = z_BxK + (unit_rows(z_block) if normalize_blocks else z_block)
   return z_BxK
+
+
+def unit_rows(z_BxK: jax.Array) -> jax.Array:
+  """Each row scaled to unit L2 norm; an all-zero row stays zero and a
+  non-finite one stays non-finite (so that the transform still counts it)."""
+  z_BxK = z_BxK.astype(jnp.float32)
+  # Divide by the largest entry first: squaring a row of 1e-30s (or 1e30s)
+  # would underflow (overflow) in float32.
+  peak_B = jnp.max(jnp.abs(z_BxK), axis=1, keepdims=True)
+  live_B = peak_B > 0  # False for an all-zero row, and for NaN
+  scaled = z_BxK / jnp.where(live_B, peak_B, 1.0)
+  norm_B = jnp.sqrt(jnp.sum(jnp.square(scaled), axis=1, keepdims=True))
+  return jnp.where(live_B, scaled / jnp.where(live_B, norm_B, 1.0), z_BxK * 0.0)
 
 
 def folded_biases(tree: PyTree, *, batched: bool = False) -> dict[int, int]:

@@ -69,7 +69,7 @@ PyTree = Any
 # Arguments of `dograph_transform` that fix shapes or Python control flow:
 # pass them as `static_args` to `optax.inject_hyperparams`.
 STATIC_ARGS = ("num_domains", "sketch_dim", "objective", "domains", "prior", "seed", "sketch_kind",
-               "kmeans_iters", "distance", "warm_start", "buffer_size",
+               "normalize_blocks", "kmeans_iters", "distance", "warm_start", "buffer_size",
                "batch_size", "solver_steps", "solver_backend", "block_budget")
 
 
@@ -244,6 +244,7 @@ def dograph_transform(
     prior: str = "frequency",
     seed: int = 0,
     sketch_kind: str = "gaussian",
+    normalize_blocks: bool = False,
     kmeans_iters: int = 10,
     distance: str = "euclidean",
     warm_start: bool = True,
@@ -304,6 +305,12 @@ def dograph_transform(
       equalises the domains' shares of the update).
     seed: fixes the projection ``R`` (for the whole run) and the seeding keys.
     sketch_kind: ``"gaussian"`` or ``"kronecker"`` (:func:`~dograph_jax.projection.sketch`).
+    normalize_blocks: scale each parameter block's sketch of each sample to
+      unit norm before summing (:func:`~dograph_jax.projection.sketch`), so
+      that every block counts equally in the clustering and the statistics.
+      Applies when the transform sketches per-sample gradients itself; a
+      caller that passes :class:`~dograph_jax.FactoredGrads` sketches with
+      ``factored_grads(..., normalize_blocks=...)``.
     kmeans_iters: Lloyd iterations (per step in batch mode; on the first
       batch in persistent mode).
     distance: ``"euclidean"`` (default) or ``"cosine"`` (spherical K-means
@@ -529,7 +536,8 @@ def dograph_transform(
       clean = jax.tree.map(
           lambda g: jnp.where(finite_B.reshape((b,) + (1,) * (g.ndim - 1)), g, 0),
           updates)
-      z_BxK = sketch(clean, proj_key, k, kind=sketch_kind, block_budget=block_budget)
+      z_BxK = sketch(clean, proj_key, k, kind=sketch_kind, block_budget=block_budget,
+                     normalize_blocks=normalize_blocks)
     if losses is not None:
       losses = jnp.where(finite_B, losses, 0.0)
 

@@ -46,6 +46,7 @@ LITERAL = "method=dograph,domains=batch,distance=euclidean"
 # Rows spell out the options they test, so they keep meaning the same runs
 # when the defaults move.
 COSINE = "method=dograph,distance=cosine,anchor=1.0"
+DEFAULTS = "method=dograph,distance=euclidean,anchor=0.5"
 STUDIES = {
     # Issue 9: persistent model-centric domains against the literal mode and
     # the two plain baselines, then the choices the design leaves open
@@ -57,7 +58,7 @@ STUDIES = {
         "uniform": "method=uniform",
         "stratified": "method=stratified",
         "batch_literal": LITERAL,
-        "persistent": "method=dograph,distance=euclidean,anchor=0.5",
+        "persistent": DEFAULTS,
         "persistent_euclidean": "method=dograph,distance=euclidean,anchor=1.0",
         "persistent_cosine": COSINE,
         "persistent_cosine_anchor0.5": "method=dograph,distance=cosine,anchor=0.5",
@@ -67,6 +68,14 @@ STUDIES = {
         "persistent_cosine_uprior_robust": COSINE + ",prior=uniform,objective=robust",
         "persistent_cosine_uprior_robust_t0.3":
             COSINE + ",prior=uniform,objective=robust,temperature=0.3",
+        # Second round: the other objectives, per-block sketch normalisation
+        # (with both priors: if the clusters follow the human domains better,
+        # equalising them may pay) and M = 5, each against the defaults.
+        "persistent_variance": DEFAULTS + ",objective=variance",
+        "persistent_alignment": DEFAULTS + ",objective=alignment",
+        "persistent_blocknorm": DEFAULTS + ",sketch_norm=block",
+        "persistent_blocknorm_uprior": DEFAULTS + ",sketch_norm=block,prior=uniform",
+        "persistent_m5": DEFAULTS + ",num_domains=5",
     },
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -201,10 +201,11 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
   """Scalars of a step's metrics for the logs (fetches them from the device)."""
   m = jax.device_get(metrics)
   losses, domain = np.asarray(m["losses"]), np.asarray(m["domain_id"])
+  finite = np.isfinite(losses)  # DoGraph drops (and counts) the others
   record = {"loss": float(m["loss"]), "lr": float(m["lr"]),
             "update_norm": float(m["update_norm"]),
-            "train_loss": {n: float(losses[domain == i].mean())
-                           for i, n in enumerate(names) if (domain == i).any()}}
+            "train_loss": {n: float(losses[(domain == i) & finite].mean())
+                           for i, n in enumerate(names) if ((domain == i) & finite).any()}}
   if "weights" in m:
     record["weights"] = [float(w) for w in m["weights"]]
   if "frequencies" in m:
@@ -232,7 +233,7 @@ _RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "l
 # DoGraph's options, and those only one of its domain modes reads: a run
 # that does not read an option is not changed by it.
 _DOGRAPH_ONLY = {"objective", "num_domains", "domains", "prior", "sketch", "update", "sketch_dim",
-                 "sketch_kind", "kmeans_iters", "distance", "warm_start", "buffer_size", "decay",
+                 "sketch_kind", "sketch_norm", "kmeans_iters", "distance", "warm_start", "buffer_size", "decay",
                  "anchor", "max_ratio", "reseed_fraction", "ema", "weight_floor", "lambda_graph",
                  "temperature", "lambda_dir", "lambda_align"}
 _PERSISTENT_ONLY = {"prior", "decay", "anchor", "max_ratio", "reseed_fraction"}
@@ -349,13 +350,25 @@ def train(cfg: TrainConfig) -> dict:
     """Host-side work for a finished step: NaN check, progress, logs."""
     nonlocal contingency
     loss = float(metrics["loss"])
+    kept_only = " over the samples DoGraph kept" if cfg.method == "dograph" else ""
     if not math.isfinite(loss):
       raise NonFiniteLossError(
-          f"non-finite training loss ({loss}) at step {done}; stopping. "
+          f"non-finite training loss{kept_only} ({loss}) at step {done}; stopping. "
           f"Checkpoints in {checkpointer.directory} hold only steps before it.")
+    if not bool(metrics["update_finite"]):
+      raise NonFiniteLossError(
+          f"non-finite update at step {done} (finite loss {loss:.4g}); it was not applied; "
+          f"stopping. Checkpoints in {checkpointer.directory} hold only steps before it.")
+    dropped = int(metrics.get("nonfinite", 0))
+    skipped = bool(metrics["skipped"])
+    if dropped:
+      log.warning("step %d: dropped %d non-finite sample(s) of %d%s", done, dropped,
+                  cfg.batch_size, "; step skipped (second_backward cannot leave them out)"
+                  if skipped else "")
     progress.update(done - 1, loss)
-    if done % cfg.log_every == 0 or done == cfg.steps:
+    if done % cfg.log_every == 0 or done == cfg.steps or dropped:
       record = _host_record(metrics, data.names)
+      record["skipped"] = int(skipped)
       if cfg.method == "dograph":
         table = agreement.contingency(np.asarray(metrics["domain_id"]),
                                       np.asarray(metrics["assignments"]),
@@ -405,7 +418,10 @@ def train(cfg: TrainConfig) -> dict:
              "steps": cfg.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
              "wall_s": wall_before + time.perf_counter() - wall0,  # whole run, resumes included
              "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / elapsed if elapsed else 0.0,
-             "val_loss": final, **reporting.perplexities(final)}
+             "val_loss": final, **reporting.perplexities(final),
+             # the failure policy's counts over the whole run (resumes included)
+             "nonfinite_samples": sum(int(r.get("nonfinite", 0)) for r in tracker.records),
+             "skipped_steps": sum(int(r.get("skipped", 0)) for r in tracker.records)}
   if "mixer" in state:  # the time-averaged domain weights (DoReMi/DoGE's output)
     mixer = jax.device_get(state["mixer"])
     summary["mixer_average"] = dict(zip(

@@ -45,8 +45,8 @@ from experiments.configs import TrainConfig
 
 # Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
 OPTIMIZER_STATIC = ("method", "objective", "num_domains", "domains", "prior", "sketch_dim",
-                    "sketch_kind", "kmeans_iters", "distance", "warm_start", "buffer_size",
-                    "batch_size", "seed", "warmup_steps", "total_steps", "clip_norm")
+                    "sketch_kind", "sketch_norm", "kmeans_iters", "distance", "warm_start",
+                    "buffer_size", "batch_size", "seed", "warmup_steps", "total_steps", "clip_norm")
 # The traced hyperparameters, by their TrainConfig names.
 SWEEPABLE = {"lr": "learning_rate", "weight_decay": "weight_decay",
              "temperature": "temperature", "lambda_graph": "lambda_graph",
@@ -71,7 +71,8 @@ def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, la
                       lambda_align, ema, weight_floor, decay, anchor, max_ratio,
                       reseed_fraction, *, method: str, objective: str,
                       num_domains: int, domains: str, prior: str, sketch_dim: int,
-                      sketch_kind: str, kmeans_iters: int, distance: str, warm_start: bool, buffer_size: int, batch_size: int, seed: int,
+                      sketch_kind: str, sketch_norm: str, kmeans_iters: int, distance: str,
+                      warm_start: bool, buffer_size: int, batch_size: int, seed: int,
                       warmup_steps: int, total_steps: int,
                       clip_norm: float) -> optax.GradientTransformationExtraArgs:
   """The run's optimizer; the positional arguments may be traced."""
@@ -81,7 +82,7 @@ def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, la
   if method == "dograph":
     head = dg.dograph_transform(
         num_domains, sketch_dim, objective, domains=domains, prior=prior, seed=seed,
-        sketch_kind=sketch_kind,
+        sketch_kind=sketch_kind, normalize_blocks=sketch_norm == "block",
         kmeans_iters=kmeans_iters, distance=distance, warm_start=warm_start, buffer_size=buffer_size,
         batch_size=batch_size, ema=ema, weight_floor=weight_floor,
         lambda_graph=lambda_graph, temperature=temperature, lambda_dir=lambda_dir,
@@ -97,7 +98,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
   static = dict(method=cfg.method, objective=cfg.objective, num_domains=cfg.num_domains,
                 domains=cfg.domains, prior=cfg.prior,
                 sketch_dim=cfg.sketch_dim, sketch_kind=cfg.sketch_kind,
-                kmeans_iters=cfg.kmeans_iters, distance=cfg.distance, warm_start=cfg.warm_start,
+                sketch_norm=cfg.sketch_norm, kmeans_iters=cfg.kmeans_iters, distance=cfg.distance, warm_start=cfg.warm_start,
                 buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, seed=cfg.seed,
                 warmup_steps=min(cfg.warmup_steps, cfg.steps), total_steps=cfg.steps,
                 clip_norm=cfg.clip_norm)
@@ -197,6 +198,14 @@ def _mixer_grads(graphdef, cfg: TrainConfig, state, batch, probe_tokens):
   return losses_B, grads, mixer_state
 
 
+def _all_finite(tree, per_sample: bool = False) -> jax.Array:
+  """Whether every entry of ``tree`` is finite (``per_sample``: per leading index)."""
+  if per_sample:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+                              for x in jax.tree.leaves(tree)]), axis=0)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
                     batch_sharding=None, probe_tokens=None) -> Callable:
   """Jitted ``step(state, batch) -> (state, metrics)``; ``state`` is donated.
@@ -236,7 +245,8 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
     tokens = batch["tokens"]
     if method == "dograph" and cfg.sketch == "factored":
       fast = dg.factored_grads(sequence_losses, graphdef, params, tokens,
-                               dg.projection_key(cfg.seed), cfg.sketch_dim, update=cfg.update)
+                               dg.projection_key(cfg.seed), cfg.sketch_dim, update=cfg.update,
+                               normalize_blocks=cfg.sketch_norm == "block")
       losses = fast.losses
       updates, opt_state = tx.update(fast, opt_state, params)
     elif method == "dograph":
@@ -251,12 +261,47 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
         return per_seq.mean(), per_seq
       (_, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    hyper = opt_state.hyperparams  # this step's values (inject_hyperparams)
-    metrics = {"loss": jnp.mean(losses), "losses": losses, "domain_id": batch["domain_id"],
-               "update_norm": optax.tree.norm(updates),
-               "lr": hyper["learning_rate"] * warmup_cosine(state["step"], warmup, total)}
     inner = dograph_state(opt_state)
+    # The failure policy (docs/method.md, "Non-finite input"): DoGraph drops
+    # non-finite samples and counts them, so its loss is the mean over the
+    # finite ones (NaN only when none is left: the host then stops). A step
+    # whose update is non-finite is never applied (the host stops naming it);
+    # a step that kept no sample, or a second-backward step with a dropped
+    # sample, is skipped whole: the transform zeroes its update, and
+    # clipping/AdamW keep their state, so momentum and weight decay do not
+    # move either.
+    update_finite = _all_finite(updates)
+    skipped = jnp.zeros((), bool)
+    if method == "dograph":
+      # The samples the transform kept (it drops those with a non-finite
+      # loss, sketch or gradient).
+      kept_B = jnp.isfinite(losses) & (
+          jnp.all(jnp.isfinite(fast.sketches), axis=1) if cfg.sketch == "factored"
+          else _all_finite(grads, per_sample=True))
+      kept = jnp.sum(kept_B)
+      loss = jnp.where(kept > 0, jnp.sum(jnp.where(kept_B, losses, 0.0))
+                       / jnp.maximum(kept, 1), jnp.nan)
+      skipped = kept == 0
+      if cfg.sketch == "factored" and cfg.update == "second_backward":
+        skipped = skipped | (kept < kept_B.shape[0])
+    else:
+      loss = jnp.mean(losses)
+    revert_all, revert_step = ~update_finite, ~update_finite | skipped
+    pick = lambda revert: (lambda new, old: jnp.where(revert, old, new))
+    params = jax.tree.map(pick(revert_step), optax.apply_updates(params, updates),
+                          state["params"])
+    new_opt_state, opt_state = opt_state, jax.tree.map(pick(revert_step), opt_state,
+                                                       state["opt_state"])
+    if inner is not None:  # DoGraph's own state (centroids, counts) keeps a skipped step
+      head = jax.tree.map(pick(revert_all), new_opt_state.inner_state[0],
+                          state["opt_state"].inner_state[0])
+      opt_state = opt_state._replace(inner_state=(head, *opt_state.inner_state[1:]))
+      inner = head
+    hyper = opt_state.hyperparams  # this step's values (inject_hyperparams)
+    metrics = {"loss": loss, "losses": losses, "domain_id": batch["domain_id"],
+               "update_norm": optax.tree.norm(updates), "update_finite": update_finite,
+               "skipped": skipped,
+               "lr": hyper["learning_rate"] * warmup_cosine(state["step"], warmup, total)}
     if inner is not None:
       metrics.update(weights=inner.applied_weights, counts=inner.counts,
                      assignments=inner.assignments, nonfinite=inner.nonfinite,

@@ -77,6 +77,39 @@ def test_sketch_equals_kronecker_sketch_of_per_sample_grads_per_block(setup):
     assert _rel(fast_blocks[name], ref) <= 1e-5, name
 
 
+def test_normalize_blocks_sums_unit_norm_block_sketches(setup):
+  """Both engines with ``normalize_blocks``: the sum over blocks of each
+  block's reference sketch scaled (in numpy) to unit norm per sample."""
+  graphdef, params, tokens, _, grads = setup
+  key = jax.random.PRNGKey(5)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(grads)
+  blocks = {}
+  for i, (path, _) in enumerate(flat):
+    blocks.setdefault(_block_of(path), []).append(i)
+  want = np.zeros((B, K))
+  for members in blocks.values():
+    only = jax.tree.unflatten(treedef, [g if i in members else jnp.zeros_like(g)
+                                        for i, (_, g) in enumerate(flat)])
+    z = np.asarray(dg.sketch(only, key, K, kind="kronecker"), np.float64)
+    want += z / np.linalg.norm(z, axis=1, keepdims=True)
+  fast = jax.jit(lambda p, t: factored.factored_grads(
+      _model_fn, graphdef, p, t, key, K, normalize_blocks=True).sketches)(params, tokens)
+  ref = dg.sketch(grads, key, K, kind="kronecker", normalize_blocks=True)
+  assert _rel(ref, want) <= 1e-5
+  assert _rel(fast, want) <= 1e-5
+  assert _rel(fast, dg.sketch(grads, key, K, kind="kronecker")) > 0.1  # it does change them
+
+
+def test_unit_rows_keeps_zero_and_nonfinite_rows():
+  z = jnp.array([[3.0, 4.0], [0.0, 0.0], [jnp.nan, 1.0], [3e-30, 4e-30], [3e30, -4e30],
+                 [jnp.inf, 1.0]])
+  got = np.asarray(projection.unit_rows(z))
+  np.testing.assert_allclose(got[[0, 3]], [[0.6, 0.8]] * 2, rtol=1e-6)  # no underflow
+  np.testing.assert_allclose(got[4], [0.6, -0.8], rtol=1e-6)  # no overflow
+  np.testing.assert_array_equal(got[1], [0.0, 0.0])
+  assert not np.isfinite(got[2]).all() and not np.isfinite(got[5]).all()
+
+
 @pytest.mark.parametrize("keep", [None, "all"])
 @pytest.mark.parametrize("update", ["bookkeeping", "second_backward"])
 def test_weighted_grad_equals_grad_of_weighted_loss(setup, update, keep):

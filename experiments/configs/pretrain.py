@@ -42,6 +42,7 @@ class TrainConfig:
   update: str = "bookkeeping"       # factored path's update: bookkeeping (from stored tensors) | second_backward
   sketch_dim: int = 1024            # K: the Kronecker map needs ~4x the dense dimension for the same distortion (benchmarks/sketch_distortion.py); 256 suits --sketch_kind gaussian
   sketch_kind: str = "kronecker"    # reference path's map: gaussian | kronecker (the factored path is always kronecker)
+  sketch_norm: str = "none"         # none | block (each parameter block's sketch of a sample scaled to unit norm before summing: every block counts equally)
   kmeans_iters: int = 10            # Lloyd iterations per step
   distance: str = "euclidean"       # K-means distance: euclidean | cosine (clusters gradient directions, ignores norms)
   warm_start: bool = True           # batch domains: warm-start K-means from the previous centroids
@@ -102,6 +103,8 @@ class TrainConfig:
       raise ValueError(f"--domains must be persistent or batch, got {self.domains!r}")
     if self.prior not in ("frequency", "uniform"):
       raise ValueError(f"--prior must be frequency or uniform, got {self.prior!r}")
+    if self.sketch_norm not in ("none", "block"):
+      raise ValueError(f"--sketch_norm must be none or block, got {self.sketch_norm!r}")
     if self.distance not in ("cosine", "euclidean"):
       raise ValueError(f"--distance must be cosine or euclidean, got {self.distance!r}")
     if self.method == "dograph" and self.domains == "persistent" and self.buffer_size:
