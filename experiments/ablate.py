@@ -128,6 +128,7 @@ def study(base: TrainConfig, configs: dict[str, str], data_dirs: Sequence[str],
   for data_dir in data_dirs:
     corpus = corpus_label(data_dir)
     summaries = {label: [] for label in configs}
+    lost = {}  # "label/seedK" -> traceback, for the table
     for label, overrides in configs.items():
       for seed in seeds:
         directory = out_dir / corpus / label / f"seed{seed}"
@@ -136,10 +137,11 @@ def study(base: TrainConfig, configs: dict[str, str], data_dirs: Sequence[str],
                             directory)
         except Exception:  # one crashed run must not lose the others
           log.error("%s failed:\n%s", directory, traceback.format_exc())
-          failures[str(directory)] = traceback.format_exc()
+          failures[str(directory)] = lost[f"{label}/seed{seed}"] = traceback.format_exc()
           continue
         summaries[label].append({**summary, "seed": seed})
-    results[corpus] = {"aggregate": compare.aggregate(summaries), "runs": summaries}
+    results[corpus] = {"aggregate": compare.aggregate(summaries), "runs": summaries,
+                       "failures": lost}
   return {"corpora": results, "failures": failures}
 
 
@@ -153,7 +155,8 @@ def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequ
            "Configurations (overrides of the `pretrain.py` defaults):", ""]
   lines += [f"- `{label}`: `{text}`" for label, text in configs.items()]
   for corpus, r in result["corpora"].items():
-    lines += ["", compare.table(r["aggregate"], f"### {corpus}")]
+    lines += ["", compare.table(r["aggregate"], f"### {corpus}", r.get("failures"),
+                                list(configs))]
     paired = paired_differences(r["runs"])
     if paired:
       lines += ["Paired by seed against `uniform` (same initialisation and data order): "

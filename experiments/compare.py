@@ -102,19 +102,55 @@ def aggregate(summaries: dict[str, list[dict]], baseline: str = "uniform") -> di
   return out
 
 
-def table(agg: dict[str, dict], title: str) -> str:
-  """A Markdown table in the shape of the paper's Table 2."""
-  if not agg:
+def failure_kind(trace: str) -> str:
+  """``"diverged"`` (a non-finite loss or update stopped the run) or ``"failed"``."""
+  return "diverged" if "NonFiniteLossError" in trace else "failed"
+
+
+def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = None,
+          method_names: Sequence[str] = ()) -> str:
+  """A Markdown table in the shape of the paper's Table 2.
+
+  ``failures``: ``{"method/seedK": traceback}`` of the runs that crashed or
+  diverged. They are counted in each method's "runs" column (``2/3, 1
+  diverged``), a method none of whose runs finished still gets a row, and a
+  list under the table names every such run with the last line of its error.
+  ``method_names``: the row order (default: the finished methods').
+  """
+  failures = failures or {}
+  lost: dict[str, list[tuple[str, str]]] = {}
+  for run, trace in failures.items():
+    method, _, seed = run.rpartition("/seed")
+    lost.setdefault(method, []).append((seed, trace))
+  order = list(method_names) or list(agg)
+  order += [m for m in list(agg) + list(lost) if m not in order]
+  if not agg and not lost:
     return f"{title}\n\n(no finished runs)\n"
-  names = list(next(iter(agg.values()))["per_domain_mean"])
+  names = list(next(iter(agg.values()))["per_domain_mean"]) if agg else []
   head = ["method", "runs", "avg val PPL", "worst-domain PPL", *names, "wall vs uniform"]
   lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for method, a in agg.items():
+  for method in order:
+    a, bad = agg.get(method), lost.get(method, [])
+    kinds = [failure_kind(t) for _, t in bad]
+    runs = str(a["runs"] if a else 0)
+    if bad:
+      runs = f"{runs}/{len(bad) + (a['runs'] if a else 0)}, " + ", ".join(
+          f"{kinds.count(k)} {k}" for k in ("diverged", "failed") if k in kinds)
+    if a is None:
+      lines.append("| " + " | ".join([method, runs, "-", "-", *("-" for _ in names), "-"]) + " |")
+      continue
     rel = f"{a['wall_vs_uniform']:.2f}x" if a["wall_vs_uniform"] else "-"
-    row = [method, str(a["runs"]), f"{a['average_mean']:.3f} ± {a['average_std']:.3f}",
+    row = [method, runs, f"{a['average_mean']:.3f} ± {a['average_std']:.3f}",
            f"{a['worst_mean']:.3f} ± {a['worst_std']:.3f}",
            *(f"{a['per_domain_mean'][n]:.3f}" for n in names), rel]
     lines.append("| " + " | ".join(row) + " |")
+  if failures:
+    lines += ["", "Runs that did not finish (left out of the means above; "
+              "`failures.json` has the tracebacks):", ""]
+    for method in order:
+      for seed, trace in lost.get(method, []):
+        last = next((x.strip() for x in reversed(trace.strip().splitlines()) if x.strip()), "")
+        lines.append(f"- {method} seed {seed}: {failure_kind(trace)}: {last}")
   return "\n".join(lines) + "\n"
 
 
@@ -215,7 +251,7 @@ def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int]
   agg = aggregate(summaries)
   title = (f"{base.model}, {base.steps} steps x batch {base.batch_size} x {base.seq_len} "
            f"on {base.data_dir}; seeds {list(seeds)}")
-  text = table(agg, title)
+  text = table(agg, title, failures, method_names)
   (out_dir / "compare.md").write_text(text)
   (out_dir / "compare.json").write_text(json.dumps(
       {"config": dataclasses.asdict(base), "seeds": list(seeds), "method_args": method_args,

@@ -120,7 +120,9 @@ def _proxy_mixtures(cfg: TrainConfig, stages: _Stages, prior: dict[str, float]):
     summary = stages.run(f"proxy_{n:02d}",
                          proportions=pretrain.format_proportions(floored))
     rows.append([floored[d] for d in names])
-    losses.append([summary["val_loss"][d] for d in names])
+    # A training domain without validation rows has no loss to fit (the run
+    # warned): the target is the domains that have one (columns M <= D).
+    losses.append([summary["val_loss"][d] for d in names if d in summary["val_loss"]])
   return np.asarray(rows), np.asarray(losses)
 
 

@@ -61,6 +61,7 @@ class RunData:
   vocab_size: int
   proportions: dict
   probe_tokens: np.ndarray | None = None  # (D, P, L + 1) Aioli's held-out rows
+  val_missing: list[str] = dataclasses.field(default_factory=list)  # training domains without validation rows
 
 
 def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
@@ -125,16 +126,27 @@ def load_data(cfg: TrainConfig) -> RunData:
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
   log.info("skipped records: train %s, validation %s", train_skips.as_dict(),
            val_skips.as_dict())
+  eval_batches = make_eval_batches(packed_val, cfg.batch_size,
+                                   max_rows_per_domain=cfg.eval_rows or None,
+                                   domain_names=packed.names)
+  missing = [n for n in packed.names if n not in eval_batches]
+  if len(missing) == len(packed.names):
+    raise ValueError(f"the validation split of {data_dir} has no rows of any training "
+                     f"domain ({', '.join(packed.names)}): nothing to evaluate")
+  if missing:
+    log.warning("the validation split has no rows of training domain(s) %s: their "
+                "validation loss is not measured and the average perplexity is over "
+                "the other %d domain(s) (summary.json: val_missing)",
+                ", ".join(missing), len(packed.names) - len(missing))
   return RunData(
       names=list(packed.names),
       train_iter=make_train_iterator(packed, cfg.batch_size, proportions=resolved,
                                      seed=cfg.seed, **distributed.host_data_shard()),
-      eval_batches=make_eval_batches(packed_val, cfg.batch_size,
-                                     max_rows_per_domain=cfg.eval_rows or None,
-                                     domain_names=packed.names),
+      eval_batches=eval_batches,
       vocab_size=len(tokenizer),
       proportions=resolved,
-      probe_tokens=probe)
+      probe_tokens=probe,
+      val_missing=missing)
 
 
 def _mixer_needs(cfg: TrainConfig, packed) -> frozenset:
@@ -419,6 +431,7 @@ def train(cfg: TrainConfig) -> dict:
              "wall_s": wall_before + time.perf_counter() - wall0,  # whole run, resumes included
              "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / elapsed if elapsed else 0.0,
              "val_loss": final, **reporting.perplexities(final),
+             "val_missing": data.val_missing,  # left out of the averages (warned)
              # the failure policy's counts over the whole run (resumes included)
              "nonfinite_samples": sum(int(r.get("nonfinite", 0)) for r in tracker.records),
              "skipped_steps": sum(int(r.get("skipped", 0)) for r in tracker.records)}

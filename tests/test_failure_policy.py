@@ -174,3 +174,39 @@ def test_trainer_keeps_going_and_counts_dropped_samples(nan_rows, corpus, tmp_pa
   pretrain.train(dataclasses.replace(resumed, halt_after=3))
   again = pretrain.train(dataclasses.replace(resumed, resume=True))
   assert again["nonfinite_samples"] == summary["nonfinite_samples"]
+
+
+@pytest.fixture(scope="module")
+def corpus_without_val_domain(tmp_path_factory):
+  """The synthetic corpus with the "legal" rows removed from its validation split."""
+  root = write_synthetic_corpus(tmp_path_factory.mktemp("corpus_gap"), seed=4, total_docs=300)
+  for path in (root / "validation").glob("*.jsonl"):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows
+                            if r["meta"]["redpajama_set_name"] != "legal"))
+  return root
+
+
+def test_missing_validation_domain_is_warned_and_reported(corpus_without_val_domain, tmp_path,
+                                                          caplog):
+  cfg = _cfg(method="uniform", data_dir=str(corpus_without_val_domain), vocab_size=300,
+             steps=2, eval_every=0, eval_rows=8, save_every=0, out_dir=str(tmp_path / "run"),
+             plots=False)
+  with caplog.at_level("WARNING", logger="pretrain"):
+    summary = pretrain.train(cfg)
+  assert "legal" in summary["proportions"]  # it still trains on it
+  assert summary["val_missing"] == ["legal"] and "legal" not in summary["val_loss"]
+  assert any("no rows of training domain(s) legal" in r.getMessage() for r in caplog.records)
+  losses = list(summary["val_loss"].values())
+  assert len(losses) == 4
+  np.testing.assert_allclose(summary["average"], np.exp(np.mean(losses)), rtol=1e-6)
+
+
+def test_offline_method_fits_the_validation_domains_it_has(corpus_without_val_domain, tmp_path):
+  cfg = _cfg(method="regmix", data_dir=str(corpus_without_val_domain), vocab_size=300,
+             steps=2, proxy_steps=2, proxy_runs=3, eval_every=0, eval_rows=8, save_every=0,
+             out_dir=str(tmp_path / "regmix"), plots=False)
+  summary = pretrain.train(cfg)
+  mixture = summary["mixture"]
+  assert set(mixture) == set(summary["proportions"]) and "legal" in mixture
+  assert abs(sum(mixture.values()) - 1) < 1e-6 and summary["val_missing"] == ["legal"]

@@ -204,6 +204,26 @@ def test_floor_keeps_proportions_valid():
     offline._floor({"a": float("nan"), "b": 1.0})
 
 
+def test_compare_table_lists_failed_and_diverged_runs():
+  def agg(avg):
+    return {"runs": 2, "average_mean": avg, "average_std": 0.5, "worst_mean": 2 * avg,
+            "worst_std": 1.0, "per_domain_mean": {"a": avg, "b": 2 * avg},
+            "wall_vs_uniform": 1.0}
+  diverged = ("Traceback (most recent call last):\n  ...\nexperiments.pretrain."
+              "NonFiniteLossError: non-finite training loss (nan) at step 7; stopping.\n")
+  text = compare.table({"uniform": agg(10.0), "dograph": agg(9.0)}, "T",
+                       {"dograph/seed2": diverged, "doge/seed0": "Traceback\nOSError: disk\n",
+                        "doge/seed1": diverged}, ["uniform", "dograph", "doge"])
+  rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+  assert [r.split(" | ")[0][2:] for r in rows] == ["uniform", "dograph", "doge"]
+  assert rows[0].startswith("| uniform | 2 | 10.000 ± 0.500 |")
+  assert rows[1].startswith("| dograph | 2/3, 1 diverged | 9.000 ± 0.500 |")
+  assert rows[2] == "| doge | 0/2, 1 diverged, 1 failed | - | - | - | - | - |"
+  assert "- dograph seed 2: diverged: experiments.pretrain.NonFiniteLossError: " \
+         "non-finite training loss (nan) at step 7; stopping." in text
+  assert "- doge seed 0: failed: OSError: disk" in text
+
+
 def test_compare_runs_methods_survives_a_crash_and_resumes(corpus2, tmp_path, monkeypatch):
   base = _cfg(corpus2, tmp_path, steps=3, proxy_steps=2, proxy_runs=3, plots=True,
               eval_rows=4)
@@ -230,7 +250,9 @@ def test_compare_runs_methods_survives_a_crash_and_resumes(corpus2, tmp_path, mo
     assert len(summary["stages"]) == 4  # 3 proxy runs + the final run, all in the cost
     assert summary["proportions"] == pytest.approx(summary["mixture"])  # reached grain
   table = (tmp_path / "cmp" / "compare.md").read_text()
-  assert "| regmix | 1 |" in table and "aioli" not in table
+  assert "| regmix | 1 |" in table
+  assert "| aioli | 0/1, 1 failed | - |" in table  # listed as failed, not by its absence
+  assert "- aioli seed 0: failed: RuntimeError: simulated crash" in table
   assert (tmp_path / "cmp" / "per_domain_ppl.png").exists()
   assert (tmp_path / "cmp" / "weights.png").exists()
   # Rerun: the crashed method trains now; the finished ones are read back.
