@@ -23,17 +23,18 @@ from dograph_jax.factored import FactoredGrads, factored_grads
 from dograph_jax.objectives import OBJECTIVES, solve_weights
 from dograph_jax.per_sample import per_sample_grads, per_sample_loss_and_grads
 from dograph_jax.projection import sketch
-from dograph_jax.transform import (STATIC_ARGS, DoGraphState, anchored_weights,
-                                   dograph_transform, frequency_coefficients, projection_key,
-                                   sample_coefficients)
+from dograph_jax.transform import (MAX_SKETCH_ENTRY, STATIC_ARGS, DoGraphState,
+                                   anchored_weights, dograph_transform, frequency_coefficients,
+                                   projection_key, sample_coefficients, usable_sketches)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DoGraphState", "DomainStats", "FactoredGrads", "KMeansResult", "OBJECTIVES", "RunningSums",
+    "DoGraphState", "DomainStats", "FactoredGrads", "KMeansResult", "MAX_SKETCH_ENTRY",
+    "OBJECTIVES", "RunningSums",
     "STATIC_ARGS", "StreamingKMeans", "anchored_weights", "domain_stats", "dograph_transform",
     "factored_grads", "frequency_coefficients", "kmeans", "per_sample_grads",
     "per_sample_loss_and_grads", "projection_key", "running_domain_stats",
     "sample_coefficients", "sketch", "solve_weights", "streaming_kmeans_update",
-    "update_running_sums",
+    "update_running_sums", "usable_sketches",
 ]

@@ -12,6 +12,12 @@ cannot help and the surplus clusters stay empty: they are reported with
 and are not counted; they still receive an assignment (their nearest
 centroid), so downstream code must apply the same mask.
 
+Range: distances are ``||x||^2 - 2 x.c + ||c||^2`` in float32, so entries
+must keep ``K * max|x|^2`` below float32's 3.4e38 (``|x| < 1e17`` for
+``K = 1024``); beyond it distances overflow (``inf - inf``). The transform
+drops sketches with entries above ``MAX_SKETCH_ENTRY = 1e12`` before they
+reach this module (``tests/test_scales.py``).
+
 Shape legend: ``B`` samples, ``K`` features, ``M`` clusters.
 """
 

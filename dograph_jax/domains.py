@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dograph_jax.projection import unit_rows
+
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -50,9 +52,10 @@ def _similarity_graph(means_MxK: jax.Array):
   """Gram ``<nu_j, nu_l>``, cosine graph ``max(0, cos)`` (zero diagonal, zero for
   zero means) and its Laplacian ``diag(A 1) - A``."""
   gram = jnp.dot(means_MxK, means_MxK.T, precision=_HI)
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-  denom = norms[:, None] * norms[None, :]
-  cos = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)
+  # Cosines of the unit directions, not gram / (|a| |b|): with huge means the
+  # Gram matrix overflows (inf / inf), the directions do not.
+  units = unit_rows(means_MxK)
+  cos = jnp.clip(jnp.dot(units, units.T, precision=_HI), -1.0, 1.0)
   adjacency = jnp.maximum(cos, 0.0) * (1.0 - jnp.eye(means_MxK.shape[0]))
   laplacian = jnp.diag(jnp.sum(adjacency, 1)) - adjacency
   return gram, adjacency, laplacian

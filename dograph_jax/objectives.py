@@ -226,7 +226,10 @@ def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
 
   Returns:
     ``weights_M``, float32, non-negative, summing to 1, zero on empty domains
-    (uniform if every domain is empty).
+    (uniform if every domain is empty). Statistics that overflowed (an
+    infinite Gram matrix or variance from huge sketches) can make the
+    objective non-finite; the weights are then the prior (uniform if none)
+    on the present domains, never NaN.
   """
   if objective == "uncertainty":
     w = _uncertainty(stats, lambda_graph, eps, num_steps, backend, prior)
@@ -239,4 +242,12 @@ def solve_weights(stats: DomainStats, objective: Objective = "uncertainty", *,
   else:
     raise ValueError(
         f"solve_weights: unknown objective {objective!r}; choose one of {OBJECTIVES}.")
+  present = stats.counts > 0
+  if prior is None:
+    fallback = uniform_on(present)
+  else:
+    pi = jnp.where(present & jnp.isfinite(prior), jnp.maximum(prior, 0.0), 0.0)
+    fallback = jnp.where(jnp.sum(pi) > 0, pi / jnp.where(jnp.sum(pi) > 0, jnp.sum(pi), 1.0),
+                         uniform_on(present))
+  w = jnp.where(jnp.all(jnp.isfinite(w)), w, fallback)
   return w.astype(jnp.float32)

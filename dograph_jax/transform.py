@@ -39,10 +39,12 @@ sketch and asks that map for the update. Same clusters, weights and update as
 the reference path with ``sketch_kind="kronecker"``.
 
 Non-finite policy: a sample whose gradient (or loss, when given) has any
-non-finite entry gets coefficient ``a_i = 0``; it takes no part in clustering,
-statistics or the update, and ``state.nonfinite`` / ``state.nonfinite_total``
-count such samples so a trainer can log them. If every sample is dropped the
-update is zero.
+non-finite entry, or whose sketch has an entry beyond
+:data:`MAX_SKETCH_ENTRY` (1e12, where the running statistics would overflow
+float32), gets coefficient ``a_i = 0``; it takes no part in clustering,
+statistics or the update, ``state.kept`` marks the samples used, and
+``state.nonfinite`` / ``state.nonfinite_total`` count the dropped ones so a
+trainer can log them. If every sample is dropped the update is zero.
 
 Shape legend: ``B`` batch, ``K`` sketch dimension, ``M`` domains, ``S``
 buffer size.
@@ -86,6 +88,7 @@ class DoGraphState(NamedTuple):
   counts: jax.Array           # (M,) int32, last batch's samples per domain
   assignments: jax.Array | None   # (B,) int32, last domain of each sample; None if batch_size is None
   coefficients: jax.Array | None  # (B,) float32, last a_i; None if batch_size is None
+  kept: jax.Array | None      # (B,) bool, samples the last update used; None if batch_size is None
   nonfinite: jax.Array        # () int32, samples dropped in the last update
   nonfinite_total: jax.Array  # () int32, samples dropped since init
   # Persistent domains only (None with domains="batch"):
@@ -180,6 +183,21 @@ def frequency_coefficients(weights: jax.Array, frequencies: jax.Array,
   fallback = jnp.where(mask, 1.0, 0.0) / jnp.maximum(kept, 1.0)
   return jnp.where(total > 0, r_B / jnp.where(total > 0, total, 1.0),
                    fallback).astype(jnp.float32)
+
+
+# Largest sketch entry the transform uses: beyond it a sample is dropped and
+# counted like a non-finite one. The running statistics hold sums of squared
+# sketch entries over the recent history (``K * N_eff * z^2`` with
+# ``N_eff = B / (1 - decay)``), which stay far inside float32 (3.4e38) at this
+# bound for K up to 1e4 and N_eff up to 1e6; 1e12 is also far beyond any
+# trainable per-sample gradient (one that large means the run has diverged).
+MAX_SKETCH_ENTRY = 1e12
+
+
+def usable_sketches(z_BxK: jax.Array) -> jax.Array:
+  """``(B,)`` bool: the rows whose entries are finite and at most
+  :data:`MAX_SKETCH_ENTRY` in magnitude (the samples the transform keeps)."""
+  return jnp.all(jnp.abs(z_BxK) <= MAX_SKETCH_ENTRY, axis=1)  # False for NaN too
 
 
 def _finite_mask(grads: PyTree, losses: jax.Array | None) -> jax.Array:
@@ -424,6 +442,7 @@ def dograph_transform(
         counts=jnp.zeros((m,), jnp.int32),
         assignments=jnp.zeros((batch_size,), jnp.int32) if has_batch else None,
         coefficients=jnp.zeros((batch_size,), jnp.float32) if has_batch else None,
+        kept=jnp.zeros((batch_size,), bool) if has_batch else None,
         nonfinite=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32),
         mass=jnp.zeros((m,), jnp.float32) if persistent else None,
@@ -527,17 +546,20 @@ def dograph_transform(
       losses = losses.astype(jnp.float32)
 
     if fast:
-      finite_B = jnp.all(jnp.isfinite(updates.sketches), axis=1)
+      finite_B = usable_sketches(updates.sketches)
       if losses is not None:
         finite_B = finite_B & jnp.isfinite(losses)
       z_BxK = jnp.where(finite_B[:, None], updates.sketches, 0.0)
     else:
       finite_B = _finite_mask(updates, losses)
-      clean = jax.tree.map(
-          lambda g: jnp.where(finite_B.reshape((b,) + (1,) * (g.ndim - 1)), g, 0),
-          updates)
-      z_BxK = sketch(clean, proj_key, k, kind=sketch_kind, block_budget=block_budget,
-                     normalize_blocks=normalize_blocks)
+      zero_dropped = lambda keep_B: jax.tree.map(
+          lambda g: jnp.where(keep_B.reshape((b,) + (1,) * (g.ndim - 1)), g, 0), updates)
+      z_BxK = sketch(zero_dropped(finite_B), proj_key, k, kind=sketch_kind,
+                     block_budget=block_budget, normalize_blocks=normalize_blocks)
+      # A finite gradient can still have a sketch too large for the statistics.
+      finite_B = finite_B & usable_sketches(z_BxK)
+      z_BxK = jnp.where(finite_B[:, None], z_BxK, 0.0)
+      clean = zero_dropped(finite_B)
     if losses is not None:
       losses = jnp.where(finite_B, losses, 0.0)
 
@@ -572,6 +594,7 @@ def dograph_transform(
         counts=counts_M.astype(jnp.int32),
         assignments=assign_B if has_batch else None,
         coefficients=a_B if has_batch else None,
+        kept=finite_B if has_batch else None,
         nonfinite=dropped,
         nonfinite_total=state.nonfinite_total + dropped,
         **fields)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import distributed, pretrain, reporting
+from experiments import distributed, reporting, single_run
 from experiments.configs import TrainConfig
 from experiments.methods import PROXY
 
@@ -91,12 +91,12 @@ class _Stages:
     stage_cfg = dataclasses.replace(self.cfg, **{**base, **overrides})
     done = out_dir / "summary.json"
     if done.exists():
-      pretrain._check_resumable(json.loads((out_dir / "config.json").read_text()), stage_cfg)
+      single_run._check_resumable(json.loads((out_dir / "config.json").read_text()), stage_cfg)
       summary = json.loads(done.read_text())
       log.info("stage %s: finished before (%.1f s); reusing it", name, summary["wall_s"])
     else:
       log.info("stage %s: %s", name, {k: v for k, v in overrides.items() if v})
-      summary = pretrain.train(stage_cfg)
+      summary = single_run.train_run(stage_cfg)
       if "halted_at" in summary:
         raise RuntimeError(f"stage {name} halted at step {summary['halted_at']}")
     self.cost[name] = float(summary["wall_s"])
@@ -105,7 +105,7 @@ class _Stages:
 
 def _natural(cfg: TrainConfig) -> dict[str, float]:
   """Natural (token) proportions of the corpus, in domain-id order."""
-  return dict(pretrain.load_data(dataclasses.replace(
+  return dict(single_run.load_data(dataclasses.replace(
       cfg, method="uniform", method_args="", proportions="")).proportions)
 
 
@@ -118,7 +118,7 @@ def _proxy_mixtures(cfg: TrainConfig, stages: _Stages, prior: dict[str, float]):
   for n, mixture in enumerate(mixtures):
     floored = _floor(dict(zip(names, mixture)))
     summary = stages.run(f"proxy_{n:02d}",
-                         proportions=pretrain.format_proportions(floored))
+                         proportions=single_run.format_proportions(floored))
     rows.append([floored[d] for d in names])
     # A training domain without validation rows has no loss to fit (the run
     # warned): the target is the domains that have one (columns M <= D).
@@ -172,7 +172,7 @@ def run(cfg: TrainConfig) -> dict:
   if main:
     (out_dir / "mixture.json").write_text(json.dumps(mixture, indent=2))
   log.info("%s mixture: %s", cfg.method, ", ".join(f"{n}={w:.3f}" for n, w in mixture.items()))
-  final = stages.run("final", proxy=False, proportions=pretrain.format_proportions(mixture))
+  final = stages.run("final", proxy=False, proportions=single_run.format_proportions(mixture))
   summary = {**final, "method": cfg.method, "mixture": mixture,
              "stages": dict(stages.cost), "wall_s": sum(stages.cost.values()),
              "orchestration_s": time.perf_counter() - t0}

@@ -198,11 +198,8 @@ def _mixer_grads(graphdef, cfg: TrainConfig, state, batch, probe_tokens):
   return losses_B, grads, mixer_state
 
 
-def _all_finite(tree, per_sample: bool = False) -> jax.Array:
-  """Whether every entry of ``tree`` is finite (``per_sample``: per leading index)."""
-  if per_sample:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
-                              for x in jax.tree.leaves(tree)]), axis=0)
+def _all_finite(tree) -> jax.Array:
+  """Whether every entry of ``tree`` is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -274,10 +271,8 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
     skipped = jnp.zeros((), bool)
     if method == "dograph":
       # The samples the transform kept (it drops those with a non-finite
-      # loss, sketch or gradient).
-      kept_B = jnp.isfinite(losses) & (
-          jnp.all(jnp.isfinite(fast.sketches), axis=1) if cfg.sketch == "factored"
-          else _all_finite(grads, per_sample=True))
+      # loss or gradient, or a sketch beyond dg.MAX_SKETCH_ENTRY).
+      kept_B = inner.kept
       kept = jnp.sum(kept_B)
       loss = jnp.where(kept > 0, jnp.sum(jnp.where(kept_B, losses, 0.0))
                        / jnp.maximum(kept, 1), jnp.nan)

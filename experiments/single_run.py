@@ -1,0 +1,443 @@
+"""One training run: data, model, the jitted loop, checkpoints, logs, summary.
+
+:func:`train_run` trains (or resumes) one run of an online method
+(``dograph``, ``uniform``, the online baselines and the offline pipelines'
+proxy runs). ``experiments/pretrain.py`` is the command line and dispatches
+the offline pipelines (``experiments/offline.py``), which call
+:func:`train_run` for each of their stages; both import this module and it
+imports neither, so the import graph has no circle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from dograph_jax import agreement, sharding
+from dograph_jax.data import (load_tokenizer, make_eval_batches, make_train_iterator,
+                              pack_domains_cached, read_split, resolve_proportions,
+                              train_bpe_tokenizer, write_synthetic_corpus)
+from dograph_jax.models import count_params
+from experiments import distributed, methods, reporting, training
+from experiments.checkpointing import Checkpointer
+from experiments.configs import TrainConfig
+from experiments.tracking import Progress, Tracker
+
+log = logging.getLogger("pretrain")
+DEFAULT_DATA_DIR = TrainConfig.data_dir
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunData:
+  """Everything the loop needs from the data layer."""
+  names: list[str]          # human domain names; position = domain_id
+  train_iter: Any           # grain.DatasetIterator of {"tokens", "domain_id"}
+  eval_batches: dict        # name -> list of {"tokens", "domain_id", "mask"}
+  vocab_size: int
+  proportions: dict
+  probe_tokens: np.ndarray | None = None  # (D, P, L + 1) Aioli's held-out rows
+  val_missing: list[str] = dataclasses.field(default_factory=list)  # training domains without validation rows
+
+
+def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
+  if cfg.tokenizer:
+    return load_tokenizer(cfg.tokenizer)
+  cached = data_dir / f"tokenizer-bpe-{cfg.vocab_size}"
+  if (cached / "tokenizer.json").exists():
+    log.info("using the tokenizer cached in %s", cached)
+    return load_tokenizer(cached)
+  log.info("training a byte-level BPE tokenizer (vocab %d) on the train split -> %s",
+           cfg.vocab_size, cached)
+  texts = (t for docs in train_docs.values() for t in docs)
+  return train_bpe_tokenizer(texts, cached, vocab_size=cfg.vocab_size)
+
+
+def parse_proportions(text: str) -> str | dict[str, float]:
+  """``--proportions``: ``""``/``"natural"``, ``"uniform"`` or
+  ``"name=weight,..."`` (checked against the domains by
+  ``resolve_proportions``)."""
+  text = text.strip()
+  if text in ("", "natural", "uniform"):
+    return text or "natural"
+  out = {}
+  for pair in text.split(","):
+    name, sep, value = pair.partition("=")
+    if not sep:
+      raise ValueError(f"--proportions: expected name=weight, got {pair!r}")
+    try:
+      out[name.strip()] = float(value)
+    except ValueError:
+      raise ValueError(f"--proportions: weight of {name.strip()!r} is not a number: "
+                       f"{value!r}") from None
+  return out
+
+
+def format_proportions(proportions: dict[str, float]) -> str:
+  """The ``--proportions`` text of a mapping (full float precision)."""
+  return ",".join(f"{name}={float(w)!r}" for name, w in proportions.items())
+
+
+def load_data(cfg: TrainConfig) -> RunData:
+  data_dir = Path(cfg.data_dir)
+  if cfg.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
+    log.info("generating the bundled synthetic corpus in %s", data_dir)
+    # Write aside and rename, so an interrupted generation is never mistaken
+    # for the corpus by the next run.
+    partial = data_dir.with_name(data_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_synthetic_corpus(partial, seed=0)
+    partial.rename(data_dir)
+  train_docs, train_skips = read_split(data_dir, "train", domain_field=cfg.domain_field)
+  val_docs, val_skips = read_split(data_dir, "validation", domain_field=cfg.domain_field)
+  tokenizer = _tokenizer(cfg, data_dir, train_docs)
+  cache = data_dir / ".packed"
+  packed = pack_domains_cached(train_docs, tokenizer, cfg.seq_len, cache)
+  packed_val = pack_domains_cached(val_docs, tokenizer, cfg.seq_len, cache)
+  resolved = resolve_proportions(packed, parse_proportions(cfg.proportions))
+  probe = None
+  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer_needs(cfg, packed):
+    packed, probe = _hold_out_probe(packed, cfg.probe_rows)
+  log.info("domains: %s", ", ".join(
+      f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
+  log.info("skipped records: train %s, validation %s", train_skips.as_dict(),
+           val_skips.as_dict())
+  eval_batches = make_eval_batches(packed_val, cfg.batch_size,
+                                   max_rows_per_domain=cfg.eval_rows or None,
+                                   domain_names=packed.names)
+  missing = [n for n in packed.names if n not in eval_batches]
+  if len(missing) == len(packed.names):
+    raise ValueError(f"the validation split of {data_dir} has no rows of any training "
+                     f"domain ({', '.join(packed.names)}): nothing to evaluate")
+  if missing:
+    log.warning("the validation split has no rows of training domain(s) %s: their "
+                "validation loss is not measured and the average perplexity is over "
+                "the other %d domain(s) (summary.json: val_missing)",
+                ", ".join(missing), len(packed.names) - len(missing))
+  return RunData(
+      names=list(packed.names),
+      train_iter=make_train_iterator(packed, cfg.batch_size, proportions=resolved,
+                                     seed=cfg.seed, **distributed.host_data_shard()),
+      eval_batches=eval_batches,
+      vocab_size=len(tokenizer),
+      proportions=resolved,
+      probe_tokens=probe,
+      val_missing=missing)
+
+
+def _mixer_needs(cfg: TrainConfig, packed) -> frozenset:
+  static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
+  return methods.build_mixer(cfg.method, len(packed.names), static, traced).needs
+
+
+def _hold_out_probe(packed, rows: int):
+  """Moves the last ``rows`` training rows of every domain into a probe set
+  ``(D, rows, L + 1)`` (Aioli's held-out losses): they are not trained on,
+  and the validation split stays untouched for the reported perplexities."""
+  short = [n for n, r in zip(packed.names, packed.rows) if len(r) <= 2 * rows]
+  if short:
+    raise ValueError(f"--probe_rows {rows}: domain(s) {short} have too few training rows "
+                     f"to hold {rows} out (need more than {2 * rows})")
+  probe = np.stack([r[-rows:] for r in packed.rows])
+  kept = dataclasses.replace(packed, rows=[r[:-rows] for r in packed.rows])
+  return kept, probe
+
+
+def load_run_params(run_dir: str | Path):
+  """The parameters of the last complete checkpoint of the run in ``run_dir``
+  (e.g. DoReMi's reference model), restored through that run's own config."""
+  run_dir = Path(run_dir)
+  config_file = run_dir / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{run_dir} holds no run (no config.json)")
+  run_cfg = TrainConfig(**json.loads(config_file.read_text()))
+  checkpointer = Checkpointer(run_dir / "checkpoints", async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+    meta = checkpointer.restore_meta(step)
+    vocab_size = meta["vocab_size"]
+    _, _, params = training.build_model(run_cfg, vocab_size)
+    tx = training.make_optimizer(run_cfg)
+    abstract = jax.eval_shape(lambda p: training.init_train_state(
+        p, tx, run_cfg, len(meta["domains"]),
+        ref_params=p if run_cfg.method == "doremi_proxy" else None), params)
+    state, _, _ = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  return state["params"]
+
+
+def evaluate(eval_step, params, eval_batches: dict, put=lambda tokens: tokens) -> dict[str, float]:
+  """Mean token loss of each domain's validation rows (padding excluded);
+  ``put`` places the tokens (on the mesh)."""
+  out = {}
+  for name, batches in eval_batches.items():
+    total, rows = 0.0, 0
+    for batch in batches:
+      losses = np.asarray(eval_step(params, put(batch["tokens"])))
+      mask = np.asarray(batch["mask"])
+      total += float(losses[mask].sum())
+      rows += int(mask.sum())
+    if rows:
+      out[name] = total / rows
+  return out
+
+
+def _host_record(metrics: dict, names: list[str]) -> dict:
+  """Scalars of a step's metrics for the logs (fetches them from the device)."""
+  m = jax.device_get(metrics)
+  losses, domain = np.asarray(m["losses"]), np.asarray(m["domain_id"])
+  finite = np.isfinite(losses)  # DoGraph drops (and counts) the others
+  record = {"loss": float(m["loss"]), "lr": float(m["lr"]),
+            "update_norm": float(m["update_norm"]),
+            "train_loss": {n: float(losses[(domain == i) & finite].mean())
+                           for i, n in enumerate(names) if ((domain == i) & finite).any()}}
+  if "weights" in m:
+    record["weights"] = [float(w) for w in m["weights"]]
+  if "frequencies" in m:
+    record["frequencies"] = [float(p) for p in m["frequencies"]]
+  if "coefficients" in m:  # each human domain's share of the update (sum of a_i)
+    a = np.asarray(m["coefficients"])
+    record["update_share"] = {n: float(a[domain == i].sum()) for i, n in enumerate(names)}
+  if "assignments" in m:
+    assign = np.asarray(m["assignments"])
+    record.update(
+        cluster_sizes=[int(c) for c in m["counts"]],
+        nonfinite=int(m["nonfinite"]),
+        ari=agreement.adjusted_rand_index(domain, assign),
+        nmi=agreement.normalized_mutual_info(domain, assign))
+  return record
+
+
+# Options that may change between a run and its resumption: they do not
+# affect the training trajectory (a different --mesh changes only the order
+# of floating-point sums).
+_RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
+                "save_every", "keep_checkpoints", "plots", "mesh"}
+
+
+# DoGraph's options, and those only one of its domain modes reads: a run
+# that does not read an option is not changed by it.
+_DOGRAPH_ONLY = {"objective", "num_domains", "domains", "prior", "sketch", "update", "sketch_dim",
+                 "sketch_kind", "sketch_norm", "kmeans_iters", "distance", "warm_start", "buffer_size", "decay",
+                 "anchor", "max_ratio", "reseed_fraction", "ema", "weight_floor", "lambda_graph",
+                 "temperature", "lambda_dir", "lambda_align"}
+_PERSISTENT_ONLY = {"prior", "decay", "anchor", "max_ratio", "reseed_fraction"}
+_BATCH_ONLY = {"warm_start", "buffer_size"}
+
+
+def _unread_options(cfg: TrainConfig) -> set[str]:
+  if cfg.method != "dograph":
+    return _DOGRAPH_ONLY
+  return _PERSISTENT_ONLY if cfg.domains == "batch" else _BATCH_ONLY
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+  current = dataclasses.asdict(cfg)
+  # An option the checkpoint's code did not have yet is read at its default.
+  defaults = dataclasses.asdict(TrainConfig())
+  saved = {**defaults, **saved}
+  ignored = _RESUME_FREE | _unread_options(cfg)
+  if saved.get("method") != cfg.method or (
+      cfg.method == "dograph" and saved.get("domains") != cfg.domains):
+    ignored = _RESUME_FREE  # a different method or domain mode is always a change
+  changed = sorted(k for k in current if k not in ignored and saved.get(k) != current[k])
+  if changed:
+    raise ValueError(
+        "--resume: the checkpoint was written with different settings for "
+        + ", ".join(f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in changed)
+        + "; resuming would not continue the same run. Use a new --out_dir.")
+
+
+def train_run(cfg: TrainConfig) -> dict:
+  """Runs (or resumes) one training run; returns the summary dict.
+
+  An offline method (``stratified``, ``doremi``, ``doge``, ``regmix``,
+  ``mixing_law``) is a pipeline of such runs: ``pretrain.train`` runs it.
+  """
+  if methods.kind(cfg.method) == "offline":
+    raise ValueError(f"method {cfg.method!r} is an offline pipeline of several runs: "
+                     "use experiments.pretrain.train (or offline.run)")
+  wall0 = time.perf_counter()
+  if jax.process_count() > 1 and not cfg.mesh:
+    raise ValueError("several processes need --mesh over all hosts' devices, e.g. "
+                     f"data={jax.device_count()}")
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad spec fails before any work
+  out_dir = Path(cfg.out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if distributed.is_main_process():  # other hosts write nothing but their checkpoint shards
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  data = load_data(cfg)
+  model_cfg, graphdef, params = training.build_model(cfg, data.vocab_size)
+  log.info("model %s: %s parameters", cfg.model, f"{count_params(params):,}")
+  tx = training.make_optimizer(cfg)
+  ref_params = None
+  if cfg.method == "doremi_proxy":
+    if not cfg.reference_dir:
+      raise ValueError("--method doremi_proxy needs --reference_dir (a finished reference run)")
+    ref_params = load_run_params(cfg.reference_dir)
+    if jax.tree.structure(ref_params) != jax.tree.structure(params) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params))):
+      raise ValueError(f"the reference model in {cfg.reference_dir} does not match --model "
+                       f"{cfg.model} with this tokenizer")
+  state = training.init_train_state(params, tx, cfg, len(data.names), ref_params=ref_params)
+  put = put_train = lambda batch: batch
+  step_shardings = {}
+  if mesh is not None:
+    state_sharding = sharding.state_shardings(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    put = lambda batch: sharding.shard_batch(batch, mesh)  # eval: the same rows on every host
+    # train: each host holds its own rows of the global batch (per-host loading)
+    put_train = lambda batch: sharding.shard_host_batch(batch, mesh)
+    step_shardings = dict(state_sharding=state_sharding,
+                          batch_sharding=sharding.batch_sharding(mesh))
+    log.info("mesh %s: %d %s devices, %d process(es)", dict(mesh.shape), mesh.size,
+             mesh.devices.flat[0].platform, jax.process_count())
+  train_step = training.make_train_step(graphdef, tx, cfg, probe_tokens=data.probe_tokens,
+                                        **step_shardings)
+  eval_step = training.make_eval_step(graphdef, mesh)
+
+  checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.keep_checkpoints)
+  start, wall_before = 0, 0.0  # wall_before: seconds spent on this run before a resume
+  if cfg.resume:
+    step = checkpointer.latest_step()
+    if step is None:
+      log.info("--resume: no complete checkpoint in %s; starting from scratch",
+               checkpointer.directory)
+    else:
+      state, data_state, meta = checkpointer.restore(step, training.abstract_like(state))
+      _check_resumable(meta["config"], cfg)
+      if meta.get("process_count", 1) != jax.process_count():
+        raise ValueError(
+            f"--resume: the checkpoint was written by {meta.get('process_count', 1)} "
+            f"process(es), this run has {jax.process_count()}; each host's share of the data "
+            "would differ, so the run would not continue exactly. Use a new --out_dir.")
+      wall_before = float(meta.get("wall_s", 0.0))
+      data.train_iter.set_state(data_state)
+      start = int(state["step"])
+      log.info("resumed from step %d (%s)", start, checkpointer.directory)
+  tracker = Tracker(out_dir, resume_step=start if cfg.resume else None)
+  contingency = np.zeros((len(data.names), cfg.num_domains), np.int64)
+  for r in tracker.records:  # re-accumulate the heatmap of the resumed history
+    if "contingency" in r:
+      contingency += np.asarray(r["contingency"], np.int64)
+
+  def save(step: int) -> None:
+    checkpointer.save(step, state, data.train_iter.get_state(),
+                      {"config": dataclasses.asdict(cfg), "step": step,
+                       "vocab_size": data.vocab_size, "domains": data.names,
+                       "process_count": jax.process_count(),
+                       "wall_s": wall_before + time.perf_counter() - wall0})
+
+  progress = Progress(start, cfg.steps, cfg.batch_size * cfg.seq_len, cfg.log_every)
+
+  def finish(done: int, metrics: dict) -> None:
+    """Host-side work for a finished step: NaN check, progress, logs."""
+    nonlocal contingency
+    loss = float(metrics["loss"])
+    kept_only = " over the samples DoGraph kept" if cfg.method == "dograph" else ""
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f"non-finite training loss{kept_only} ({loss}) at step {done}; stopping. "
+          f"Checkpoints in {checkpointer.directory} hold only steps before it.")
+    if not bool(metrics["update_finite"]):
+      raise NonFiniteLossError(
+          f"non-finite update at step {done} (finite loss {loss:.4g}); it was not applied; "
+          f"stopping. Checkpoints in {checkpointer.directory} hold only steps before it.")
+    dropped = int(metrics.get("nonfinite", 0))
+    skipped = bool(metrics["skipped"])
+    if dropped:
+      log.warning("step %d: dropped %d non-finite sample(s) of %d%s", done, dropped,
+                  cfg.batch_size, "; step skipped (second_backward cannot leave them out)"
+                  if skipped else "")
+    progress.update(done - 1, loss)
+    if done % cfg.log_every == 0 or done == cfg.steps or dropped:
+      record = _host_record(metrics, data.names)
+      record["skipped"] = int(skipped)
+      if cfg.method == "dograph":
+        table = agreement.contingency(np.asarray(metrics["domain_id"]),
+                                      np.asarray(metrics["assignments"]),
+                                      len(data.names), cfg.num_domains)
+        contingency += table
+        record["contingency"] = table.tolist()
+      tracker.log(done, record)
+
+  t0 = time.perf_counter()
+  pending = None  # (step, metrics) of the step whose results are not fetched yet
+  try:
+    for step in range(start, cfg.steps):
+      batch = put_train(next(data.train_iter))
+      state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
+      done = step + 1
+      # Fetch the previous step's metrics while this one runs (nanodo-style),
+      # so logging never stalls the device.
+      if pending is not None:
+        finish(*pending)
+      pending = (done, metrics)
+      evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+      halting = cfg.halt_after and done - start >= cfg.halt_after
+      saving = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or halting
+      if not (evaluating or saving):
+        continue
+      finish(*pending)  # this step's loss is checked before anything is saved
+      pending = None
+      if evaluating:
+        val = evaluate(eval_step, state["params"], data.eval_batches, put)
+        tracker.log(done, {"val_loss": val,
+                           "val_ppl": {n: math.exp(v) for n, v in val.items()}})
+      if saving:
+        save(done)
+      if halting:
+        log.info("halting after step %d as asked (--halt_after %d)", done, cfg.halt_after)
+        return {"halted_at": done}
+  finally:
+    progress.close()
+    checkpointer.close()
+    tracker.close()
+
+  elapsed = time.perf_counter() - t0
+  steps_run = cfg.steps - start
+  final = [r for r in tracker.records if "val_loss" in r][-1]["val_loss"]
+  summary = {"method": cfg.method, "objective": cfg.objective, "model": cfg.model,
+             "method_args": cfg.method_args, "proportions": data.proportions,
+             "steps": cfg.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
+             "wall_s": wall_before + time.perf_counter() - wall0,  # whole run, resumes included
+             "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / elapsed if elapsed else 0.0,
+             "val_loss": final, **reporting.perplexities(final),
+             "val_missing": data.val_missing,  # left out of the averages (warned)
+             # the failure policy's counts over the whole run (resumes included)
+             "nonfinite_samples": sum(int(r.get("nonfinite", 0)) for r in tracker.records),
+             "skipped_steps": sum(int(r.get("skipped", 0)) for r in tracker.records)}
+  if "mixer" in state:  # the time-averaged domain weights (DoReMi/DoGE's output)
+    mixer = jax.device_get(state["mixer"])
+    summary["mixer_average"] = dict(zip(
+        data.names, (np.asarray(mixer.weights_sum) / max(int(mixer.count), 1)).tolist()))
+    summary["mixer_final"] = dict(zip(data.names, np.asarray(mixer.weights).tolist()))
+  title = (f"{cfg.method}{'/' + cfg.objective if cfg.method == 'dograph' else ''} "
+           f"{cfg.model}, {cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len}")
+  if not distributed.is_main_process():
+    return summary
+  text = reporting.summary_table(title, final, summary["steps_per_s"])
+  (out_dir / "summary.txt").write_text(text + "\n")
+  (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if cfg.plots:
+    plots = reporting.write_plots(tracker.records, out_dir, data.names,
+                                  contingency if cfg.method == "dograph" else None,
+                                  weight_labels=data.names if "mixer" in state else None)
+    summary["plots"] = [str(p) for p in plots]
+  print(text)
+  return summary

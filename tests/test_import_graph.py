@@ -1,0 +1,69 @@
+"""The project's import graph has no circle (function-level imports count)."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("dograph_jax", "experiments")
+
+
+def _module_name(path: Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+  """Project modules that ``path`` imports, anywhere in the file."""
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      # `from pkg import mod` imports pkg.mod when that is a module
+      names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    else:
+      continue
+    out.update(n for n in names if n in modules)
+  return out
+
+
+def _graph() -> dict[str, set[str]]:
+  files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+  modules = {_module_name(p): p for p in files}
+  graph = {name: _imports(path, set(modules)) - {name} for name, path in modules.items()}
+  # A package's __init__ is imported by each of its submodules' imports:
+  # an edge to `a.b` also runs `a`; leave those out (they are how packages work).
+  return {name: {d for d in deps if not name.startswith(d + ".")} for name, deps in graph.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for dep in sorted(graph.get(node, ())):
+      if state.get(dep) == "open":
+        return stack[stack.index(dep):] + [dep]
+      if dep not in state and (found := visit(dep)):
+        return found
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state and (found := visit(node)):
+      return found
+  return None
+
+
+def test_cycle_finder_finds_a_circle():
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle():
+  graph = _graph()
+  assert "experiments.single_run" in graph["experiments.offline"]
+  assert "experiments.offline" in graph["experiments.pretrain"]
+  assert _cycle(graph) is None, " -> ".join(_cycle(graph))
