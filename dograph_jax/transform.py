@@ -64,7 +64,7 @@ from dograph_jax.clustering import (StreamingKMeans, assign, kmeans, kmeans_plus
 from dograph_jax.domains import (RunningSums, domain_stats, running_domain_stats,
                                  update_running_sums, zero_running_sums)
 from dograph_jax.factored import FactoredGrads
-from dograph_jax.projection import DEFAULT_BLOCK_BUDGET, sketch
+from dograph_jax.projection import DEFAULT_BLOCK_BUDGET, sketch, unit_rows
 
 PyTree = Any
 
@@ -463,7 +463,9 @@ def dograph_transform(
       mask = jnp.concatenate([state.buffer_valid, finite_B], 0)
     else:
       points, mask = z_BxK, finite_B
-    fresh = kmeans_plusplus(points, m, seed_key, mask)
+    # Spherical K-means seeds on the directions, as kmeans() itself does.
+    fresh = kmeans_plusplus(unit_rows(points) if distance == "cosine" else points, m,
+                            seed_key, mask)
     init_c = (jnp.where(state.count > 0, state.centroids, fresh)
               if warm_start else fresh)
     clusters = kmeans(points, m, seed_key, iters=kmeans_iters,
