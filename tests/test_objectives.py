@@ -12,7 +12,7 @@ import dograph_jax as dg
 from dograph_jax import objectives, simplex
 
 
-def _stats(seed, m=6, b=48, k=16, empty=(5,), singleton=(4,)):
+def _stats(seed, m=6, b=48, k=16, empty=(5,), singleton=(4,), raw=False):
   rng = np.random.default_rng(seed)
   centers = rng.normal(size=(m, k)) * rng.uniform(0.5, 3, size=(m, 1))
   spread = rng.uniform(0.2, 2.0, size=m)
@@ -24,8 +24,27 @@ def _stats(seed, m=6, b=48, k=16, empty=(5,), singleton=(4,)):
     assign[1] = j
   z = centers[assign] + spread[assign, None] * rng.normal(size=(b, k))
   losses = rng.uniform(1.0, 4.0, m)[assign] + 0.1 * rng.normal(size=b)
-  return dg.domain_stats(jnp.asarray(z, jnp.float32), jnp.asarray(assign), m,
-                         jnp.asarray(losses, jnp.float32))
+  z = z.astype(np.float32)
+  stats = dg.domain_stats(jnp.asarray(z), jnp.asarray(assign), m,
+                          jnp.asarray(losses, jnp.float32))
+  return (stats, z.astype(np.float64), assign) if raw else stats
+
+
+def _numpy_variances(z, assign, m, eps=1e-6):
+  """``s2_j`` of "uncertainty" from the raw sketches (docs/method.md §3):
+  each domain's mean squared distance to its mean; a singleton takes the
+  pooled within-domain variance ``sum SS / (n - #domains)``; then the
+  relative floor ``eps * mean_j s2_j``."""
+  present = np.bincount(assign, minlength=m) > 0
+  own, ss = np.zeros(m), 0.0
+  for j in np.flatnonzero(present):
+    rows = z[assign == j]
+    sq = np.sum((rows - rows.mean(0)) ** 2, axis=1)
+    own[j], ss = sq.mean(), ss + sq.sum()
+  pooled = ss / (len(z) - present.sum())
+  counts = np.bincount(assign, minlength=m)
+  s2 = np.where(counts >= 2, own, pooled) * present
+  return s2 + eps * s2[present].mean(), present
 
 
 def _scipy_min(fun, present, starts=1, seed=0):
@@ -58,9 +77,11 @@ def _np(stats):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("lambda_graph", [0.0, 0.5])
 def test_uncertainty(seed, lambda_graph):
-  stats = _stats(seed)
+  stats, z, assign = _stats(seed, raw=True)
   s = _np(stats)
-  s2 = np.asarray(objectives.effective_variances(stats), np.float64)
+  s2, present = _numpy_variances(z, assign, 6)  # not the code's effective_variances
+  np.testing.assert_allclose(np.asarray(objectives.effective_variances(stats))[present],
+                             s2[present], rtol=1e-4)
   scale = np.mean(s2[s.counts > 0])
   fun = lambda w: (np.sum(w**2 * s2) + lambda_graph * scale * w @ s.laplacian @ w)
   w_ref, f_ref = _scipy_min(fun, s.counts > 0)
@@ -284,14 +305,12 @@ def test_robust_with_prior_matches_scipy(seed, lambda_graph):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("lambda_graph", [0.0, 0.5])
 def test_uncertainty_with_prior_matches_scipy(seed, lambda_graph):
-  stats = _stats(seed)
+  stats, z, assign = _stats(seed, raw=True)
   s = _np(stats)
   pi, present = _prior(stats, seed)
   m = present.sum()
-  # per-domain variances as the docstring defines them (pooled below 2 samples)
-  s2 = np.where(s.counts >= 2, s.variances, s.pooled_variance)
-  s2 = np.where(present, s2, 0.0)
-  s2 = s2 + 1e-6 * s2[present].mean()
+  # per-domain variances from the raw sketches (pooled below 2 samples)
+  s2, _ = _numpy_variances(z, assign, 6)
   eff = np.where(present, s2 / np.where(present, m * pi, 1.0), 0.0)
   scale = eff[present].mean()
 
