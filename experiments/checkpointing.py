@@ -35,7 +35,7 @@ class Checkpointer:
     # own `cleanup_tmp_directories` runs in a background thread that can race
     # with the next manager opened on the same directory (seen under load).
     if jax.process_index() == 0 and self.directory.exists():
-      for partial in self.directory.glob("*.orbax-checkpoint-tmp-*"):
+      for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):  # with or without a -timestamp
         shutil.rmtree(partial, ignore_errors=True)
     self._manager = ocp.CheckpointManager(
         self.directory,

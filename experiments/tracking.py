@@ -28,10 +28,20 @@ def read_records(path: Path, *, up_to_step: int | None = None) -> list[dict]:
   """Records of a metrics JSONL file, optionally only those with step <= N."""
   if not path.exists():
     return []
+  text = path.read_text()
+  lines = text.split("\n")
+  if lines and lines[-1].strip():
+    # No newline at the end: a process killed while writing its last record.
+    # That record is incomplete; the history before it is whole.
+    log.warning("%s: dropping an unfinished last record (%d characters) left by an "
+                "interrupted run", path, len(lines[-1]))
   out = []
-  for line in path.read_text().splitlines():
+  for number, line in enumerate(lines[:-1], 1):
     if line.strip():
-      record = json.loads(line)
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {number}: not a JSON record ({e})") from e
       if up_to_step is None or record.get("step", 0) <= up_to_step:
         out.append(record)
   return out

@@ -72,7 +72,7 @@ def test_resume_skips_a_checkpoint_killed_midway(corpus, tmp_path):
   ckpt_dir = tmp_path / "run" / "checkpoints"
   # What a process killed while writing step 6 leaves behind: orbax's
   # temporary directory, incomplete (one item's files truncated).
-  partial = ckpt_dir / "6.orbax-checkpoint-tmp-1234567890"
+  partial = ckpt_dir / "6.orbax-checkpoint-tmp"  # the name this orbax gives it
   shutil.copytree(ckpt_dir / "3", partial)
   for f in sorted(partial.rglob("*")):
     if f.is_file():
@@ -167,3 +167,82 @@ def test_resume_check_ignores_options_the_method_does_not_read():
     pretrain._check_resumable(dataclasses.asdict(literal), persistent)
   with pytest.raises(ValueError, match="lr"):
     pretrain._check_resumable(dataclasses.asdict(dataclasses.replace(base, lr=1.0)), base)
+
+
+def _cli(cfg) -> list[str]:
+  """``pretrain.py`` arguments that reproduce ``cfg``."""
+  args = []
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if value != field.default:
+      args.append(f"--{field.name}={str(value).lower() if isinstance(value, bool) else value}")
+  return args
+
+
+def test_sigkill_during_an_orbax_save_then_resume_is_exact(corpus, tmp_path):
+  """A real interrupted save: a child ``pretrain.py`` saving every step is
+  killed with SIGKILL while orbax's temporary checkpoint directory exists
+  (the save is in flight); the resumed run ends with the parameters, data
+  position and per-step losses of a straight run."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  from pathlib import Path
+
+  steps = 20
+  straight = _cfg(corpus, tmp_path / "straight", steps=steps, save_every=1, eval_every=0,
+                  keep_checkpoints=3)
+  pretrain.train(straight)  # also caches the tokenizer and packed rows for the child
+  repo = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
+  for attempt in range(5):
+    run = tmp_path / f"killed{attempt}"
+    cfg = dataclasses.replace(straight, out_dir=str(run))
+    child = subprocess.Popen([sys.executable, str(repo / "experiments" / "pretrain.py"),
+                              *_cli(cfg)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    ckpts, killed_in_flight = run / "checkpoints", False
+    deadline = time.monotonic() + 300
+    while child.poll() is None and time.monotonic() < deadline:
+      if ckpts.exists():
+        names = [e.name for e in os.scandir(ckpts)]
+        done = [n for n in names if n.isdigit()]
+        if len(done) >= 2 and any(".orbax-checkpoint-tmp" in n for n in names):
+          child.send_signal(signal.SIGKILL)
+          child.wait()
+          # Still there after the kill: the save had not been renamed into place.
+          killed_in_flight = any(".orbax-checkpoint-tmp" in e.name for e in os.scandir(ckpts))
+          break
+    if child.poll() is None:
+      child.kill()
+    child.wait()
+    if killed_in_flight:
+      break
+  assert killed_in_flight, "never caught a save in flight in 5 runs"
+  ckpt = Checkpointer(run / "checkpoints")  # drops the partial directory
+  killed_at = ckpt.latest_step()
+  ckpt.close()
+  assert killed_at is not None and killed_at < steps
+  assert not list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+  summary = pretrain.train(dataclasses.replace(cfg, resume=True))
+  assert summary["steps"] == steps
+  assert _losses(run) == _losses(tmp_path / "straight")
+  a, data_a = _final_params(straight)
+  b, data_b = _final_params(cfg)
+  assert data_a == data_b
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_unfinished_last_metrics_record_is_dropped(tmp_path, caplog):
+  from experiments.tracking import read_records
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+  with caplog.at_level("WARNING"):
+    assert read_records(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+  assert "unfinished last record" in caplog.text
+  path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+  with pytest.raises(ValueError, match="line 2: not a JSON record"):
+    read_records(path)
