@@ -149,6 +149,21 @@ def _multi(out: str, shared: str) -> None:
   jax.distributed.shutdown()
 
 
+def _train(out: str, cfg_json: str) -> None:
+  """``pretrain.train`` in one of two processes; writes its summary (or error)."""
+  assert distributed.maybe_initialize_distributed()
+  from experiments import pretrain  # pylint: disable=g-import-not-at-top
+  from experiments.configs import TrainConfig  # pylint: disable=g-import-not-at-top
+  cfg = TrainConfig(**json.loads(cfg_json))
+  try:
+    result = {"summary": pretrain.train(cfg)}
+  except ValueError as e:
+    result = {"error": str(e)}
+  result["process_index"] = jax.process_index()
+  Path(out).write_text(json.dumps(result))
+  jax.distributed.shutdown()
+
+
 # --------------------------------------------------------------------------
 # Parent.
 
@@ -235,6 +250,82 @@ def test_two_processes_with_jax_distributed(tmp_path):
   assert [p.name for p in shared.iterdir()] == ["metrics.jsonl"]
 
 
+def _two_processes(tmp_path, mode: str, arg: str, tag: str) -> list[dict]:
+  """Runs this module's ``mode`` in two joined processes; their JSON outputs."""
+  address = f"localhost:{_free_port()}"
+  procs, outs = [], []
+  for pid in range(2):
+    outs.append(tmp_path / f"{tag}{pid}.json")
+    env = _child_env(**{distributed.COORDINATOR: address, distributed.NUM_PROCESSES: "2",
+                        distributed.PROCESS_ID: str(pid)})
+    procs.append(subprocess.Popen([sys.executable, __file__, mode, str(outs[-1]), arg],
+                                  cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE))
+  errors = []
+  for pid, p in enumerate(procs):
+    try:
+      _, err = p.communicate(timeout=CHILD_TIMEOUT_S * 2)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f"{tag}: process {pid} did not finish")
+    if p.returncode:
+      errors.append(f"process {pid} exited {p.returncode}:\n{err[-3000:]}")
+  if errors and all("jax_cpu_collectives_implementation" in e and "Unrecognized" in e
+                    for e in errors):
+    pytest.skip("this jax has no CPU collectives option (gloo): " + errors[0][-300:])
+  assert not errors, "\n".join(errors)
+  return [json.loads(o.read_text()) for o in outs]
+
+
+def test_pretrain_train_across_two_processes_saves_resumes_and_refuses(tmp_path):
+  """``pretrain.train`` over 2 processes x 2 CPU devices: a collective save
+  (halt after 2 of 4 steps, --mesh data=4), a collective restore on another
+  mesh (data=2,fsdp=2) that continues the straight two-process run, the same
+  metrics on both processes, files written by process 0 only; then a
+  one-process resume of that checkpoint is refused. (Two hosts' batches are
+  a stratified stream of their own, equal to one host's only under the
+  divisibility conditions of ``make_train_iterator``, so the oracle is a
+  straight two-process run.)"""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from dograph_jax.data import write_synthetic_corpus  # pylint: disable=g-import-not-at-top
+  from experiments import pretrain  # pylint: disable=g-import-not-at-top
+  from experiments.configs import TrainConfig  # pylint: disable=g-import-not-at-top
+
+  corpus = write_synthetic_corpus(tmp_path / "corpus", seed=1, total_docs=200)
+  base = TrainConfig(data_dir=str(corpus), vocab_size=300, model="mini", steps=4,
+                     batch_size=8, seq_len=32, num_domains=3, sketch_dim=64, eval_every=2,
+                     eval_rows=8, save_every=2, log_every=1, warmup_steps=1, plots=False,
+                     mesh="data=4")
+  pretrain.load_data(base)  # caches the tokenizer and packed rows: the processes only read them
+  config = lambda **kw: json.dumps(dataclasses.asdict(dataclasses.replace(base, **kw)))
+  straight = _two_processes(tmp_path, "train", config(out_dir=str(tmp_path / "straight")),
+                            "straight")
+  run = tmp_path / "two"
+  first = _two_processes(tmp_path, "train", config(out_dir=str(run), halt_after=2), "halt")
+  assert [r["summary"] for r in first] == [{"halted_at": 2}] * 2
+  second = _two_processes(tmp_path, "train", config(out_dir=str(run), resume=True,
+                                                    mesh="data=2,fsdp=2"), "resume")
+  a, b = (r["summary"] for r in second)
+  assert a["val_loss"] == b["val_loss"] and a["steps"] == b["steps"] == 4  # same on both
+  want = straight[0]["summary"]
+  assert straight[1]["summary"]["val_loss"] == want["val_loss"]
+  for name, loss in want["val_loss"].items():
+    assert a["val_loss"][name] == pytest.approx(loss, rel=1e-5)  # the mesh reorders sums only
+  losses = lambda d: [(r["step"], r["loss"]) for r in tracking.read_records(d / "metrics.jsonl")
+                      if "loss" in r]
+  got, ref = losses(run), losses(tmp_path / "straight")
+  assert [s for s, _ in got] == [s for s, _ in ref] == [1, 2, 3, 4]  # one history
+  np.testing.assert_allclose([x for _, x in got], [x for _, x in ref], rtol=1e-5)
+  assert got[:2] == ref[:2]  # before the save: the same mesh, the same numbers
+  # Process 0 wrote the run's files; process 1 only its checkpoint shards.
+  assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == [
+      "checkpoints", "config.json", "metrics.jsonl", "summary.json", "summary.txt"]
+  # One process cannot continue what two wrote (each host's share of the data).
+  with pytest.raises(ValueError, match="written by 2 process"):
+    pretrain.train(dataclasses.replace(base, out_dir=str(run), resume=True, mesh=""))
+
+
 @pytest.fixture
 def as_process(monkeypatch):
   """Pretend to be process ``index`` of ``count`` (jax's own functions)."""
@@ -293,9 +384,9 @@ if __name__ == "__main__":
   if sys.argv[1] == "devices8":
     jax.config.update("jax_num_cpu_devices", 8)
     _devices8(sys.argv[2])
-  elif sys.argv[1] == "multi":
+  elif sys.argv[1] in ("multi", "train"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", 2)
-    _multi(sys.argv[2], sys.argv[3])
+    (_multi if sys.argv[1] == "multi" else _train)(sys.argv[2], sys.argv[3])
   else:
     raise SystemExit(f"unknown mode {sys.argv[1]!r}")
