@@ -98,7 +98,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
   static = dict(method=cfg.method, objective=cfg.objective, num_domains=cfg.num_domains,
                 domains=cfg.domains, prior=cfg.prior,
                 sketch_dim=cfg.sketch_dim, sketch_kind=cfg.sketch_kind,
-                sketch_norm=cfg.sketch_norm, kmeans_iters=cfg.kmeans_iters, distance=cfg.distance, warm_start=cfg.warm_start,
+                sketch_norm=cfg.sketch_norm, kmeans_iters=cfg.kmeans_iters,
+                distance=cfg.distance, warm_start=cfg.warm_start,
                 buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, seed=cfg.seed,
                 warmup_steps=min(cfg.warmup_steps, cfg.steps), total_steps=cfg.steps,
                 clip_norm=cfg.clip_norm)
@@ -259,9 +260,9 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
       (_, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
     inner = dograph_state(opt_state)
-    # The failure policy (docs/method.md, "Non-finite input"): DoGraph drops
-    # non-finite samples and counts them, so its loss is the mean over the
-    # finite ones (NaN only when none is left: the host then stops). A step
+    # The failure policy (docs/method.md §4): DoGraph drops non-finite
+    # samples and counts them, so its loss is the mean over the kept ones
+    # (NaN only when none is left: the host then stops). A step
     # whose update is non-finite is never applied (the host stops naming it);
     # a step that kept no sample, or a second-backward step with a dropped
     # sample, is skipped whole: the transform zeroes its update, and
@@ -291,7 +292,8 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
       head = jax.tree.map(pick(revert_all), new_opt_state.inner_state[0],
                           state["opt_state"].inner_state[0])
       opt_state = opt_state._replace(inner_state=(head, *opt_state.inner_state[1:]))
-      inner = head
+    # The metrics below describe this step as computed (`inner`), also when
+    # its update was not applied.
     hyper = opt_state.hyperparams  # this step's values (inject_hyperparams)
     metrics = {"loss": loss, "losses": losses, "domain_id": batch["domain_id"],
                "update_norm": optax.tree.norm(updates), "update_finite": update_finite,
