@@ -203,31 +203,7 @@ def test_two_processes_with_jax_distributed(tmp_path):
   """Two real JAX processes (2 CPU devices each) joined over localhost."""
   shared = tmp_path / "run"
   shared.mkdir()
-  address = f"localhost:{_free_port()}"
-  procs, outs = [], []
-  for pid in range(2):
-    outs.append(tmp_path / f"process{pid}.json")
-    env = _child_env(**{distributed.COORDINATOR: address, distributed.NUM_PROCESSES: "2",
-                        distributed.PROCESS_ID: str(pid)})
-    procs.append(subprocess.Popen([sys.executable, __file__, "multi", str(outs[-1]),
-                                   str(shared)], cwd=ROOT, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-  errors = []
-  for pid, p in enumerate(procs):
-    try:
-      _, err = p.communicate(timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail(f"process {pid} did not finish in {CHILD_TIMEOUT_S} s")
-    if p.returncode:
-      errors.append(f"process {pid} exited {p.returncode}:\n{err[-3000:]}")
-  if errors and all("jax_cpu_collectives_implementation" in e and "Unrecognized" in e
-                    for e in errors):
-    pytest.skip("this jax has no CPU collectives option (gloo): " + errors[0][-300:])
-  assert not errors, "\n".join(errors)
-
-  infos = [json.loads(o.read_text()) for o in outs]
+  infos = _two_processes(tmp_path, "multi", str(shared), "process", CHILD_TIMEOUT_S)
   for pid, info in enumerate(infos):
     assert info["process_index"] == pid and info["process_count"] == 2
     assert info["device_count"] == 4 and info["local_device_count"] == 2
@@ -250,7 +226,8 @@ def test_two_processes_with_jax_distributed(tmp_path):
   assert [p.name for p in shared.iterdir()] == ["metrics.jsonl"]
 
 
-def _two_processes(tmp_path, mode: str, arg: str, tag: str) -> list[dict]:
+def _two_processes(tmp_path, mode: str, arg: str, tag: str,
+                   timeout_s: int = 2 * CHILD_TIMEOUT_S) -> list[dict]:
   """Runs this module's ``mode`` in two joined processes; their JSON outputs."""
   address = f"localhost:{_free_port()}"
   procs, outs = [], []
@@ -264,7 +241,7 @@ def _two_processes(tmp_path, mode: str, arg: str, tag: str) -> list[dict]:
   errors = []
   for pid, p in enumerate(procs):
     try:
-      _, err = p.communicate(timeout=CHILD_TIMEOUT_S * 2)
+      _, err = p.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
