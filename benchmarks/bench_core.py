@@ -59,10 +59,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -367,7 +369,7 @@ def bench_kmeans(args) -> None:
 # --------------------------------------------------------------------------
 # Section 3: the weight solvers.
 
-def realistic_stats(seed: int) -> dg.DomainStats:
+def realistic_stats(seed: int, sketch_dim: int = SKETCH_DIM) -> dg.DomainStats:
   """Domain statistics of a B=48 batch of MLP gradients, as in the transform."""
   key = jax.random.PRNGKey(seed)
   params = init_mlp(key)
@@ -376,24 +378,25 @@ def realistic_stats(seed: int) -> dg.DomainStats:
   @jax.jit
   def stats_fn(params, batch):
     losses, grads = dg.per_sample_loss_and_grads(example_loss, params, batch)
-    z = dg.sketch(grads, jax.random.fold_in(key, 3), SKETCH_DIM)
+    z = dg.sketch(grads, jax.random.fold_in(key, 3), sketch_dim)
     clusters = dg.kmeans(z, NUM_DOMAINS, jax.random.fold_in(key, 4), iters=10)
     return dg.domain_stats(z, clusters.assignments, NUM_DOMAINS, losses)
 
   return stats_fn(params, batch)
 
 
-def bench_solvers(args, adamw_time: float | None) -> None:
+def bench_solvers(args, adamw_time: float | None) -> list[dict]:
+  """Section 3; returns one row per (objective, lambda_graph) for ``--json``."""
   section(f"3. Weight solver (solve_weights, jit): B={SOLVER_BATCH}, "
-          f"K={SKETCH_DIM}, M={NUM_DOMAINS}")
-  stats = realistic_stats(args.seed)
+          f"K={args.solver_sketch_dim}, M={NUM_DOMAINS}")
+  stats = realistic_stats(args.seed, args.solver_sketch_dim)
   counts = np.asarray(stats.counts).astype(int)
   print(f"domain sizes: {sorted(counts.tolist(), reverse=True)} "
         f"({int(np.sum(counts > 0))} present)")
 
   fns, solvers = {}, {}
   for objective in dg.OBJECTIVES:
-    for lam in LAMBDA_GRAPHS:
+    for lam in args.lambda_graphs:
       solve = jax.jit(functools.partial(dg.solve_weights, objective=objective,
                                         lambda_graph=lam))
       solvers[objective, lam] = solve
@@ -419,6 +422,9 @@ def bench_solvers(args, adamw_time: float | None) -> None:
   print_table(header, rows)
   print("w@0: the same objective's weights with lambda_graph=0")
   warn_if_unstable(times)
+  return [{"objective": objective, "lambda_graph": lam, "median_s": t.median,
+           "min_s": t.min, "vs_adamw_update": t.median / adamw_time if adamw_time else None}
+          for (objective, lam), t in times.items()]
 
 
 # --------------------------------------------------------------------------
@@ -441,7 +447,16 @@ def main() -> None:
                       default=(1, 2, 3), help="sections to run (default all)")
   parser.add_argument("--seed", type=int, default=0,
                       help="seed of the data, the model and the sketch")
+  parser.add_argument("--lambda-graphs", default=",".join(f"{x:g}" for x in LAMBDA_GRAPHS),
+                      help="graph-term strengths of section 3, comma-separated "
+                           "(0 is always included as the reference; default 0,0.1)")
+  parser.add_argument("--solver-sketch-dim", type=int, default=SKETCH_DIM,
+                      help=f"sketch dimension K of section 3's statistics (default {SKETCH_DIM})")
+  parser.add_argument("--json", default=None, metavar="PATH",
+                      help="also write section 1's AdamW update time and section 3's "
+                           "solver times as JSON (read by experiments/analyses.py objectives)")
   args = parser.parse_args()
+  args.lambda_graphs = sorted({0.0, *(float(x) for x in args.lambda_graphs.split(",") if x)})
   if args.quick:
     args.repeats, args.min_time = 3, 0.01
   if args.repeats < 1:
@@ -459,9 +474,17 @@ def main() -> None:
   adamw_time = bench_update(args) if 1 in args.sections else None
   if 2 in args.sections:
     bench_kmeans(args)
-  if 3 in args.sections:
-    bench_solvers(args, adamw_time)
+  solvers = bench_solvers(args, adamw_time) if 3 in args.sections else []
   print(f"\ntotal wall time: {time.perf_counter() - start:.1f} s")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"command": " ".join(["python", *sys.argv]), "jax": jax.__version__,
+                 "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+                 "num_domains": NUM_DOMAINS, "solver_batch": SOLVER_BATCH,
+                 "solver_sketch_dim": args.solver_sketch_dim,
+                 "adamw_update_s": adamw_time, "adamw_params": "2-layer MLP, ~295k",
+                 "solvers": solvers}, f, indent=2)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Steps of the complete checkpoints (temporary directories excluded)."""
+    return list(self._manager.all_steps())
+
   def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
     """Start saving ``step`` (returns before the write finishes if async)."""
     self._manager.save(step, args=ocp.args.Composite(

@@ -155,9 +155,10 @@ def _hold_out_probe(packed, rows: int):
   return kept, probe
 
 
-def load_run_params(run_dir: str | Path):
-  """The parameters of the last complete checkpoint of the run in ``run_dir``
-  (e.g. DoReMi's reference model), restored through that run's own config."""
+def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[dict, dict, TrainConfig]:
+  """``(train state, checkpoint meta, run config)`` of the run in ``run_dir``
+  at checkpoint ``step`` (default: the last complete one), restored through
+  that run's own config (its model, optimizer and mixer)."""
   run_dir = Path(run_dir)
   config_file = run_dir / "config.json"
   if not config_file.exists():
@@ -165,9 +166,10 @@ def load_run_params(run_dir: str | Path):
   run_cfg = TrainConfig(**json.loads(config_file.read_text()))
   checkpointer = Checkpointer(run_dir / "checkpoints", async_save=False)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
+    latest = checkpointer.latest_step()
+    if latest is None:
       raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+    step = latest if step is None else step
     meta = checkpointer.restore_meta(step)
     vocab_size = meta["vocab_size"]
     _, _, params = training.build_model(run_cfg, vocab_size)
@@ -178,7 +180,22 @@ def load_run_params(run_dir: str | Path):
     state, _, _ = checkpointer.restore(step, abstract)
   finally:
     checkpointer.close()
-  return state["params"]
+  return state, meta, run_cfg
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+  """The steps of the complete checkpoints of the run in ``run_dir``."""
+  checkpointer = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
+  try:
+    return sorted(checkpointer.all_steps())
+  finally:
+    checkpointer.close()
+
+
+def load_run_params(run_dir: str | Path):
+  """The parameters of the last complete checkpoint of the run in ``run_dir``
+  (e.g. DoReMi's reference model), restored through that run's own config."""
+  return load_run_state(run_dir)[0]["params"]
 
 
 def evaluate(eval_step, params, eval_batches: dict, put=lambda tokens: tokens) -> dict[str, float]:
@@ -368,6 +385,9 @@ def train_run(cfg: TrainConfig) -> dict:
     if done % cfg.log_every == 0 or done == cfg.steps or dropped:
       record = _host_record(metrics, data.names)
       record["skipped"] = int(skipped)
+      # seconds since this process's loop began (steady-state speed between
+      # two records, without the first step's compilation)
+      record["elapsed_s"] = time.perf_counter() - t0
       if cfg.method == "dograph":
         table = agreement.contingency(np.asarray(metrics["domain_id"]),
                                       np.asarray(metrics["assignments"]),
