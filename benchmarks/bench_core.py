@@ -37,12 +37,16 @@ Run as ``python benchmarks/bench_core.py`` (``--quick`` for a smoke run,
 3. **Weight solver.** ``solve_weights`` (jitted, one function per objective
    and ``lambda_graph``, hyperparameters closed over as in
    ``dograph_transform``) for every objective in ``OBJECTIVES``, with
-   ``lambda_graph = 0`` and ``0.1``, on the domain statistics of a realistic
-   batch: per-sample gradients of the MLP on ``B = 48`` examples from 11
-   synthetic input distributions, sketched to ``K = 256``, clustered into
-   ``M = 11`` domains (k-means++ then 10 Lloyd iterations), with per-sample
-   losses (needed by ``"robust"``). The L1 distance of the weights to those
-   of ``lambda_graph = 0`` shows how much the graph term moved them.
+   ``lambda_graph = 0`` and ``0.1`` (``--lambda-graphs``), on the domain
+   statistics of a realistic batch: per-sample gradients of the MLP on
+   ``B = 48`` examples from 11 synthetic input distributions, sketched to
+   ``K = 256`` (``--solver-sketch-dim``), clustered into ``M = 11`` domains
+   (k-means++ then 10 Lloyd iterations), with per-sample losses (needed by
+   ``"robust"``). The L1 distance of the weights to those of
+   ``lambda_graph = 0`` shows how much the graph term moved them.
+
+``--json PATH`` also writes section 1's AdamW update time and section 3's
+solver times (``experiments/analyses.py objectives`` reads them).
 
 Timing: every function is jitted, called once to compile and once more to
 warm up, then timed with ``time.perf_counter`` around calls that each end in
