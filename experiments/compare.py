@@ -51,6 +51,9 @@ from experiments.configs import TrainConfig, parse_config
 from experiments.tracking import read_records
 
 log = logging.getLogger("compare")
+# The paper's Table 1 tasks (experiments/evaluate.py has the same default).
+PAPER_TASKS = ("hellaswag", "piqa", "openbookqa", "copa", "logiqa", "winogrande", "sciq",
+               "arc_easy", "lambada_openai")
 
 
 def run_dir(out_dir: Path, method: str, seed: int) -> Path:
@@ -86,7 +89,13 @@ def aggregate(summaries: dict[str, list[dict]], baseline: str = "uniform") -> di
     names = list(runs[0]["val_loss"])
     per_domain = {n: np.asarray([p["per_domain"][n] for p in ppl]) for n in names}
     wall = float(np.mean([r["wall_s"] for r in runs]))
+    evals = [r["eval"] for r in runs if r.get("eval")]
+    tasks = [t for t in (evals[0] if evals else {}) if all(t in e for e in evals)]
     out[method] = {
+        # downstream scores (--eval_tasks): primary metric per task over the
+        # seeds that have it
+        "eval_mean": {t: float(np.mean([e[t] for e in evals])) for t in tasks},
+        "eval_std": {t: float(np.std([e[t] for e in evals])) for t in tasks},
         "seeds": [r.get("seed") for r in runs], "runs": len(runs),
         "average_mean": float(average.mean()), "average_std": float(average.std(ddof=0)),
         "worst_mean": float(worst.mean()), "worst_std": float(worst.std(ddof=0)),
@@ -127,7 +136,12 @@ def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = No
   if not agg and not lost:
     return f"{title}\n\n(no finished runs)\n"
   names = list(next(iter(agg.values()))["per_domain_mean"]) if agg else []
-  head = ["method", "runs", "avg val PPL", "worst-domain PPL", *names, "wall vs uniform"]
+  tasks = []
+  for a in agg.values():
+    tasks += [t for t in a.get("eval_mean", {}) if t not in tasks]
+  eval_head = [*tasks, "eval mean"] if tasks else []
+  head = ["method", "runs", "avg val PPL", "worst-domain PPL", *names, *eval_head,
+          "wall vs uniform"]
   lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for method in order:
     a, bad = agg.get(method), lost.get(method, [])
@@ -137,12 +151,14 @@ def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = No
       runs = f"{runs}/{len(bad) + (a['runs'] if a else 0)}, " + ", ".join(
           f"{kinds.count(k)} {k}" for k in ("diverged", "failed") if k in kinds)
     if a is None:
-      lines.append("| " + " | ".join([method, runs, "-", "-", *("-" for _ in names), "-"]) + " |")
+      lines.append("| " + " | ".join([method, runs, "-", "-", *("-" for _ in names),
+                                       *("-" for _ in eval_head), "-"]) + " |")
       continue
     rel = f"{a['wall_vs_uniform']:.2f}x" if a["wall_vs_uniform"] else "-"
     row = [method, runs, f"{a['average_mean']:.3f} ± {a['average_std']:.3f}",
            f"{a['worst_mean']:.3f} ± {a['worst_std']:.3f}",
-           *(f"{a['per_domain_mean'][n]:.3f}" for n in names), rel]
+           *(f"{a['per_domain_mean'][n]:.3f}" for n in names),
+           *_eval_cells(a, tasks), rel]
     lines.append("| " + " | ".join(row) + " |")
   if failures:
     lines += ["", "Runs that did not finish (left out of the means above; "
@@ -152,6 +168,37 @@ def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = No
         last = next((x.strip() for x in reversed(trace.strip().splitlines()) if x.strip()), "")
         lines.append(f"- {method} seed {seed}: {failure_kind(trace)}: {last}")
   return "\n".join(lines) + "\n"
+
+
+def _eval_cells(a: dict, tasks: Sequence[str]) -> list[str]:
+  """The downstream columns of one method: each task's primary metric (mean
+  ± std over seeds) and their mean."""
+  if not tasks:
+    return []
+  means, stds = a.get("eval_mean", {}), a.get("eval_std", {})
+  cells = [f"{means[t]:.4f} ± {stds[t]:.4f}" if t in means else "-" for t in tasks]
+  have = [means[t] for t in tasks if t in means]
+  return cells + [f"{np.mean(have):.4f}" if len(have) == len(tasks) else "-"]
+
+
+def run_eval(directory: Path, tasks: Sequence[str], include_path: str | None,
+             limit: float | None, batch_size: int) -> dict[str, float]:
+  """``{task: primary metric}`` of one finished run; evaluates it unless its
+  ``eval.json`` already holds these tasks at this limit."""
+  from experiments import evaluate
+  done = directory / "eval.json"
+  if done.exists():
+    result = json.loads(done.read_text())
+    if (set(tasks) <= set(result["tasks"]) and result.get("limit") == limit
+        and result.get("num_fewshot", 0) == 0):
+      log.info("%s: evaluated before; reusing eval.json", directory)
+      return {t: result["tasks"][t]["value"] for t in tasks}
+  result = evaluate.evaluate_run(directory, tasks, include_path=include_path, limit=limit,
+                                 batch_size=batch_size)
+  if result["failed"]:
+    raise RuntimeError(f"evaluation of {directory} could not run "
+                       + "; ".join(f"{t}: {why}" for t, why in result["failed"].items()))
+  return {t: result["tasks"][t]["value"] for t in tasks}
 
 
 def _weight_records(directory: Path) -> tuple[list[int], np.ndarray] | None:
@@ -230,11 +277,16 @@ def parse_method_args_for(specs: Sequence[str]) -> dict[str, str]:
 
 
 def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int],
-            out_dir: Path, method_args: dict[str, str] | None = None) -> dict:
+            out_dir: Path, method_args: dict[str, str] | None = None,
+            eval_tasks: Sequence[str] = (), eval_include_path: str | None = None,
+            eval_limit: float | None = None, eval_batch_size: int = 16) -> dict:
   """Runs every (method, seed) not yet finished; writes and returns the report.
 
   ``method_args``: per-method ``--method_args`` (default: each method's own
-  defaults)."""
+  defaults). ``eval_tasks``: lm-eval tasks each finished run is evaluated on
+  (``experiments/evaluate.py``; read back from its ``eval.json`` when done
+  before), added to the table as columns with their mean; a run whose
+  evaluation fails counts as a failed run."""
   method_args = method_args or {}
   out_dir.mkdir(parents=True, exist_ok=True)
   summaries: dict[str, list[dict]] = {m: [] for m in method_names}
@@ -243,6 +295,10 @@ def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int]
     for seed in seeds:
       try:
         summary = run_one(base, method, seed, out_dir, method_args.get(method, ""))
+        if eval_tasks:
+          summary = {**summary, "eval": run_eval(run_dir(out_dir, method, seed), eval_tasks,
+                                                 eval_include_path, eval_limit,
+                                                 eval_batch_size)}
       except Exception as e:  # one crashed method must not lose the others
         log.error("%s seed %d failed: %s", method, seed, e)
         failures[f"{method}/seed{seed}"] = traceback.format_exc()
@@ -278,14 +334,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--args", action="append", default=[],
                       help="METHOD:name=value,... a method's --method_args (repeatable), "
                            "e.g. loss_based:burn_in=100")
+  parser.add_argument("--eval_tasks", default="",
+                      help="comma-separated lm-eval tasks to evaluate every run on "
+                           "(e.g. the paper's: " + ",".join(PAPER_TASKS) + ")")
+  parser.add_argument("--eval_include_path", default=None, help="local task YAML directory")
+  parser.add_argument("--eval_limit", type=float, default=None, help="documents per task")
+  parser.add_argument("--eval_batch_size", type=int, default=16)
   own, rest = parser.parse_known_args(argv)
+  eval_tasks = [t for t in own.eval_tasks.split(",") if t]
+  if eval_tasks:
+    from experiments import evaluate
+    evaluate.set_offline(online=False)
+  limit = own.eval_limit
+  if limit is not None and limit >= 1:
+    limit = int(limit)
   names = list(methods.COMPARED) if own.methods == "all" else own.methods.split(",")
   for name in names:
     methods.kind(name)  # an unknown method fails before any run
   seeds = [int(s) for s in own.seeds.split(",")]
   base = parse_config(rest, base=TrainConfig(out_dir="runs/compare"),
                       description=__doc__.splitlines()[0])
-  result = compare(base, names, seeds, Path(base.out_dir), parse_method_args_for(own.args))
+  result = compare(base, names, seeds, Path(base.out_dir), parse_method_args_for(own.args),
+                   eval_tasks, own.eval_include_path, limit, own.eval_batch_size)
   return 1 if result["failures"] else 0
 
 

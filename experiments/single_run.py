@@ -50,6 +50,7 @@ class RunData:
   proportions: dict
   probe_tokens: np.ndarray | None = None  # (D, P, L + 1) Aioli's held-out rows
   val_missing: list[str] = dataclasses.field(default_factory=list)  # training domains without validation rows
+  tokenizer: Any = None     # the run's tokenizer (saved into the run directory)
 
 
 def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
@@ -134,7 +135,8 @@ def load_data(cfg: TrainConfig) -> RunData:
       vocab_size=len(tokenizer),
       proportions=resolved,
       probe_tokens=probe,
-      val_missing=missing)
+      val_missing=missing,
+      tokenizer=tokenizer)
 
 
 def _mixer_needs(cfg: TrainConfig, packed) -> frozenset:
@@ -299,6 +301,9 @@ def train_run(cfg: TrainConfig) -> dict:
   if distributed.is_main_process():  # other hosts write nothing but their checkpoint shards
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   data = load_data(cfg)
+  if distributed.is_main_process() and not (out_dir / "tokenizer" / "tokenizer.json").exists():
+    # beside the checkpoints, so evaluation and export find the run's own tokenizer
+    data.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
   model_cfg, graphdef, params = training.build_model(cfg, data.vocab_size)
   log.info("model %s: %s parameters", cfg.model, f"{count_params(params):,}")
   tx = training.make_optimizer(cfg)

@@ -1,0 +1,174 @@
+"""Export a GPT-2 to the HuggingFace layout (the inverse of :mod:`hf`), without torch.
+
+:func:`export_hf_gpt2` writes ``config.json`` (``model_type: gpt2``,
+``architectures: [GPT2LMHeadModel]``), ``model.safetensors`` and, given one,
+the tokenizer (``save_pretrained``) into a directory that
+``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` (and
+:func:`dograph_jax.models.load_hf_gpt2`) loads. Tensors carry HF's names
+with the ``transformer.`` prefix; the output layer is tied to ``wte``, so
+``lm_head.weight`` is not stored (``tie_word_embeddings: true``); the layout
+of every matrix is already HF's ``Conv1D`` ``(in, out)``, so nothing is
+transposed (see :mod:`hf`).
+
+From a training run's directory (``experiments/pretrain.py --out_dir R``)::
+
+    python -m dograph_jax.models.export --run_dir R --out DIR [--step N]
+
+reads the parameters of the run's last (or ``--step``) complete checkpoint
+and its tokenizer (``R/tokenizer``, which the trainer writes, else the
+``--tokenizer`` the run was given or the one it trained and cached in its
+data directory). The checkpoint is read with orbax directly, without the
+run's optimizer (only the ``params`` of the saved state are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from dograph_jax.models.gpt2 import GPT2, GPT2Config, get_config, split_model
+from dograph_jax.models.hf import _flatten, _hf_name
+
+
+def hf_gpt2_config(config: GPT2Config, *, eos_token_id: int | None = None,
+                   bos_token_id: int | None = None) -> dict[str, Any]:
+  """The ``config.json`` dict of HF's GPT-2 for our :class:`GPT2Config`
+  (GELU with the tanh approximation, scaled attention, tied head, no dropout)."""
+  out = {
+      "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+      "vocab_size": config.vocab_size, "n_positions": config.n_positions,
+      "n_ctx": config.n_positions, "n_embd": config.d_model, "n_layer": config.n_layer,
+      "n_head": config.n_head, "n_inner": config.d_ff, "activation_function": "gelu_new",
+      "layer_norm_epsilon": config.layer_norm_eps, "tie_word_embeddings": True,
+      "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+      "reorder_and_upcast_attn": False, "add_cross_attention": False,
+      # training-time noise our model never applies
+      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+      "torch_dtype": "float32",
+  }
+  if eos_token_id is not None:
+    out["eos_token_id"] = int(eos_token_id)
+  if bos_token_id is not None:
+    out["bos_token_id"] = int(bos_token_id)
+  return out
+
+
+def export_hf_gpt2(config: GPT2Config, params: Any, out_dir: str | os.PathLike, *,
+                   tokenizer: Any = None) -> pathlib.Path:
+  """Write ``params`` (``split_model``'s pytree for ``config``) as an HF GPT-2.
+
+  Args:
+    config: the model's config.
+    params: its parameters (int or string block keys; float32 is written).
+    out_dir: directory to write (created; files of the same names replaced).
+    tokenizer: optional ``transformers`` tokenizer, saved beside the weights;
+      its eos/bos ids go into ``config.json``.
+
+  Returns:
+    ``out_dir`` as a Path.
+
+  Raises:
+    ValueError: ``params`` do not have the names or shapes of ``config``'s model.
+  """
+  out = pathlib.Path(out_dir)
+  params = nnx.restore_int_paths(params) if _has_str_keys(params) else params
+  abstract = nnx.eval_shape(lambda: GPT2(config, rngs=nnx.Rngs(0)))
+  expected = _flatten(split_model(abstract)[1])
+  given = _flatten(params)
+  if set(given) != set(expected):
+    raise ValueError("export_hf_gpt2: parameters do not match the config's model: missing "
+                     f"{sorted(map(str, set(expected) - set(given)))[:5]}, unexpected "
+                     f"{sorted(map(str, set(given) - set(expected)))[:5]}")
+  tensors = {}
+  for path, leaf in expected.items():
+    array = np.asarray(given[path], np.float32)
+    if array.shape != tuple(leaf.shape):
+      raise ValueError(f"export_hf_gpt2: {_hf_name(path)} has shape {array.shape}, the "
+                       f"config's model {tuple(leaf.shape)}")
+    tensors["transformer." + _hf_name(path)] = np.ascontiguousarray(array)
+  out.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  ids = {}
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out))
+    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+  (out / "config.json").write_text(json.dumps(hf_gpt2_config(config, **ids), indent=2) + "\n")
+  return out
+
+
+def _has_str_keys(tree) -> bool:
+  return isinstance(tree, dict) and any(
+      isinstance(k, str) and k.isdigit() or _has_str_keys(v) for k, v in tree.items())
+
+
+def read_run_params(run_dir: str | os.PathLike, step: int | None = None):
+  """``(params, meta, run_config_dict)`` of a run's checkpoint (last complete
+  one unless ``step``), read with orbax without the run's optimizer."""
+  import orbax.checkpoint as ocp
+
+  run_dir = pathlib.Path(run_dir)
+  config_file = run_dir / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{run_dir} holds no run (no config.json)")
+  manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
+                                  item_names=("state", "data", "meta"))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step} (it has "
+                              f"{sorted(steps)})")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  params = nnx.restore_int_paths(restored.state["params"])
+  return params, restored.meta, json.loads(config_file.read_text())
+
+
+def run_tokenizer(run_dir: str | os.PathLike, run_config: dict, vocab_size: int):
+  """The tokenizer a run trained with: ``R/tokenizer``, else its
+  ``--tokenizer``, else the one cached in its data directory."""
+  from dograph_jax.data import load_tokenizer
+
+  run_dir = pathlib.Path(run_dir)
+  candidates = [run_dir / "tokenizer"]
+  if run_config.get("tokenizer"):
+    candidates.append(pathlib.Path(run_config["tokenizer"]))
+  candidates.append(pathlib.Path(run_config["data_dir"]) / f"tokenizer-bpe-{run_config['vocab_size']}")
+  for path in candidates:
+    if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
+      tokenizer = load_tokenizer(path)
+      if len(tokenizer) != vocab_size:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens, the run's "
+                         f"model {vocab_size}")
+      return tokenizer
+  raise FileNotFoundError(f"no tokenizer for the run in {run_dir}: looked in "
+                          + ", ".join(map(str, candidates)))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--run_dir", required=True, help="a run directory of experiments/pretrain.py")
+  parser.add_argument("--out", required=True, help="directory to write the HF model into")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
+  args = parser.parse_args(argv)
+  params, meta, run_config = read_run_params(args.run_dir, args.step)
+  config = get_config(run_config["model"], vocab_size=meta["vocab_size"])
+  tokenizer = run_tokenizer(args.run_dir, run_config, meta["vocab_size"])
+  out = export_hf_gpt2(config, params, args.out, tokenizer=tokenizer)
+  print(f"wrote {out} (step {meta['step']} of {args.run_dir}: {run_config['model']}, "
+        f"vocab {meta['vocab_size']})")
+
+
+if __name__ == "__main__":
+  main()
