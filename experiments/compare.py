@@ -46,14 +46,11 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from experiments import methods, pretrain, reporting
+from experiments import evaluate, methods, pretrain, reporting
 from experiments.configs import TrainConfig, parse_config
 from experiments.tracking import read_records
 
 log = logging.getLogger("compare")
-# The paper's Table 1 tasks (experiments/evaluate.py has the same default).
-PAPER_TASKS = ("hellaswag", "piqa", "openbookqa", "copa", "logiqa", "winogrande", "sciq",
-               "arc_easy", "lambada_openai")
 
 
 def run_dir(out_dir: Path, method: str, seed: int) -> Path:
@@ -185,7 +182,6 @@ def run_eval(directory: Path, tasks: Sequence[str], include_path: str | None,
              limit: float | None, batch_size: int) -> dict[str, float]:
   """``{task: primary metric}`` of one finished run; evaluates it unless its
   ``eval.json`` already holds these tasks at this limit."""
-  from experiments import evaluate
   done = directory / "eval.json"
   if done.exists():
     result = json.loads(done.read_text())
@@ -336,14 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "e.g. loss_based:burn_in=100")
   parser.add_argument("--eval_tasks", default="",
                       help="comma-separated lm-eval tasks to evaluate every run on "
-                           "(e.g. the paper's: " + ",".join(PAPER_TASKS) + ")")
+                           "(e.g. the paper's: " + ",".join(evaluate.PAPER_TASKS) + ")")
   parser.add_argument("--eval_include_path", default=None, help="local task YAML directory")
   parser.add_argument("--eval_limit", type=float, default=None, help="documents per task")
   parser.add_argument("--eval_batch_size", type=int, default=16)
   own, rest = parser.parse_known_args(argv)
   eval_tasks = [t for t in own.eval_tasks.split(",") if t]
   if eval_tasks:
-    from experiments import evaluate
     evaluate.set_offline(online=False)
   limit = own.eval_limit
   if limit is not None and limit >= 1:
