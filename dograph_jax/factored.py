@@ -34,10 +34,12 @@ precision, as the model's own matmuls do; the sketch factors are cast to the
 compute dtype for those products (a fixed rounding of the map, the same at
 every step). With float32 compute this is exactly the float32 map.
 
-The model must be built from :mod:`dograph_jax.models.taps` layers (``Linear``,
-``LayerNorm``) and may tap, at its root, ``tokens``/``embeddings`` (the sum of
+The model must be built from :mod:`dograph_jax.models.taps` layers (``Linear``
+with or without bias, ``LayerNorm``, ``RMSNorm``) and may tap, at its root, ``tokens``/``embeddings`` (the sum of
 token and position embeddings) and ``head_inputs``/``logits`` (a tied output
-layer), as :class:`dograph_jax.models.GPT2` does. Losses must be per sample:
+layer), as :class:`dograph_jax.models.GPT2` and :class:`dograph_jax.models.Llama`
+do (the token embedding is ``wte``; a model without ``wpe`` has no position
+table, e.g. rotary positions; an untied head is a tapped ``Linear``). Losses must be per sample:
 no layer may mix samples of the batch.
 
 Shape legend: ``B`` batch, ``T`` tokens, ``K`` sketch dimension, ``V``
@@ -197,14 +199,16 @@ def factored_grads(model_fn: Callable[[Any, jax.Array], jax.Array], graphdef: nn
         xp = xp + p_in[kernel.shape[0]]
       add(path, kron(xp, _mm("bto,oc->btc", d, p_out.astype(d.dtype))))
       blocks.append(("linear", path, (x, d, has_bias)))
-    elif "outputs" in node and path in _paths_with(inter, "normalized"):  # LayerNorm
+    elif "outputs" in node and path in _paths_with(inter, "normalized"):  # LayerNorm, RMSNorm
       xhat = _f32(_first(_get(inter, path)["normalized"]))
       d = _f32(node["outputs"])
       g_scale = jnp.sum(d * xhat, axis=1)
-      g_bias = jnp.sum(d, axis=1)
+      # RMSNorm has no bias
+      g_bias = jnp.sum(d, axis=1) if "bias" in _get(params, path) else None
       for name, g in (("scale", g_scale), ("bias", g_bias)):
-        add(path + (name,), projection.dense_sketch_leaf(
-            g, projection.leaf_key(key, index[path + (name,)]), dim, block_budget))
+        if g is not None:
+          add(path + (name,), projection.dense_sketch_leaf(
+              g, projection.leaf_key(key, index[path + (name,)]), dim, block_budget))
       blocks.append(("layernorm", path, (g_scale, g_bias)))
 
   if "embeddings" in dgrad:  # token and position embeddings, tied output layer
@@ -319,7 +323,8 @@ def _accumulate(params: PyTree, blocks: list, a: jax.Array, grads: PyTree | None
     elif kind == "layernorm":
       g_scale, g_bias = tensors
       put(path, "scale", a @ g_scale)
-      put(path, "bias", a @ g_bias)
+      if g_bias is not None:
+        put(path, "bias", a @ g_bias)
     elif kind == "head":
       h, d_logits = tensors
       # Scale the narrow operand (h, width D) and read D_logits (width V)

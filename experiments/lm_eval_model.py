@@ -128,7 +128,7 @@ class FlaxLM(TemplateLM):
   def from_run_dir(cls, run_dir: str | Path, *, step: int | None = None, **kwargs) -> "FlaxLM":
     """The model of a run directory's last (or ``step``) checkpoint, with the
     run's own tokenizer; ``kwargs`` go to the constructor."""
-    from dograph_jax.models import GPT2, split_model
+    from dograph_jax.models import build, split_model
     from dograph_jax.models.export import read_run_params, run_tokenizer
     from flax import nnx
 
@@ -136,7 +136,7 @@ class FlaxLM(TemplateLM):
     config = get_config(run_config["model"], vocab_size=meta["vocab_size"],
                         dtype=jnp.bfloat16 if run_config.get("dtype") == "bfloat16"
                         else jnp.float32)
-    graphdef, _ = split_model(nnx.eval_shape(lambda: GPT2(config, rngs=nnx.Rngs(0))))
+    graphdef, _ = split_model(nnx.eval_shape(lambda: build(config, nnx.Rngs(0))))
     tokenizer = run_tokenizer(run_dir, run_config, meta["vocab_size"])
     params = jax.tree.map(jnp.asarray, params)
     lm = cls(graphdef, params, tokenizer, config.n_positions, **kwargs)

@@ -38,7 +38,7 @@ from flax import nnx
 
 import dograph_jax as dg
 from dograph_jax.mixing import MixingInputs, domain_counts
-from dograph_jax.models import GPT2, get_config, sequence_loss, split_model, token_losses, apply
+from dograph_jax.models import apply, build, get_config, sequence_loss, split_model, token_losses
 
 from experiments import methods
 from experiments.configs import TrainConfig
@@ -129,7 +129,7 @@ def build_model(cfg: TrainConfig, vocab_size: int):
   if cfg.seq_len > model_cfg.n_positions:
     raise ValueError(f"--seq_len {cfg.seq_len} exceeds the context of model "
                      f"{cfg.model!r} ({model_cfg.n_positions} positions).")
-  model = GPT2(model_cfg, rngs=nnx.Rngs(cfg.seed))
+  model = build(model_cfg, nnx.Rngs(cfg.seed))
   graphdef, params = split_model(model)
   return model_cfg, graphdef, params
 

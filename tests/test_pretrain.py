@@ -39,7 +39,9 @@ def _losses(out_dir):
 def _final_params(cfg):
   data = pretrain.load_data(cfg)
   _, _, params = training.build_model(cfg, data.vocab_size)
-  state = training.init_train_state(params, training.make_optimizer(cfg))
+  # with the online baselines' mixer state, as the trainer builds it
+  state = training.init_train_state(params, training.make_optimizer(cfg), cfg,
+                                    len(data.names))
   ckpt = Checkpointer(cfg.out_dir + "/checkpoints")
   restored, data_state, _ = ckpt.restore(ckpt.latest_step(), training.abstract_like(state))
   ckpt.close()
@@ -49,7 +51,9 @@ def _final_params(cfg):
 @pytest.mark.parametrize("method, extra", [
     ("dograph", {}),                                              # persistent domains
     ("dograph", {"domains": "batch", "distance": "euclidean"}),   # the literal mode
-    ("uniform", {})])
+    ("uniform", {}),
+    ("dograph", {"model": "llama-mini"}),                         # the LLaMA family
+    ("loss_based", {"model": "llama-mini"})])
 def test_resume_is_exact(corpus, tmp_path, method, extra):
   straight = _cfg(corpus, tmp_path / "straight", method=method, **extra)
   pretrain.train(straight)

@@ -70,7 +70,12 @@ VARIANTS = {
     "reference": (dict(method="dograph", sketch="reference"), MESHES),
     "uniform": (dict(method="uniform"), MESHES),
     "factored": (dict(method="dograph", sketch="factored"), MESHES[:1]),
+    # The LLaMA family (RMSNorm, RoPE, GQA, SwiGLU, untied head) under FSDP 4.
+    "llama_factored": (dict(method="dograph", sketch="factored", model="llama-mini"),
+                       ("data=2,fsdp=4",)),
 }
+# A big kernel of each variant's model that FSDP must shard.
+BIG_KERNEL = {"llama_factored": "['h'][0]['mlp']['gate_proj']['kernel']"}
 CASES = [(variant, mesh) for variant, (_, meshes) in VARIANTS.items() for mesh in meshes]
 STEPS = 2
 LR = 3e-3
@@ -86,7 +91,7 @@ def _worker(variant: str, out: str) -> None:
   """Train STEPS steps on one device and on each mesh; save what the tests check."""
   assert jax.device_count() == N_DEVICES, jax.devices()
   overrides, meshes = VARIANTS[variant]
-  cfg = TrainConfig(**overrides, **CONFIG)
+  cfg = TrainConfig(**{**CONFIG, **overrides})
   rng = np.random.default_rng(0)
   batches = [{"tokens": rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
                                      dtype=np.int32),
@@ -236,11 +241,11 @@ def test_sharded_step_keeps_the_intended_shardings(runs, variant, mesh):
   assert run["compilations"] == 1
   assert "divisible by the 8 devices" in run["indivisible_batch_error"]
   assert run["global_batch_ok"]
-  if mesh == "data=4,fsdp=2":
+  if "fsdp=1" not in mesh:
     # Big leaves stay FSDP-sharded: every params leaf and Adam moment of at
     # least MIN_SHARD_SIZE elements (all of them have an even dimension).
     assert run["replicated_big"] == []
-    kernel = "['h'][0]['mlp']['c_fc']['kernel']"
+    kernel = BIG_KERNEL.get(variant, "['h'][0]['mlp']['c_fc']['kernel']")
     assert f"['params']{kernel}" in run["sharded"]
     assert any(k.endswith(f".mu{kernel}") for k in run["sharded"])
     assert any(k.endswith(f".nu{kernel}") for k in run["sharded"])

@@ -1,4 +1,10 @@
-"""Export a GPT-2 to the HuggingFace layout (the inverse of :mod:`hf`), without torch.
+"""Export GPT-2 and LLaMA models to the HuggingFace layout (the inverse of
+:mod:`hf` and :mod:`hf_llama`), without torch.
+
+:func:`export_hf` dispatches on the config: :func:`export_hf_llama` writes
+``LlamaForCausalLM``'s layout (kernels transposed to ``(out, in)``, the
+Llama 3 RoPE scaling as ``rope_scaling``, ``lm_head.weight`` only when
+untied); :func:`export_hf_gpt2` GPT-2's, as follows.
 
 :func:`export_hf_gpt2` writes ``config.json`` (``model_type: gpt2``,
 ``architectures: [GPT2LMHeadModel]``), ``model.safetensors`` and, given one,
@@ -33,8 +39,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from dograph_jax.models.gpt2 import GPT2, GPT2Config, get_config, split_model
+from dograph_jax.models.gpt2 import GPT2, GPT2Config, split_model
 from dograph_jax.models.hf import _flatten, _hf_name
+from dograph_jax.models.hf_llama import hf_llama_names
+from dograph_jax.models.llama import Llama, LlamaConfig
 
 
 def hf_gpt2_config(config: GPT2Config, *, eos_token_id: int | None = None,
@@ -103,6 +111,69 @@ def export_hf_gpt2(config: GPT2Config, params: Any, out_dir: str | os.PathLike, 
   return out
 
 
+def hf_llama_config(config: LlamaConfig, *, eos_token_id: int | None = None,
+                    bos_token_id: int | None = None) -> dict[str, Any]:
+  """The ``config.json`` dict of HF's LLaMA for our :class:`LlamaConfig`."""
+  s = config.rope_scaling
+  out = {
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+      "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+      "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layer,
+      "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+      "head_dim": config.head_dim, "max_position_embeddings": config.n_positions,
+      "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+      "rope_scaling": None if s is None else {
+          "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+          "high_freq_factor": s.high_freq_factor,
+          "original_max_position_embeddings": s.original_max_position_embeddings},
+      "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
+      "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+      "torch_dtype": "float32",
+  }
+  if eos_token_id is not None:
+    out["eos_token_id"] = int(eos_token_id)
+  if bos_token_id is not None:
+    out["bos_token_id"] = int(bos_token_id)
+  return out
+
+
+def export_hf_llama(config: LlamaConfig, params: Any, out_dir: str | os.PathLike, *,
+                    tokenizer: Any = None) -> pathlib.Path:
+  """Write ``params`` of :class:`Llama` as an HF ``LlamaForCausalLM`` (see
+  :func:`export_hf_gpt2` for the arguments)."""
+  out = pathlib.Path(out_dir)
+  params = nnx.restore_int_paths(params) if _has_str_keys(params) else params
+  expected = _flatten(split_model(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))[1])
+  given = _flatten(params)
+  if set(given) != set(expected):
+    raise ValueError("export_hf_llama: parameters do not match the config's model")
+  names = hf_llama_names(config)
+  tensors = {}
+  for path, leaf in expected.items():
+    array = np.asarray(given[path], np.float32)
+    if array.shape != tuple(leaf.shape):
+      raise ValueError(f"export_hf_llama: {path} has shape {array.shape}, the config's "
+                       f"model {tuple(leaf.shape)}")
+    name, transposed = names[path]
+    tensors[name] = np.ascontiguousarray(array.T if transposed else array)
+  out.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  ids = {}
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out))
+    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+  (out / "config.json").write_text(json.dumps(hf_llama_config(config, **ids), indent=2) + "\n")
+  return out
+
+
+def export_hf(config, params: Any, out_dir: str | os.PathLike, *,
+              tokenizer: Any = None) -> pathlib.Path:
+  """:func:`export_hf_gpt2` or :func:`export_hf_llama`, by the config's family."""
+  if isinstance(config, LlamaConfig):
+    return export_hf_llama(config, params, out_dir, tokenizer=tokenizer)
+  return export_hf_gpt2(config, params, out_dir, tokenizer=tokenizer)
+
+
 def _has_str_keys(tree) -> bool:
   return isinstance(tree, dict) and any(
       isinstance(k, str) and k.isdigit() or _has_str_keys(v) for k, v in tree.items())
@@ -163,9 +234,10 @@ def main(argv=None) -> None:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
   args = parser.parse_args(argv)
   params, meta, run_config = read_run_params(args.run_dir, args.step)
+  from dograph_jax.models import get_config  # the registry of both families
   config = get_config(run_config["model"], vocab_size=meta["vocab_size"])
   tokenizer = run_tokenizer(args.run_dir, run_config, meta["vocab_size"])
-  out = export_hf_gpt2(config, params, args.out, tokenizer=tokenizer)
+  out = export_hf(config, params, args.out, tokenizer=tokenizer)
   print(f"wrote {out} (step {meta['step']} of {args.run_dir}: {run_config['model']}, "
         f"vocab {meta['vocab_size']})")
 

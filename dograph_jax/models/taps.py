@@ -13,8 +13,8 @@ Sown and perturbed names (under each module's path):
 
 * :class:`Linear`: ``inputs`` (``nnx.Intermediate``), ``outputs``
   (``nnx.Perturbation``);
-* :class:`LayerNorm`: ``normalized`` (``nnx.Intermediate``), ``outputs``
-  (``nnx.Perturbation``).
+* :class:`LayerNorm` and :class:`RMSNorm`: ``normalized``
+  (``nnx.Intermediate``), ``outputs`` (``nnx.Perturbation``).
 
 The model adds its own taps for the embeddings and the tied output layer
 (see ``gpt2.GPT2.__call__``).
@@ -86,4 +86,29 @@ class LayerNorm(nnx.Module):
       self.sow(nnx.Intermediate, "normalized", xhat)
     y = (xhat * self.scale[...].astype(jnp.float32)
          + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+    return self.perturb("outputs", y) if is_tapping() else y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis (LLaMA): ``y = x / sqrt(mean(x^2) + eps) * scale``.
+
+  One parameter, ``scale`` ``(D,)`` (init 1), no bias; the normalised input
+  ``xhat`` is tapped as in :class:`LayerNorm`, statistics in float32, the
+  output cast to ``dtype`` (HF's ``LlamaRMSNorm`` likewise normalises in
+  float32).
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    del rngs
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    xhat = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.epsilon)
+    if is_tapping():
+      self.sow(nnx.Intermediate, "normalized", xhat)
+    y = (xhat * self.scale[...].astype(jnp.float32)).astype(self.dtype)
     return self.perturb("outputs", y) if is_tapping() else y
