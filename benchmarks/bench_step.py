@@ -130,6 +130,7 @@ import numpy as np
 import optax
 
 import dograph_jax as dg
+from dograph_jax import sharding
 from dograph_jax.models import apply, count_params, token_losses
 from experiments import training
 from experiments.configs import TrainConfig
@@ -221,7 +222,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "starts, so XLA:CPU's per-step temporaries are not page-faulted in "
                            "again every step (default: the allocator as users run it)")
   parser.add_argument("--compile_only", action="store_true",
-                      help="compile and report FLOPs and compiled memory; time nothing")
+                      help="compile and report FLOPs and compiled memory; time nothing "
+                           "(from abstract shapes: no parameter is allocated)")
+  parser.add_argument("--mesh", default="",
+                      help="compile the steps on a data x FSDP mesh, e.g. fsdp=8; memory is "
+                           "then per device (with --compile_only on a CPU host, that many "
+                           "virtual CPU devices are made)")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the pieces of the factored step")
   parser.add_argument("--seed", type=int, default=0, help="model init, batches, DoGraph keys")
@@ -344,8 +350,26 @@ def build(args, name: str, graphdef, params, batch) -> Candidate:
   """Optimizer, fresh train state and compiled train step of one candidate."""
   cand = Candidate(name, train_config(args, name))
   tx = training.make_optimizer(cand.cfg)
-  cand.state = training.init_train_state(jax.tree.map(jnp.copy, params), tx)
-  step = training.make_train_step(graphdef, tx, cand.cfg)
+  abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+  if abstract:  # --compile_only: shapes only, nothing allocated
+    cand.state = jax.eval_shape(lambda p: training.init_train_state(p, tx), params)
+  else:
+    cand.state = training.init_train_state(jax.tree.map(jnp.copy, params), tx)
+  kwargs = {}
+  if args.mesh:
+    mesh = sharding.make_mesh(args.mesh)
+    state_sharding = sharding.state_shardings(cand.state, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    kwargs = dict(state_sharding=state_sharding, batch_sharding=batch_sharding)
+    if abstract:
+      cand.state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                cand.state, state_sharding)
+      batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                          sharding=batch_sharding), batch)
+    else:
+      cand.state = jax.device_put(cand.state, state_sharding)
+      batch = sharding.shard_batch(batch, mesh)
+  step = training.make_train_step(graphdef, tx, cand.cfg, **kwargs)
   start = time.perf_counter()
   try:
     cand.compiled = step.lower(cand.state, batch).compile()
@@ -630,9 +654,18 @@ def peak_tflops(args, device) -> tuple[float | None, str]:
 
 def model_flops(args, model_cfg, params) -> float:
   """PaLM / nanoGPT model FLOPs of one training step: (6 N + 12 L T D) B T."""
-  n = count_params(params) - model_cfg.n_positions * model_cfg.d_model
+  # the position table (GPT-2's wpe) is a lookup, not a matmul; RoPE has none
+  n = count_params(params) - (math.prod(params["wpe"]["embedding"].shape)
+                              if "wpe" in params else 0)
   per_token = 6 * n + 12 * model_cfg.n_layer * args.seq_len * model_cfg.d_model
   return float(per_token) * args.batch_size * args.seq_len
+
+
+def _has_accelerator() -> bool:
+  """Whether a GPU/TPU backend is installed (without initialising JAX)."""
+  import importlib.util
+  return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                   "libtpu"))
 
 
 def fmt_mib(x: float | None) -> str:
@@ -647,6 +680,10 @@ def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   warnings.filterwarnings("ignore", category=DeprecationWarning)
+  if args.mesh and os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and not _has_accelerator():
+    # Before the first JAX operation: as many virtual CPU devices as the mesh needs.
+    jax.config.update("jax_num_cpu_devices", math.prod(
+        sharding.parse_mesh_spec(args.mesh).values()))
   cache_env = os.environ.get("BENCH_STEP_CACHE_DIR")
   if args._child:
     if cache_env:
@@ -676,8 +713,18 @@ def main(argv: list[str] | None = None) -> None:
         f"host: {platform.machine()}, {os.cpu_count()} cores"
         + (f", load average {load_before[0]:.2f}" if load_before else ""))
 
-  model_cfg, graphdef, params = training.build_model(train_config(args, "plain"),
-                                                     args.vocab_size)
+  if args.compile_only:  # abstract parameters: a 1B model compiles on a small host
+    from flax import nnx
+
+    from dograph_jax.models import build as build_model, get_config, split_model
+    cfg0 = train_config(args, "plain")
+    model_cfg = get_config(cfg0.model, vocab_size=args.vocab_size,
+                           dtype=jnp.bfloat16 if cfg0.dtype == "bfloat16" else jnp.float32)
+    graphdef, params = split_model(nnx.eval_shape(lambda: build_model(model_cfg,
+                                                                      nnx.Rngs(args.seed))))
+  else:
+    model_cfg, graphdef, params = training.build_model(train_config(args, "plain"),
+                                                       args.vocab_size)
   n_params = count_params(params)
   mflops = model_flops(args, model_cfg, params)
   print(f"model: {args.model} ({n_params / 1e6:.2f}M parameters, L={model_cfg.n_layer}, "
@@ -691,7 +738,9 @@ def main(argv: list[str] | None = None) -> None:
   if args.added_plain:
     print("note: added 'plain' to --candidates (the reference of every ratio)")
 
-  batches = make_batches(args)
+  batches = make_batches(args, count=1 if args.compile_only else 4)
+  if args.mesh:
+    print(f"mesh: {args.mesh} ({jax.device_count()} devices); compiled memory is per device")
   cands: list[Candidate] = []
   print("compiling:")
   for name in args.candidates:

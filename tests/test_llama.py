@@ -36,7 +36,10 @@ def _hf_model(tmp_path, *, tied, scaling):
       if "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
   out = tmp_path / ("tied" if tied else "untied")
-  model.save_pretrained(out, safe_serialization=True)
+  # the untied model in shards (model.safetensors.index.json), as large checkpoints come
+  model.save_pretrained(out, safe_serialization=True,
+                        **({} if tied else {"max_shard_size": "40KB"}))
+  assert (out / "model.safetensors.index.json").exists() != tied
   return torch, model, out
 
 
