@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# One prepared device check (issue 15): DoGraph's step against a plain AdamW
+# step on a GPU, at most ~8 minutes, every part under its own time limit.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--cpu_smoke]
+#
+# OUT_DIR defaults to $OUT (the device tool's output folder), else
+# ./gpu_check_out. Parts, in order of priority (a part that runs out of time
+# is killed and recorded; the others still run):
+#   0. environment: installs JAX for CUDA if jax has no GPU backend (and the
+#      package if it is not importable); prints jax, CUDA and the device.
+#   1. bench_bf16: benchmarks/bench_step.py at GPT-2 124M, B 48, T 512, K 1024,
+#      bfloat16: plain, factored + book-keeping, factored + second backward and
+#      the reference vmap(grad) path (skipped by the script when it does not
+#      fit): median/min ms, ratio to plain, peak device memory, tokens/s, MFU
+#      against the H200's dense bf16 peak.
+#   2. pretrain_dograph, pretrain_uniform: 200 steps of experiments/pretrain.py
+#      --model paper-small --batch_size 48 --seq_len 512 on the synthetic corpus.
+#   3. bench_f32: the same as 1 in float32, MFU against the dense TF32 peak.
+# Then summary.md (all parts' numbers and the ratios) is written and printed.
+#
+# --cpu_smoke: the same parts at tiny sizes on the CPU, nothing installed
+# (tests/test_gpu_check.py runs it so that the script cannot rot).
+set -u
+OUT_DIR="${OUT:-gpu_check_out}"
+SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu_smoke) SMOKE=1 ;;
+    -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
+    *) OUT_DIR="$arg" ;;
+  esac
+done
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+cd "$(dirname "$0")/.."
+: > "$OUT_DIR/parts.txt"
+PY="${PYTHON:-python}"
+
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT_DIR/gpu_check.log"; }
+
+# part NAME LIMIT_S CMD...: run CMD under its own time limit, log and record its status.
+part() {
+  local name="$1" limit="$2"
+  shift 2
+  log "part $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  log "part $name: exit $rc after $((SECONDS - start))s$([ $rc -eq 124 ] && echo ' (time limit)')"
+  echo "$name $rc $((SECONDS - start))" >> "$OUT_DIR/parts.txt"
+  tail -n 25 "$OUT_DIR/$name.log"
+}
+
+if [ "$SMOKE" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  BENCH=(--model mini --batch_size 8 --seq_len 32 --sketch_dim 64 --vocab_size 256
+         --candidates plain,factored --repeats 2 --warmup 1 --min_time 0.01)
+  TRAIN=(--model mini --batch_size 8 --seq_len 32 --steps 6 --vocab_size 300
+         --sketch_dim 64 --eval_rows 8 --log_every 2)
+  LIMIT_BENCH=300; LIMIT_TRAIN=300; DATA="$OUT_DIR/synthetic"
+else
+  BENCH=(--model gpt2 --batch_size 48 --seq_len 512 --sketch_dim 1024 --vocab_size 50257
+         --candidates plain,factored,factored_2bwd,reference --repeats 10 --warmup 3)
+  TRAIN=(--model paper-small --batch_size 48 --seq_len 512 --steps 200 --eval_rows 16)
+  LIMIT_BENCH=130; LIMIT_TRAIN=75; DATA="$OUT_DIR/synthetic"
+  if ! "$PY" -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
+    part install_jax 120 "$PY" -m pip install -q -U "jax[cuda12]"
+  fi
+  if ! "$PY" -c "import dograph_jax" 2>/dev/null; then
+    part install_package 90 "$PY" -m pip install -q -e .
+  fi
+fi
+part environment 60 "$PY" -c "
+import jax, platform
+d = jax.devices()[0]
+print('python', platform.python_version(), 'jax', jax.__version__, 'backend', jax.default_backend())
+print('device', d.device_kind, 'count', jax.device_count())
+try:
+    import jax_cuda12_plugin, importlib.metadata as m
+    print('jax-cuda12-plugin', m.version('jax-cuda12-plugin'))
+except Exception as e:
+    print('no CUDA plugin:', type(e).__name__)
+"
+
+part bench_bf16 "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype bfloat16 \
+  --json "$OUT_DIR/bench_bf16.json"
+
+# The synthetic corpus once, outside the timed runs (both runs then read it).
+part corpus 60 "$PY" -c "
+from dograph_jax.data import write_synthetic_corpus
+write_synthetic_corpus('$DATA', seed=0)
+"
+for method in dograph uniform; do
+  part "pretrain_$method" "$LIMIT_TRAIN" "$PY" experiments/pretrain.py "${TRAIN[@]}" \
+    --method "$method" --data_dir "$DATA" --eval_every 0 --save_every 0 --plots false \
+    --out_dir "$OUT_DIR/run_$method"
+done
+
+# Dense TF32 peak of an H200 (half its dense bf16 989 TFLOP/s).
+part bench_f32 "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype float32 \
+  --peak_tflops 494.7 --json "$OUT_DIR/bench_f32.json"
+
+"$PY" - "$OUT_DIR" <<'EOF' | tee "$OUT_DIR/summary.md"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print("# gpu_check summary\n")
+print("| part | exit | seconds |\n|---|---|---|")
+for line in (out / "parts.txt").read_text().splitlines():
+    name, rc, secs = line.split()
+    print(f"| {name} | {rc} | {secs} |")
+for tag in ("bf16", "f32"):
+    f = out / f"bench_{tag}.json"
+    if not f.exists():
+        print(f"\nbench_{tag}: no result"); continue
+    r = json.loads(f.read_text())
+    print(f"\n## bench_step {tag}: `{r['command']}`\n\n{r['device_kind']}, jax {r['jax']}, "
+          f"{r['setting']}; MFU of plain {r.get('mfu_plain')} (peak {r.get('peak_tflops')} TFLOP/s)\n")
+    print("| candidate | median ms | min ms | vs plain | device peak MiB | peak vs plain |")
+    print("|---|---|---|---|---|---|")
+    peak = lambda c: (c.get("device_peak") or {}).get("peak_bytes_in_use")
+    plain_peak = peak(r["candidates"].get("plain", {}))
+    for name, c in r["candidates"].items():
+        ms = lambda v: "-" if v is None else f"{v * 1e3:.2f}"
+        p = peak(c)
+        print(f"| {name} | {ms(c['median_s'])} | {ms(c['min_s'])} | "
+              f"{'-' if c['ratio_vs_plain'] is None else format(c['ratio_vs_plain'], '.3f')} | "
+              f"{'-' if p is None else format(p / 2**20, ',.0f')} | "
+              f"{'-' if not (p and plain_peak) else format(p / plain_peak, '.3f')} |"
+              + (f" {c['skipped']}" if c.get("skipped") else ""))
+    for t in r.get("targets", []):
+        print(f"- {'MET' if t['met'] else 'NOT MET'}: {t['check']}: {t['value']}")
+runs, steady = {}, {}
+for method in ("dograph", "uniform"):
+    f = out / f"run_{method}" / "summary.json"
+    if f.exists():
+        runs[method] = json.loads(f.read_text())["steps_per_s"]
+        # after the first logged step (no compilation): records carry elapsed_s
+        timed = [json.loads(l) for l in (out / f"run_{method}" / "metrics.jsonl").read_text()
+                 .splitlines() if '"elapsed_s"' in l]
+        if len(timed) >= 2 and timed[-1]["elapsed_s"] > timed[0]["elapsed_s"]:
+            steady[method] = ((timed[-1]["step"] - timed[0]["step"])
+                              / (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"]))
+print("\n## pretrain (steps/s of the loop with its compilation; steady: after the first "
+      "logged step)\n")
+for method, sps in runs.items():
+    print(f"- {method}: {sps:.3f} steps/s, steady {steady.get(method, float('nan')):.3f}")
+if len(runs) == 2:
+    print(f"- step time DoGraph / Uniform: {runs['uniform'] / runs['dograph']:.3f}")
+if len(steady) == 2:
+    print(f"- steady step time DoGraph / Uniform: {steady['uniform'] / steady['dograph']:.3f}")
+EOF
+log "done: $OUT_DIR/summary.md"

@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.sh --cpu_smoke: the prepared device check runs end to
+end at tiny sizes on the CPU (so it cannot rot before a GPU is lent)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), "--cpu_smoke"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  parts = {line.split()[0]: int(line.split()[1])
+           for line in (out / "parts.txt").read_text().splitlines()}
+  assert parts == {"environment": 0, "bench_bf16": 0, "corpus": 0, "pretrain_dograph": 0,
+                   "pretrain_uniform": 0, "bench_f32": 0}, parts
+  for tag in ("bf16", "f32"):
+    result = json.loads((out / f"bench_{tag}.json").read_text())
+    assert set(result["candidates"]) == {"plain", "factored"}
+    assert result["candidates"]["factored"]["ratio_vs_plain"] > 0
+  summary = (out / "summary.md").read_text()
+  assert "| factored |" in summary and "step time DoGraph / Uniform" in summary
+  assert "steady step time DoGraph / Uniform" in summary
+  dograph = json.loads((out / "run_dograph" / "summary.json").read_text())
+  assert dograph["method"] == "dograph" and dograph["steps"] == 6
+
+
+def test_gpu_check_rejects_unknown_options(tmp_path):
+  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path), "--gpu"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and "unknown option --gpu" in proc.stderr
