@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dograph_jax.models import taps
+from dograph_jax.models.head import tied_logits
 
 PyTree = Any
 # GPT-2's initialiser: N(0, 0.02) for every weight matrix and embedding.
@@ -272,8 +273,8 @@ class GPT2(nnx.Module):
     # run at full speed) but accumulate and return in float32, so the
     # softmax over V ~ 50k logits is not computed from rounded values.
     wte_VxD = self.wte.embedding[...].astype(cfg.dtype)
-    logits_BxTxV = jnp.einsum("btd,vd->btv", h_BxTxD.astype(cfg.dtype), wte_VxD,
-                              preferred_element_type=jnp.float32)
+    # (the product's weight gradient in a fast layout: models/head.py)
+    logits_BxTxV = tied_logits(h_BxTxD.astype(cfg.dtype), wte_VxD)
     if tapped:  # the output use of the tied embedding: input h, gradient D
       self.sow(nnx.Intermediate, "head_inputs", h_BxTxD)
       logits_BxTxV = self.perturb("logits", logits_BxTxV)

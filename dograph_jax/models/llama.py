@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dograph_jax.models import taps
+from dograph_jax.models.head import tied_logits
 
 _INIT_STD = 0.02  # HF's initializer_range default for LLaMA
 
@@ -240,8 +241,8 @@ class Llama(nnx.Module):
     if not cfg.tie_embeddings:
       return self.lm_head(h_BxTxD).astype(jnp.float32)
     wte_VxD = self.wte.embedding[...].astype(cfg.dtype)
-    logits_BxTxV = jnp.einsum("btd,vd->btv", h_BxTxD.astype(cfg.dtype), wte_VxD,
-                              preferred_element_type=jnp.float32)
+    # (the product's weight gradient in a fast layout: models/head.py)
+    logits_BxTxV = tied_logits(h_BxTxD.astype(cfg.dtype), wte_VxD)
     if tapped:
       self.sow(nnx.Intermediate, "head_inputs", h_BxTxD)
       logits_BxTxV = self.perturb("logits", logits_BxTxV)
