@@ -148,3 +148,52 @@ def test_export_round_trip_through_transformers(tmp_path, tied):
   assert back_cfg.tie_embeddings == tied and back_cfg.rope_scaling == cfg.rope_scaling
   for x, y in zip(jax.tree.leaves(split_model(back)[1]), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_pretrain_llama_with_a_local_llama_style_tokenizer(tmp_path):
+  """--tokenizer DIR with a LLaMA-style tokenizer (<s> BOS added by its
+  post-processor, </s> EOS): documents are packed without the BOS and end in
+  the EOS, and a DoGraph run on llama-mini trains and evaluates."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  from dograph_jax.data import write_synthetic_corpus
+  from experiments import pretrain
+  from experiments.configs import TrainConfig
+
+  corpus = write_synthetic_corpus(tmp_path / "corpus", seed=2, total_docs=150)
+  texts = [json.loads(line)["text"] for f in sorted((corpus / "train").glob("*.jsonl"))
+           for line in f.read_text().splitlines()]
+  backend = Tokenizer(models.BPE(unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Metaspace()
+  backend.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+  backend.post_processor = processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+  tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>")
+  assert tok.encode("legal clause")[0] == tok.bos_token_id  # as LLaMA's does by default
+  tok.save_pretrained(str(tmp_path / "tok"))
+  cfg = TrainConfig(data_dir=str(corpus), tokenizer=str(tmp_path / "tok"), model="llama-mini",
+                    method="dograph", num_domains=3, sketch_dim=64, steps=3, batch_size=8,
+                    seq_len=32, eval_rows=8, plots=False, out_dir=str(tmp_path / "run"))
+  data = pretrain.load_data(cfg)
+  rows = next(data.train_iter)["tokens"]
+  assert data.vocab_size == len(tok)
+  assert (rows == tok.eos_token_id).any() and not (rows == tok.bos_token_id).any()
+  summary = pretrain.train(cfg)
+  assert np.isfinite(list(summary["val_loss"].values())).all()
+  assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  cfg = get_config("llama-mini", vocab_size=V, n_positions=32)
+  model = build(cfg, nnx.Rngs(0))
+  _, params = split_model(model)
+  low = get_config("llama-mini", vocab_size=V, n_positions=32, dtype=jnp.bfloat16)
+  graph_low, _ = split_model(nnx.eval_shape(lambda: build(low, nnx.Rngs(0))))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, V)
+  want = model(tokens)
+  got = nnx.merge(graph_low, params)(tokens)
+  assert got.dtype == jnp.float32
+  assert _rel(got, want) < 0.03
