@@ -581,8 +581,8 @@ def weights(runs_dir: Path, dograph: str, uniform: str, stratified: str, window:
     seeds = {}
     for seed, run in sorted(by_label[dograph].items()):
       records = read_metrics(run)
-      names = list(json.loads((run / "summary.json").read_text())["val_loss"])
-      names = list(proportions(dograph) or names)
+      summary = json.loads((run / "summary.json").read_text())
+      names = list(summary.get("proportions") or summary["val_loss"])  # every human domain
       last = max(r["step"] for r in records)
       weighted = [r for r in records if "weights" in r]
       seeds[str(seed)] = {

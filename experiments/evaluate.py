@@ -4,8 +4,8 @@
     python experiments/evaluate.py --run_dir R --tasks piqa,sciq --limit 200
     python experiments/evaluate.py --run_dir R --tasks my_task --include_path my_tasks/
 
-The model is the run's last complete checkpoint (``--step`` for another)
-with the run's own tokenizer (``experiments/lm_eval_model.py``). The default
+The model is the run's last complete checkpoint (``--step`` for another;
+for an offline method's pipeline, its final stage's) with the run's own tokenizer (``experiments/lm_eval_model.py``). The default
 tasks are the paper's Table 1: HellaSwag, PiQA, OpenBookQA, COPA, LogiQA,
 WinoGrande, SciQ, ARC-Easy and Lambada (OpenAI), zero-shot; each is reported
 by its normalised accuracy where the task has one (``acc_norm``), else its
@@ -136,6 +136,16 @@ def markdown(result: dict, title: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def model_dir(run_dir: str | Path) -> Path:
+  """The run directory holding the model of ``run_dir``: itself, or for an
+  offline method's pipeline (``experiments/offline.py``) its final stage."""
+  run_dir = Path(run_dir)
+  final = run_dir / "stages" / "final"
+  if not (run_dir / "checkpoints").is_dir() and (final / "checkpoints").is_dir():
+    return final
+  return run_dir
+
+
 def evaluate_run(run_dir: str | Path, tasks: Sequence[str], *, out: str | Path | None = None,
                  step: int | None = None, include_path: str | None = None,
                  limit: float | None = None, num_fewshot: int = 0, batch_size: int = 16,
@@ -144,7 +154,7 @@ def evaluate_run(run_dir: str | Path, tasks: Sequence[str], *, out: str | Path |
   """Loads the run's checkpoint, evaluates, writes ``eval.json`` / ``eval.md``."""
   from dograph_jax import sharding
   from experiments.lm_eval_model import FlaxLM
-  lm = FlaxLM.from_run_dir(run_dir, step=step, batch_size=batch_size,
+  lm = FlaxLM.from_run_dir(model_dir(run_dir), step=step, batch_size=batch_size,
                            max_gen_toks=max_gen_toks,
                            mesh=sharding.make_mesh(mesh) if mesh else None)
   result = evaluate(lm, tasks, include_path=include_path, limit=limit,

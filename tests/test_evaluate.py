@@ -256,7 +256,7 @@ def test_compare_eval_columns(run, monkeypatch):
   _write_tasks(tasks_dir)
   corpus = run / "tiny"
   out = run / "compare"
-  argv = ["--methods", "uniform", "--seeds", "0", "--data_dir", str(corpus), "--steps", "3",
+  argv = ["--methods", "uniform,stratified", "--seeds", "0", "--data_dir", str(corpus), "--steps", "3",
           "--batch_size", "8", "--seq_len", "32", "--vocab_size", "300", "--eval_rows", "8",
           "--out_dir", str(out), "--plots", "false", "--eval_tasks", "tiny_mc",
           "--eval_include_path", str(tasks_dir)]
@@ -265,6 +265,9 @@ def test_compare_eval_columns(run, monkeypatch):
   value = json.loads((out / "uniform" / "seed0" / "eval.json").read_text())[
       "tasks"]["tiny_mc"]["value"]
   assert "tiny_mc" in text and f"{value:.4f}" in text
+  # an offline pipeline is evaluated on its final stage's model
+  strat = json.loads((out / "stratified" / "seed0" / "eval.json").read_text())
+  assert strat["run_dir"].endswith("stratified/seed0") and "tiny_mc" in strat["tasks"]
   # resumable: a second call reads the evaluation back
   monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: pytest.fail("re-evaluated"))
   assert compare.main(argv) == 0
