@@ -297,7 +297,8 @@ def test_pretrain_train_across_two_processes_saves_resumes_and_refuses(tmp_path)
   assert got[:2] == ref[:2]  # before the save: the same mesh, the same numbers
   # Process 0 wrote the run's files; process 1 only its checkpoint shards.
   assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == [
-      "checkpoints", "config.json", "metrics.jsonl", "summary.json", "summary.txt"]
+      "checkpoints", "config.json", "metrics.jsonl", "summary.json", "summary.txt",
+      "tokenizer"]
   # One process cannot continue what two wrote (each host's share of the data).
   with pytest.raises(ValueError, match="written by 2 process"):
     pretrain.train(dataclasses.replace(base, out_dir=str(run), resume=True, mesh=""))
