@@ -35,12 +35,13 @@ compute dtype for those products (a fixed rounding of the map, the same at
 every step). With float32 compute this is exactly the float32 map.
 
 The model must be built from :mod:`dograph_jax.models.taps` layers (``Linear``
-with or without bias, ``LayerNorm``, ``RMSNorm``) and may tap, at its root, ``tokens``/``embeddings`` (the sum of
-token and position embeddings) and ``head_inputs``/``logits`` (a tied output
-layer), as :class:`dograph_jax.models.GPT2` and :class:`dograph_jax.models.Llama`
-do (the token embedding is ``wte``; a model without ``wpe`` has no position
-table, e.g. rotary positions; an untied head is a tapped ``Linear``). Losses must be per sample:
-no layer may mix samples of the batch.
+with or without bias, ``LayerNorm``, ``RMSNorm``) and may tap, at its root,
+``tokens``/``embeddings`` (the sum of token and position embeddings) and
+``head_inputs``/``logits`` (a tied output layer), as
+:class:`dograph_jax.models.GPT2` and :class:`dograph_jax.models.Llama` do (the
+token embedding is ``wte``; a model without ``wpe`` has no position table,
+e.g. rotary positions; an untied head is a tapped ``Linear``). Losses must be
+per sample: no layer may mix samples of the batch.
 
 Shape legend: ``B`` batch, ``T`` tokens, ``K`` sketch dimension, ``V``
 vocabulary, ``D`` width, ``N`` positions.

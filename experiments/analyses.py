@@ -656,9 +656,15 @@ def write_weights(data: dict, out: Path, command: str) -> None:
 def steady_steps_per_s(records: list[dict]) -> float | None:
   """Steps per second between the first and the last logged record (their
   ``elapsed_s``): the training loop without the first step's compilation
-  (the checkpoint saves and evaluations in between included). ``None`` for a
-  run logged before records had ``elapsed_s``, or with fewer than two."""
+  (the checkpoint saves and evaluations in between included); of a resumed
+  run, its last session. ``None`` for a run logged before records had
+  ``elapsed_s``, or with fewer than two."""
   timed = [r for r in records if "elapsed_s" in r]
+  # A resumed run restarts the clock: keep its last session's records.
+  for k in range(len(timed) - 1, 0, -1):
+    if timed[k]["elapsed_s"] <= timed[k - 1]["elapsed_s"]:
+      timed = timed[k:]
+      break
   if len(timed) < 2 or timed[-1]["elapsed_s"] <= timed[0]["elapsed_s"]:
     return None
   return (timed[-1]["step"] - timed[0]["step"]) / (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"])

@@ -201,3 +201,12 @@ def test_missing_runs_and_bad_studies_fail_clearly(tmp_path):
                "b": [{"seed": 0, "val_loss": {"x": 1.1}, "wall_s": 1.0}]}}}}
   with pytest.raises(ValueError, match="both have m = 11"):
     analyses.granularity(study)
+
+
+def test_steady_speed_uses_the_last_session_of_a_resumed_run():
+  records = [{"step": 1, "elapsed_s": 1.0}, {"step": 3, "elapsed_s": 2.0},
+             {"step": 3, "val_loss": {}},  # an evaluation record: no clock
+             {"step": 5, "elapsed_s": 0.5}, {"step": 9, "elapsed_s": 1.5}]  # resumed
+  assert analyses.steady_steps_per_s(records) == pytest.approx(4.0)
+  assert analyses.steady_steps_per_s(records[:2]) == pytest.approx(2.0)
+  assert analyses.steady_steps_per_s([{"step": 4, "loss": 1.0}]) is None
