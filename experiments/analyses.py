@@ -462,16 +462,18 @@ def domains(runs_dir: Path, labels: Sequence[str], probe_rows: int,
   return {"corpora": result, "probe_rows_per_domain": probe_rows}
 
 
-def _curve(seeds: dict, key: str, steps_key: str = "steps"):
-  """Steps present in every seed and the mean / std of ``key`` there."""
-  runs = list(seeds.values())
-  series = [dict(zip(r[steps_key] if steps_key == "steps" else r["online"]["steps"],
-                     r[key] if steps_key == "steps" else r["online"][key])) for r in runs]
-  steps = sorted(set.intersection(*(set(s) for s in series)))
-  steps = [s for s in steps if all(x[s] is not None for x in series)]
-  values = np.asarray([[x[s] for s in steps] for x in series], float)
+def _curve(seeds: dict, key: str, online: bool = False):
+  """Steps present (and not None) in every seed and the mean / std of ``key``
+  there; ``online``: from the trainer's logged curve instead of the probe's."""
+  series = []
+  for run in seeds.values():
+    source = run["online"] if online else run
+    series.append(dict(zip(source["steps"], source[key])))
+  steps = [s for s in sorted(set.intersection(*(set(x) for x in series)))
+           if all(x[s] is not None for x in series)]
   if not steps:
     return [], np.zeros(0), np.zeros(0)
+  values = np.asarray([[x[s] for s in steps] for x in series], float)
   return steps, values.mean(0), values.std(0)
 
 
@@ -495,7 +497,7 @@ def write_domains(data: dict, out: Path, command: str, dograph: str, uniform: st
         curves.append((label, "side", *_curve(seeds, measure)))
         if label == dograph:
           curves.append((label, "own", *_curve(seeds, f"{measure}_own")))
-          curves.append((label, "online", *_curve(seeds, measure, "online")))
+          curves.append((label, "online", *_curve(seeds, measure, online=True)))
       for label, kind, steps, mean, std in curves:
         if not steps:
           continue

@@ -91,7 +91,7 @@ def load_tasks(names: Sequence[str], include_path: str | None):
       tasks.update(get_task_dict([name], manager))
     except Exception as e:  # noqa: BLE001 - the data set layer raises many kinds
       failures[name] = MISSING_DATA.format(task=name, error=f"{type(e).__name__}: {e}")
-  return tasks, failures, manager
+  return tasks, failures
 
 
 def evaluate(lm, tasks: Sequence[str], *, include_path: str | None = None,
@@ -99,7 +99,7 @@ def evaluate(lm, tasks: Sequence[str], *, include_path: str | None = None,
              bootstrap_iters: int = 1000) -> dict:
   """Runs ``tasks`` on the lm-eval model ``lm``; returns the ``eval.json`` dict."""
   from lm_eval import evaluator
-  task_dict, failures, _ = load_tasks(tasks, include_path)
+  task_dict, failures = load_tasks(tasks, include_path)
   results = {}
   if task_dict:
     for task in task_dict.values():  # zero-shot unless asked

@@ -247,7 +247,7 @@ def test_evaluate_cli_and_missing_data(run):
   text = (run / "run" / "eval.md").read_text()
   assert "tiny_mc" in text and "Not evaluated" in text
   # A registry task whose data set is not cached fails at once, with advice.
-  _, failures, _ = evaluate.load_tasks(["piqa"], None)
+  _, failures = evaluate.load_tasks(["piqa"], None)
   assert "not on this machine" in failures["piqa"] and "--include_path" in failures["piqa"]
 
 
@@ -308,6 +308,5 @@ def test_under_a_mesh_of_8_cpu_devices(run):
     assert a == pytest.approx(b, abs=1e-4) and ga == gb
   assert out["gen_one"] == out["gen_mesh"]
   with pytest.raises(ValueError, match="multiple of the mesh"):
-    from dograph_jax import sharding  # noqa: F401
     FlaxLM(None, {}, type("T", (), {"eos_token_id": 0})(), 128, batch_size=3,
            mesh=type("M", (), {"size": 8})())

@@ -85,30 +85,10 @@ def export_hf_gpt2(config: GPT2Config, params: Any, out_dir: str | os.PathLike, 
   Raises:
     ValueError: ``params`` do not have the names or shapes of ``config``'s model.
   """
-  out = pathlib.Path(out_dir)
-  params = nnx.restore_int_paths(params) if _has_str_keys(params) else params
-  abstract = nnx.eval_shape(lambda: GPT2(config, rngs=nnx.Rngs(0)))
-  expected = _flatten(split_model(abstract)[1])
-  given = _flatten(params)
-  if set(given) != set(expected):
-    raise ValueError("export_hf_gpt2: parameters do not match the config's model: missing "
-                     f"{sorted(map(str, set(expected) - set(given)))[:5]}, unexpected "
-                     f"{sorted(map(str, set(given) - set(expected)))[:5]}")
-  tensors = {}
-  for path, leaf in expected.items():
-    array = np.asarray(given[path], np.float32)
-    if array.shape != tuple(leaf.shape):
-      raise ValueError(f"export_hf_gpt2: {_hf_name(path)} has shape {array.shape}, the "
-                       f"config's model {tuple(leaf.shape)}")
-    tensors["transformer." + _hf_name(path)] = np.ascontiguousarray(array)
-  out.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  ids = {}
-  if tokenizer is not None:
-    tokenizer.save_pretrained(str(out))
-    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-  (out / "config.json").write_text(json.dumps(hf_gpt2_config(config, **ids), indent=2) + "\n")
-  return out
+  expected = _abstract_params(GPT2, config)
+  names = {path: ("transformer." + _hf_name(path), False) for path in expected}
+  return _write_hf("export_hf_gpt2", expected, params, names,
+                   lambda ids: hf_gpt2_config(config, **ids), out_dir, tokenizer)
 
 
 def hf_llama_config(config: LlamaConfig, *, eos_token_id: int | None = None,
@@ -141,28 +121,44 @@ def export_hf_llama(config: LlamaConfig, params: Any, out_dir: str | os.PathLike
                     tokenizer: Any = None) -> pathlib.Path:
   """Write ``params`` of :class:`Llama` as an HF ``LlamaForCausalLM`` (see
   :func:`export_hf_gpt2` for the arguments)."""
-  out = pathlib.Path(out_dir)
+  return _write_hf("export_hf_llama", _abstract_params(Llama, config), params,
+                   hf_llama_names(config), lambda ids: hf_llama_config(config, **ids),
+                   out_dir, tokenizer)
+
+
+def _abstract_params(model_class, config) -> dict:
+  """``split_model``'s params of ``model_class(config)``, shapes only, flattened."""
+  return _flatten(split_model(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))))[1])
+
+
+def _write_hf(who: str, expected: dict, params: Any, names: dict, config_json, out_dir,
+              tokenizer) -> pathlib.Path:
+  """Checks ``params`` against the ``expected`` (path -> shape) of the config's
+  model, writes them under HF's ``names`` (path -> (name, transposed?)) to
+  ``model.safetensors``, the tokenizer if given, and ``config_json(ids)``
+  (``ids``: the tokenizer's eos/bos ids, or none) to ``config.json``."""
   params = nnx.restore_int_paths(params) if _has_str_keys(params) else params
-  expected = _flatten(split_model(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))[1])
   given = _flatten(params)
   if set(given) != set(expected):
-    raise ValueError("export_hf_llama: parameters do not match the config's model")
-  names = hf_llama_names(config)
+    raise ValueError(f"{who}: parameters do not match the config's model: missing "
+                     f"{sorted(map(str, set(expected) - set(given)))[:5]}, unexpected "
+                     f"{sorted(map(str, set(given) - set(expected)))[:5]}")
   tensors = {}
   for path, leaf in expected.items():
     array = np.asarray(given[path], np.float32)
-    if array.shape != tuple(leaf.shape):
-      raise ValueError(f"export_hf_llama: {path} has shape {array.shape}, the config's "
-                       f"model {tuple(leaf.shape)}")
     name, transposed = names[path]
+    if array.shape != tuple(leaf.shape):
+      raise ValueError(f"{who}: {name} has shape {array.shape}, the config's model "
+                       f"{tuple(leaf.shape)}")
     tensors[name] = np.ascontiguousarray(array.T if transposed else array)
+  out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   ids = {}
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out))
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-  (out / "config.json").write_text(json.dumps(hf_llama_config(config, **ids), indent=2) + "\n")
+  (out / "config.json").write_text(json.dumps(config_json(ids), indent=2) + "\n")
   return out
 
 
