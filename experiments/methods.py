@@ -12,8 +12,11 @@ Three kinds:
   ``aioli`` (Chen et al. 2025), and the proxy runs ``doremi_proxy`` and
   ``doge_proxy``.
 * ``offline`` — a pipeline of proxy runs that ends in sampling proportions
-  for a final plain run: ``stratified``, ``doremi``, ``doge``, ``regmix``,
-  ``mixing_law`` (``experiments/offline.py``).
+  for a final plain run: ``stratified``, ``temperature``, ``doremi``,
+  ``doge``, ``regmix``, ``mixing_law``; or, for ``rnb`` (R&B, Ge et al.
+  2025), a regrouping of the corpus into semantic clusters followed by one
+  run with its online mixer ``rnb_rounds`` on the clusters
+  (``experiments/offline.py``).
 
 A new online method is one module in ``dograph_jax/mixing`` with a factory
 ``f(num_domains, **hyperparameters) -> OnlineMixer`` plus one line in
@@ -40,16 +43,24 @@ ONLINE = {
     "aioli": ("dograph_jax.mixing.aioli", "aioli"),
     "doremi_proxy": ("dograph_jax.mixing.doremi", "doremi"),
     "doge_proxy": ("dograph_jax.mixing.doge", "doge"),
+    "rnb_rounds": ("dograph_jax.mixing.rnb", "rnb"),
 }
-OFFLINE = ("stratified", "doremi", "doge", "regmix", "mixing_law")
+OFFLINE = ("stratified", "temperature", "doremi", "doge", "regmix", "mixing_law", "rnb")
 METHODS = ("uniform", "dograph", *ONLINE, *OFFLINE)
 # The paper's Table 2 order, then the extra baselines: what compare.py runs.
 COMPARED = ("uniform", "stratified", "loss_based", "doremi", "doge", "regmix", "mixing_law",
-            "group_dro", "aioli", "dograph")
+            "group_dro", "aioli", "temperature", "rnb", "dograph")
 
 
 # Offline methods whose proxy run is an online mixer: their --method_args go to it.
 PROXY = {"doremi": "doremi_proxy", "doge": "doge_proxy"}
+# Offline methods whose *final* run is an online mixer (on regrouped domains).
+FINAL_MIXER = {"rnb": "rnb_rounds"}
+# Offline methods with hyperparameters of their own: (module, function); the
+# function's keyword arguments after the first are the --method_args.
+OFFLINE_ARGS = {"temperature": ("dograph_jax.mixing.temperature", "temperature_proportions")}
+# Arguments the pipeline sets itself, not --method_args.
+PIPELINE_ONLY = {"temperature": ("budget",)}
 
 
 def kind(method: str) -> str:
@@ -78,6 +89,8 @@ def _convert(text: str, default: Any, method: str, name: str) -> Any:
       return text.lower() in ("true", "1")
     if isinstance(default, (int, float, str)):
       return type(default)(text)
+    if default is None:  # a tuple of floats, written "0.2:0.3:0.5"
+      return tuple(float(v) for v in text.split(":"))
   except ValueError:
     raise ValueError(f"--method_args: {name}={text!r} is not a valid "
                      f"{type(default).__name__} for method {method!r}") from None
@@ -99,13 +112,21 @@ def parse_method_args(method: str, text: str) -> tuple[dict, dict]:
   pairs = [p for p in text.split(",") if p.strip()]
   if method in PROXY:  # checked against the proxy run's mixer
     return parse_method_args(PROXY[method], text)
-  if kind(method) != "online":
+  if method in FINAL_MIXER:
+    return parse_method_args(FINAL_MIXER[method], text)
+  if method in OFFLINE_ARGS:
+    module, name = OFFLINE_ARGS[method]
+    fn = getattr(importlib.import_module(module), name)
+  elif kind(method) == "online":
+    fn = factory(method)
+  else:
     if pairs:
-      raise ValueError(f"--method_args is only for the online mixers {tuple(ONLINE)} "
-                       f"and the proxies of {tuple(PROXY)}; "
+      raise ValueError(f"--method_args is only for the online mixers {tuple(ONLINE)}, "
+                       f"the proxies of {tuple(PROXY)} and {(*FINAL_MIXER, *OFFLINE_ARGS)}; "
                        f"method {method!r} takes none (got {text!r})")
     return {}, {}
-  params = dict(list(inspect.signature(factory(method)).parameters.items())[1:])
+  params = {name: p for name, p in list(inspect.signature(fn).parameters.items())[1:]
+            if name not in PIPELINE_ONLY.get(method, ())}
   given = {}
   for pair in pairs:
     if "=" not in pair:
@@ -117,6 +138,10 @@ def parse_method_args(method: str, text: str) -> tuple[dict, dict]:
     given[name] = _convert(value, params[name].default, method, name)
   static, traced = {}, {}
   for name, p in params.items():
+    if p.default is None:  # optional, static (a tuple of floats: R&B's target)
+      if name in given:
+        static[name] = given[name]
+      continue
     value = given.get(name, p.default)
     if isinstance(p.default, float) and not isinstance(p.default, bool):
       traced[name] = float(value)

@@ -5,6 +5,10 @@ plain trainer (``--method uniform --proportions ...``, grain's stratified
 mix). They differ in how they get there:
 
 * ``stratified`` — equal rows per domain; no proxy run.
+* ``temperature`` — ``p_d ∝ n_d^(1/T)`` over the domains' training rows
+  (``--method_args T=...``; ``max_epochs=E`` caps each domain at ``E``
+  passes over its rows within the run's ``steps * batch_size`` rows,
+  UniMax-style; ``dograph_jax/mixing/temperature.py``); no proxy run.
 * ``doremi`` (Xie et al. 2023) — a reference run on the natural mixture, then
   a proxy run (``doremi_proxy``) whose domain weights follow DoReMi's
   exponentiated-gradient rule on the excess loss over the reference; the
@@ -18,6 +22,20 @@ mix). They differ in how they get there:
 * ``mixing_law`` (Ye et al. 2024) — the same kind of proxy runs, a fitted
   law ``L_i(r) = c_i + k_i exp(t_i . r)`` per domain, and the mixture
   minimising the predicted average loss.
+* ``rnb`` (R&B, Ge et al. 2025) — no proxy run: a *regroup* stage embeds
+  every training document (``--regroup_embedder``: TF-IDF + SVD, or a local
+  sentence-embedding model), clusters the embeddings with K-means, ``k``
+  from ``--regroup_k`` by silhouette (``dograph_jax/mixing/regroup.py``),
+  and writes the corpus again under ``out_dir/regrouped`` with the clusters
+  as domains (``train/cluster_NN.jsonl``, each record keeping its
+  ``human_domain``) and the validation split as it was; the final run then
+  trains on the clusters with R&B's round rule (``rnb_rounds``,
+  ``dograph_jax/mixing/rnb.py``; ``--method_args`` go to it), its target
+  ``q`` each cluster's share of the validation split (every human domain
+  weighted equally), and reports the human domains' validation perplexity
+  (``--eval_domains validation``) with the original tokenizer.
+  ``regroup.json``: ``k``, the silhouette of every ``k`` tried, ``q``, the
+  human-domain x cluster contingency of the training documents.
 
 Proxy and reference runs use the run's model and batch with
 ``--proxy_steps`` steps (default ``steps // 4``); they evaluate only at their
@@ -45,7 +63,7 @@ import numpy as np
 
 from experiments import distributed, reporting, single_run
 from experiments.configs import TrainConfig
-from experiments.methods import PROXY
+from experiments.methods import FINAL_MIXER, PROXY, parse_method_args
 
 log = logging.getLogger("offline")
 
@@ -103,10 +121,15 @@ class _Stages:
     return summary
 
 
+def _load(cfg: TrainConfig) -> single_run.RunData:
+  """The corpus as a plain run would load it (natural proportions)."""
+  return single_run.load_data(dataclasses.replace(cfg, method="uniform", method_args="",
+                                                  proportions=""))
+
+
 def _natural(cfg: TrainConfig) -> dict[str, float]:
   """Natural (token) proportions of the corpus, in domain-id order."""
-  return dict(single_run.load_data(dataclasses.replace(
-      cfg, method="uniform", method_args="", proportions="")).proportions)
+  return dict(_load(cfg).proportions)
 
 
 def _proxy_mixtures(cfg: TrainConfig, stages: _Stages, prior: dict[str, float]):
@@ -136,6 +159,13 @@ def mixture_for(cfg: TrainConfig, stages: _Stages) -> dict[str, float]:
                      f"(D + 1 for {len(names)} domains), got {cfg.proxy_runs}")
   if cfg.method == "stratified":
     return {n: 1.0 / len(names) for n in names}
+  if cfg.method == "temperature":
+    from dograph_jax.mixing.temperature import temperature_proportions
+    _, traced = parse_method_args(cfg.method, cfg.method_args)
+    rows = _load(cfg).rows
+    p = temperature_proportions([rows[n] for n in names], budget=cfg.steps * cfg.batch_size,
+                                **traced)
+    return dict(zip(names, p.tolist()))
   if cfg.method in PROXY:
     overrides = dict(method=PROXY[cfg.method], method_args=cfg.method_args)
     if cfg.method == "doremi":
@@ -168,15 +198,24 @@ def run(cfg: TrainConfig) -> dict:
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   stages = _Stages(cfg)
   t0 = time.perf_counter()
-  mixture = _floor(mixture_for(cfg, stages))
+  extra = {}
+  if cfg.method in FINAL_MIXER:  # R&B: regroup, then one online run on the clusters
+    regrouped, info, t_regroup = regroup_stage(cfg, out_dir / "regrouped")
+    stages.cost["regroup"] = t_regroup
+    final = stages.run("final", proxy=False, **final_overrides(cfg, regrouped, info))
+    mixture = final["mixer_average"]
+    extra = {"regroup": {k: info[k] for k in ("k", "silhouette", "target", "embedder")}}
+  else:
+    mixture = _floor(mixture_for(cfg, stages))
+    log.info("%s mixture: %s", cfg.method, ", ".join(f"{n}={w:.3f}" for n, w in mixture.items()))
+    final = stages.run("final", proxy=False, proportions=single_run.format_proportions(mixture))
   if main:
     (out_dir / "mixture.json").write_text(json.dumps(mixture, indent=2))
-  log.info("%s mixture: %s", cfg.method, ", ".join(f"{n}={w:.3f}" for n, w in mixture.items()))
-  final = stages.run("final", proxy=False, proportions=single_run.format_proportions(mixture))
-  summary = {**final, "method": cfg.method, "mixture": mixture,
+  summary = {**final, "method": cfg.method, "mixture": mixture, **extra,
              "stages": dict(stages.cost), "wall_s": sum(stages.cost.values()),
              "orchestration_s": time.perf_counter() - t0}
-  title = (f"{cfg.method} {cfg.model}, {cfg.steps} steps + {len(stages.cost) - 1} proxy "
+  proxies = sum(1 for n in stages.cost if n not in ("final", "regroup"))
+  title = (f"{cfg.method} {cfg.model}, {cfg.steps} steps + {proxies} proxy "
            f"run(s), batch {cfg.batch_size} x {cfg.seq_len}")
   if not main:
     return summary
@@ -185,3 +224,83 @@ def run(cfg: TrainConfig) -> dict:
   (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
   print(text)
   return summary
+
+
+def _k_range(cfg: TrainConfig, num_human: int) -> range:
+  if cfg.regroup_k == "auto":
+    return range(max(num_human, 2), 3 * max(num_human, 2) + 1)
+  lo, hi = (int(v) for v in cfg.regroup_k.split(":"))
+  return range(lo, hi + 1)
+
+
+def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
+  """R&B's regrouping of ``cfg.data_dir`` into ``folder`` (once: reused when
+  ``folder/regroup.json`` exists); returns ``(folder, info, seconds)``."""
+  from dograph_jax.data.corpus import read_split
+  from dograph_jax.mixing import regroup
+  done = folder / "regroup.json"
+  if done.exists():
+    info = json.loads(done.read_text())
+    log.info("regroup: finished before (k=%d); reusing it", info["k"])
+    return folder, info, float(info["wall_s"])
+  t0 = time.perf_counter()
+  _load(cfg)  # generates the bundled corpus if absent and trains/caches its tokenizer
+  train, _ = read_split(cfg.data_dir, "train", domain_field=cfg.domain_field)
+  val, _ = read_split(cfg.data_dir, "validation", domain_field=cfg.domain_field)
+  texts = [t for docs in train.values() for t in docs]
+  human = [d for d, docs in train.items() for _ in docs]
+  embed = regroup.make_embedder(cfg.regroup_embedder, seed=cfg.seed)
+  z = embed(texts)
+  grouping = regroup.choose_k(z, _k_range(cfg, len(train)), seed=cfg.seed)
+  k = grouping.k
+  names = [f"cluster_{c:02d}" for c in range(k)]
+  # q: each cluster's share of the validation split, every human domain
+  # weighted equally (the reported average perplexity weights them so) and
+  # its documents by length (its loss is a mean over tokens).
+  target = np.zeros(k)
+  for docs in val.values():
+    if not docs:
+      continue
+    assigned = grouping.assign(embed(list(docs)))
+    lengths = np.asarray([len(t) for t in docs], np.float64)
+    target += np.bincount(assigned, weights=lengths, minlength=k) / lengths.sum() / len(val)
+  domains = list(train)
+  contingency = np.zeros((len(domains), k), np.int64)
+  np.add.at(contingency, ([domains.index(d) for d in human], grouping.labels), 1)
+  partial = folder.with_name(folder.name + ".partial")
+  import shutil
+  shutil.rmtree(partial, ignore_errors=True)
+  (partial / "train").mkdir(parents=True)
+  (partial / "validation").mkdir(parents=True)
+  files = [open(partial / "train" / f"{n}.jsonl", "w", encoding="utf-8") for n in names]
+  for text, d, c in zip(texts, human, grouping.labels):
+    files[c].write(json.dumps({"text": text, "domain": names[c], "human_domain": d}) + "\n")
+  for f in files:
+    f.close()
+  with open(partial / "validation" / "validation.jsonl", "w", encoding="utf-8") as f:
+    for d, docs in val.items():
+      for text in docs:
+        f.write(json.dumps({"text": text, "domain": d}) + "\n")
+  info = {"k": k, "silhouette": {str(kk): v for kk, v in grouping.scores.items()},
+          "target": dict(zip(names, target.tolist())), "embedder": cfg.regroup_embedder,
+          "human_domains": domains, "contingency": contingency.tolist(),
+          "documents": len(texts), "source": str(cfg.data_dir),
+          "wall_s": time.perf_counter() - t0}
+  (partial / "regroup.json").write_text(json.dumps(info, indent=2))
+  shutil.rmtree(folder, ignore_errors=True)
+  partial.rename(folder)
+  log.info("regroup: %d documents -> k=%d clusters (silhouette %s) in %.1f s", len(texts), k,
+           ", ".join(f"{kk}:{v:.3f}" for kk, v in grouping.scores.items()), info["wall_s"])
+  return folder, info, info["wall_s"]
+
+
+def final_overrides(cfg: TrainConfig, regrouped: Path, info: dict) -> dict:
+  """The R&B final run's settings: the clusters as domains, the human
+  domains evaluated, the original tokenizer, the round rule with target q."""
+  tokenizer = cfg.tokenizer or str(Path(cfg.data_dir) / f"tokenizer-bpe-{cfg.vocab_size}")
+  args = [a for a in cfg.method_args.split(",") if a.strip()]
+  if not any(a.split("=", 1)[0].strip() == "target" for a in args):
+    args.append("target=" + ":".join(repr(v) for v in info["target"].values()))
+  return dict(method=FINAL_MIXER[cfg.method], method_args=",".join(args),
+              data_dir=str(regrouped), domain_field="domain", tokenizer=tokenizer,
+              eval_domains="validation")

@@ -48,6 +48,7 @@ class RunData:
   eval_batches: dict        # name -> list of {"tokens", "domain_id", "mask"}
   vocab_size: int
   proportions: dict
+  rows: dict = dataclasses.field(default_factory=dict)  # name -> training rows (sequences)
   probe_tokens: np.ndarray | None = None  # (D, P, L + 1) Aioli's held-out rows
   val_missing: list[str] = dataclasses.field(default_factory=list)  # training domains without validation rows
   tokenizer: Any = None     # the run's tokenizer (saved into the run directory)
@@ -115,10 +116,13 @@ def load_data(cfg: TrainConfig) -> RunData:
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
   log.info("skipped records: train %s, validation %s", train_skips.as_dict(),
            val_skips.as_dict())
+  # --eval_domains validation: the validation split's own domains (a run on
+  # regrouped clusters is judged on the human domains, like every other run).
+  own = cfg.eval_domains == "validation"
   eval_batches = make_eval_batches(packed_val, cfg.batch_size,
                                    max_rows_per_domain=cfg.eval_rows or None,
-                                   domain_names=packed.names)
-  missing = [n for n in packed.names if n not in eval_batches]
+                                   domain_names=None if own else packed.names)
+  missing = [] if own else [n for n in packed.names if n not in eval_batches]
   if len(missing) == len(packed.names):
     raise ValueError(f"the validation split of {data_dir} has no rows of any training "
                      f"domain ({', '.join(packed.names)}): nothing to evaluate")
@@ -134,6 +138,7 @@ def load_data(cfg: TrainConfig) -> RunData:
       eval_batches=eval_batches,
       vocab_size=len(tokenizer),
       proportions=resolved,
+      rows=dict(zip(packed.names, packed.num_rows)),
       probe_tokens=probe,
       val_missing=missing,
       tokenizer=tokenizer)

@@ -33,12 +33,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 import dograph_jax as dg
 from dograph_jax.mixing import MixingInputs, domain_counts
-from dograph_jax.models import apply, build, get_config, sequence_loss, split_model, token_losses
+from dograph_jax.mixing.rnb import domain_head_grads
+from dograph_jax.models import (apply, build, get_config, sequence_loss, split_model, taps,
+                                token_losses)
 
 from experiments import methods
 from experiments.configs import TrainConfig
@@ -151,11 +154,34 @@ def init_train_state(params, tx, cfg: TrainConfig | None = None, num_domains: in
       raise ValueError(f"method {cfg.method!r} needs a reference model (--reference_dir)")
     # Copy every leaf: an init may use one array for several fields, and the
     # donated train state must not hold the same buffer twice.
-    state["mixer"] = jax.tree.map(lambda x: jnp.array(x, copy=True), mixer.init())
+    init = mixer.init(width=_head_width(params)) if "head_grads" in mixer.needs else mixer.init()
+    state["mixer"] = jax.tree.map(lambda x: jnp.array(x, copy=True), init)
     state["mixer_hparams"] = methods.traced_state(traced)
   if ref_params is not None:
     state["ref_params"] = ref_params
   return state
+
+
+def _head_width(params) -> int:
+  """``V * d_model`` of the output layer (tied embedding or ``lm_head``)."""
+  if "lm_head" in params:
+    return int(np.prod(params["lm_head"]["kernel"].shape))
+  return int(np.prod(params["wte"]["embedding"].shape))
+
+
+def _losses_and_head(graphdef, params, tokens_BxT1):
+  """``(losses (B,), (token losses (B, T), h (B, T, Dm), logits (B, T, V)))``:
+  the forward pass with the output layer's input ``h`` recorded (the taps
+  of ``models/taps.py``: ``head_inputs`` of a tied model, ``lm_head``'s
+  ``inputs`` of an untied one)."""
+  model = nnx.merge(graphdef, params)
+  with taps.tapping():
+    logits, inter = nnx.capture(lambda m, t: m(t), nnx.Intermediate)(model, tokens_BxT1[:, :-1])
+  inter = nnx.to_pure_dict(inter)
+  h = inter["lm_head"]["inputs"] if "lm_head" in inter else inter["head_inputs"]
+  h = h[0] if isinstance(h, (tuple, list)) else h
+  tok_BxT = token_losses(logits, tokens_BxT1[:, 1:])
+  return tok_BxT.mean(1), (tok_BxT, h, logits)
 
 
 def _sequence_losses(graphdef, params, tokens_BxT1):
@@ -170,8 +196,12 @@ def _mixer_grads(graphdef, cfg: TrainConfig, state, batch, probe_tokens):
   num_domains = state["mixer"].weights.shape[0]
   mixer = methods.build_mixer(cfg.method, num_domains, static, state["mixer_hparams"])
   params, tokens, domain_id = state["params"], batch["tokens"], batch["domain_id"]
-  losses_B, vjp, tok_BxT = jax.vjp(lambda p: _sequence_losses(graphdef, p, tokens), params,
-                                   has_aux=True)
+  if "head_grads" in mixer.needs:
+    losses_B, vjp, (tok_BxT, h, logits) = jax.vjp(
+        lambda p: _losses_and_head(graphdef, p, tokens), params, has_aux=True)
+  else:
+    losses_B, vjp, tok_BxT = jax.vjp(lambda p: _sequence_losses(graphdef, p, tokens), params,
+                                     has_aux=True)
   counts_D = domain_counts(domain_id, num_domains)
   fields = dict(losses=losses_B, domain_id=domain_id, step=state["step"],
                 domain_counts=counts_D)
@@ -189,6 +219,15 @@ def _mixer_grads(graphdef, cfg: TrainConfig, state, batch, probe_tokens):
     fields["domain_gram"] = sum(
         (g.reshape(num_domains, -1) @ g.reshape(num_domains, -1).T).astype(jnp.float32)
         for g in jax.tree.leaves(grads_D))
+  if "head_grads" in mixer.needs:
+    # Each sample's own loss gradient w.r.t. its logits (the sum separates
+    # over samples), then the per-domain sums of the output layer's
+    # per-sample gradients d^T h (R&B; dograph_jax/mixing/rnb.py).
+    targets = tokens[:, 1:]
+    d_logits = jax.grad(lambda lg: token_losses(lg, targets).mean(1).sum())(
+        jax.lax.stop_gradient(logits))
+    fields["head_grads"] = domain_head_grads(jax.lax.stop_gradient(h), d_logits, domain_id,
+                                                 num_domains, mixer.head_sketch_dim)
   if "probe_losses" in mixer.needs:
     if probe_tokens is None:
       raise ValueError(f"method {cfg.method!r} needs probe_tokens (D, P, T + 1)")

@@ -6,10 +6,11 @@ A method either
   ``(init, update)`` whose ``update`` maps the step's per-sample information
   (:class:`MixingInputs`) to per-sample loss weights ``w_B`` (``sum w = 1``);
   the trainer then steps on ``grad(sum_i w_i l_i)``. Uniform, Dynamic
-  Loss-Based reweighting, Group DRO, Aioli, and the proxy runs of DoReMi and
-  DoGE are online mixers; or
+  Loss-Based reweighting, Group DRO, Aioli, R&B's round rule, and the proxy
+  runs of DoReMi and DoGE are online mixers; or
 * sets the **sampling proportions** of the final run (offline): DoReMi and
-  DoGE (time-averaged proxy weights), RegMix, Data Mixing Law, stratified.
+  DoGE (time-averaged proxy weights), RegMix, Data Mixing Law, stratified,
+  temperature sampling.
   Offline methods are orchestrated by ``experiments/methods.py`` on top of
   the online mixers and the pure fitting code in this package.
 
@@ -51,6 +52,7 @@ class MixingInputs(NamedTuple):
   domain_gram: jax.Array | None = None      # (D, D) float32, <g_d, g_e> of domain mean-loss grads (DoGE)
   domain_counts: jax.Array | None = None    # (D,) int32, batch rows per domain (always filled)
   probe_losses: jax.Array | None = None     # (D,) float32, held-out per-domain losses (Aioli)
+  head_grads: jax.Array | None = None       # (D, F) float32, per-domain sums of per-sample output-layer gradients (R&B; rnb.domain_head_grads)
 
 
 class OnlineMixer(NamedTuple):
@@ -58,9 +60,11 @@ class OnlineMixer(NamedTuple):
   init: Callable[[], Any]
   update: Callable[[Any, MixingInputs], tuple[jax.Array, Any]]
   needs: frozenset = frozenset()   # optional MixingInputs fields the trainer must fill
+  head_sketch_dim: int = 0         # head_grads: 0 exact (F = V * d_model), K > 0 sketched (F = K)
 
 
-NEEDS = frozenset({"token_losses", "ref_token_losses", "domain_gram", "probe_losses"})
+NEEDS = frozenset({"token_losses", "ref_token_losses", "domain_gram", "probe_losses",
+                   "head_grads"})
 
 
 def domain_counts(domain_id: jax.Array, num_domains: int) -> jax.Array:

@@ -29,11 +29,14 @@ class TrainConfig:
   tokenizer: str = ""               # local tokenizer path; empty = train a byte-level BPE on the train split, cached beside the data
   vocab_size: int = 2048            # vocabulary of the trained tokenizer
   # --- method ---
-  method: str = "dograph"           # dograph | uniform | stratified | loss_based | doremi | doge | regmix | mixing_law | group_dro | aioli (| doremi_proxy | doge_proxy): experiments/methods.py
+  method: str = "dograph"           # dograph | uniform | stratified | temperature | loss_based | doremi | doge | regmix | mixing_law | group_dro | aioli | rnb (| doremi_proxy | doge_proxy | rnb_rounds): experiments/methods.py
   method_args: str = ""             # online baseline's hyperparameters "name=value,..." (its factory's keywords, e.g. "strategy=mid,temperature=0.5")
   reference_dir: str = ""           # doremi_proxy: run directory of the reference model (its last checkpoint)
   proxy_steps: int = 0              # offline methods: steps of each proxy/reference run (0 = steps // 4)
   proxy_runs: int = 8               # regmix / mixing_law: proxy runs at sampled mixtures
+  regroup_embedder: str = "tfidf"   # rnb: document embeddings for the regrouping: tfidf (TF-IDF + SVD, offline) | tfidf:DIM | a local sentence-embedding model directory
+  regroup_k: str = "auto"           # rnb: cluster counts tried, "lo:hi" (inclusive), the silhouette picks one; auto = D:3D for D human domains
+  eval_domains: str = "train"       # validation domains reported: train (the training domains) | validation (every domain of the validation split: a run on regrouped clusters)
   probe_rows: int = 8               # aioli: held-out probe rows per domain (taken from each domain's last training rows)
   objective: str = "uncertainty"    # DoGraph objective: uncertainty | variance | robust | alignment
   num_domains: int = 11             # m, model-centric domains (paper: 11)
@@ -109,6 +112,13 @@ class TrainConfig:
       raise ValueError(f"--distance must be cosine or euclidean, got {self.distance!r}")
     if self.method == "dograph" and self.domains == "persistent" and self.buffer_size:
       raise ValueError("--buffer_size is an option of --domains batch")
+    if self.eval_domains not in ("train", "validation"):
+      raise ValueError(f"--eval_domains must be train or validation, got {self.eval_domains!r}")
+    if self.regroup_k != "auto":
+      lo, sep, hi = self.regroup_k.partition(":")
+      if not (sep and lo.strip().isdigit() and hi.strip().isdigit() and 2 <= int(lo) <= int(hi)):
+        raise ValueError(f"--regroup_k must be auto or lo:hi with 2 <= lo <= hi, "
+                         f"got {self.regroup_k!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
 
