@@ -27,3 +27,28 @@ def test_bad_grid():
     sweep.parse_grid(["num_domains=3,4"])
   with pytest.raises(ValueError, match="at least one"):
     sweep.parse_grid([])
+
+
+def test_sweep_of_method_hyperparameters(tmp_path):
+  """R&B's lambda (a traced mixer value, after the regrouping) and temperature
+  sampling's T (proportions) sweep with one compiled step."""
+  corpus = write_synthetic_corpus(tmp_path / "corpus", seed=2, total_docs=300)
+  base = dict(data_dir=str(corpus), vocab_size=300, steps=3, batch_size=8, seq_len=32,
+              eval_rows=8, out_dir=str(tmp_path / "out"))
+  cfg = TrainConfig(method="rnb", method_args="round_steps=1", regroup_k="3:4", **base)
+  results, step = sweep.run_sweep(cfg, sweep.parse_grid(["lam=0.1,20"], "rnb"))
+  assert len(results) == 2 and len(step.traces) == 1
+  assert results[0]["final_train_loss"] != results[1]["final_train_loss"]
+  assert (tmp_path / "out" / "regrouped" / "regroup.json").exists()
+
+  cfg = TrainConfig(method="temperature", **base)
+  results, step = sweep.run_sweep(cfg, sweep.parse_grid(["T=1,1000", "lr=3e-3"],
+                                                        "temperature"))
+  assert len(results) == 2 and len(step.traces) == 1
+  assert results[0]["final_train_loss"] != results[1]["final_train_loss"]
+  # T = 1 is the natural mixture: the same run as a plain uniform sweep point.
+  plain, _ = sweep.run_sweep(TrainConfig(method="uniform", **base),
+                             sweep.parse_grid(["lr=3e-3"], "uniform"))
+  assert plain[0]["val_loss"] == pytest.approx(results[0]["val_loss"], rel=1e-6)
+  with pytest.raises(ValueError, match="or method 'rnb'"):
+    sweep.parse_grid(["round_steps=1,2"], "rnb")
