@@ -67,7 +67,7 @@ def _spy_factory(seen):
   samples by softmax(losses) (non-uniform, so the gradient checks bite)."""
 
   def spy(num_domains, *, scale: float = 1.0):
-    def init():
+    def init(width=None):  # a head_grads mixer is told the output layer's size
       z = jnp.zeros((num_domains,), jnp.float32)
       return _SpyState(z, z, jnp.zeros((), jnp.int32))
 
@@ -126,6 +126,10 @@ def test_online_step_matches_jax_grad_oracles(corpus, tmp_path, monkeypatch):
   np.testing.assert_allclose(inputs.domain_gram, oracle_gram, rtol=1e-4,
                              atol=1e-6 * float(jnp.abs(oracle_gram).max()))
   assert float(jnp.abs(inputs.domain_gram[1]).max()) == 0.0  # the absent domain
+  # Output-layer gradient sums per domain (their values: tests/test_rnb.py).
+  v, dm = params["wte"]["embedding"].shape
+  assert inputs.head_grads.shape == (num_domains, v * dm)
+  assert float(jnp.abs(inputs.head_grads[1]).max()) == 0.0
 
 
 def test_mixer_hyperparameters_are_traced(corpus, tmp_path):
