@@ -149,7 +149,12 @@ CANDIDATES: dict[str, tuple[dict[str, str], str]] = {
     "factored_batch": (dict(method="dograph", sketch="factored", update="bookkeeping",
                             domains="batch", distance="euclidean"),
                        "factored, book-keeping, per-batch domains"),
+    # R&B's round rule (an online mixer): plain forward/backward plus the
+    # output layer's sketched per-sample gradients summed per cluster.
+    "rnb": (dict(method="rnb_rounds"), "R&B rounds: head-gradient sketches + weighted grad"),
 }
+# Not run unless named in --candidates.
+OPT_IN = ("factored_batch", "rnb")
 NUM_DOMAINS = 11
 DEFAULTS = {
     "cpu": dict(model="mini", batch_size=16, seq_len=64, sketch_dim=256, dtype="float32"),
@@ -201,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="compute dtype (default float32 CPU, bfloat16 GPU)")
   parser.add_argument("--vocab_size", type=int, default=None,
                       help="vocabulary (default 2048 for mini, 50257 otherwise)")
-  parser.add_argument("--candidates", default=",".join(c for c in CANDIDATES if c != "factored_batch"),
+  parser.add_argument("--candidates", default=",".join(c for c in CANDIDATES if c not in OPT_IN),
                       help=f"comma-separated subset of {','.join(CANDIDATES)} "
                            "(plain is always added: it is the reference of the ratios)")
   parser.add_argument("--repeats", type=int, default=15,
@@ -351,10 +356,11 @@ def build(args, name: str, graphdef, params, batch) -> Candidate:
   cand = Candidate(name, train_config(args, name))
   tx = training.make_optimizer(cand.cfg)
   abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+  online = (cand.cfg, NUM_DOMAINS) if cand.cfg.method == "rnb_rounds" else ()
   if abstract:  # --compile_only: shapes only, nothing allocated
-    cand.state = jax.eval_shape(lambda p: training.init_train_state(p, tx), params)
+    cand.state = jax.eval_shape(lambda p: training.init_train_state(p, tx, *online), params)
   else:
-    cand.state = training.init_train_state(jax.tree.map(jnp.copy, params), tx)
+    cand.state = training.init_train_state(jax.tree.map(jnp.copy, params), tx, *online)
   kwargs = {}
   if args.mesh:
     mesh = sharding.make_mesh(args.mesh)

@@ -43,8 +43,9 @@ def train(cfg: TrainConfig) -> dict:
 
   An online method (``dograph``, ``uniform``, the online baselines) is one
   run (:func:`experiments.single_run.train_run`); an offline one
-  (``stratified``, ``doremi``, ``doge``, ``regmix``, ``mixing_law``) runs its
-  whole pipeline of proxy runs and the final run (``experiments/offline.py``).
+  (``stratified``, ``temperature``, ``doremi``, ``doge``, ``regmix``,
+  ``mixing_law``, ``rnb``) runs its whole pipeline of proxy runs (or R&B's
+  regrouping) and the final run (``experiments/offline.py``).
   """
   if methods.kind(cfg.method) == "offline":
     return offline.run(cfg)

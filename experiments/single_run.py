@@ -290,8 +290,8 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
 def train_run(cfg: TrainConfig) -> dict:
   """Runs (or resumes) one training run; returns the summary dict.
 
-  An offline method (``stratified``, ``doremi``, ``doge``, ``regmix``,
-  ``mixing_law``) is a pipeline of such runs: ``pretrain.train`` runs it.
+  An offline method (``stratified``, ``temperature``, ``doremi``, ``doge``,
+  ``regmix``, ``mixing_law``, ``rnb``) is a pipeline of such runs: ``pretrain.train`` runs it.
   """
   if methods.kind(cfg.method) == "offline":
     raise ValueError(f"method {cfg.method!r} is an offline pipeline of several runs: "
