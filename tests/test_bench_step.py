@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _compile_only(out, *extra):
   proc = subprocess.run(
       [sys.executable, "benchmarks/bench_step.py", "--model", "llama-mini", "--compile_only",
-       "--candidates", "plain,factored", "--vocab_size", "256", "--batch_size", "8",
+       "--candidates", "plain,factored,rnb", "--vocab_size", "256", "--batch_size", "8",
        "--seq_len", "32", "--json", str(out), *extra],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
@@ -28,7 +28,7 @@ def test_compile_only_one_device_and_fsdp_mesh(tmp_path):
   mesh, text = _compile_only(tmp_path / "mesh.json", "--mesh", "data=2,fsdp=4")
   assert "mesh: data=2,fsdp=4 (8 devices)" in text
   for result in (one, mesh):
-    for name in ("plain", "factored"):
+    for name in ("plain", "factored", "rnb"):
       c = result["candidates"][name]
       assert c["samples_s"] == [] and c["xla_flops"] > 0
       assert c["memory_analysis"]["total"] > 0
