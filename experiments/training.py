@@ -21,8 +21,10 @@ The train step is one jitted function with the train state donated:
   per-sequence losses and a ``vjp``; the method's ``OnlineMixer`` turns the
   losses (and what else it ``needs``: reference-model token losses, the Gram
   matrix of per-domain gradients formed on the device by a ``vmap`` of the
-  same ``vjp``, held-out probe losses) into per-sample weights ``w``; the
-  update is ``vjp(w) = grad(sum_i w_i l_i)`` — one backward pass.
+  same ``vjp``, held-out probe losses, per-domain sums of the output layer's
+  per-sample gradients ``d_logits^T h`` from the recorded head input — R&B)
+  into per-sample weights ``w``; the update is ``vjp(w) = grad(sum_i w_i
+  l_i)`` — one backward pass.
 
 Shape legend: ``B`` batch, ``T`` sequence length, ``M`` DoGraph domains.
 """
