@@ -200,7 +200,7 @@ def run(cfg: TrainConfig) -> dict:
   t0 = time.perf_counter()
   extra = {}
   if cfg.method in FINAL_MIXER:  # R&B: regroup, then one online run on the clusters
-    regrouped, info, t_regroup = regroup_stage(cfg, out_dir / "regrouped")
+    regrouped, info, t_regroup = _regroup_on_main(cfg, out_dir / "regrouped")
     stages.cost["regroup"] = t_regroup
     final = stages.run("final", proxy=False, **final_overrides(cfg, regrouped, info))
     mixture = final["mixer_average"]
@@ -231,6 +231,21 @@ def _k_range(cfg: TrainConfig, num_human: int) -> range:
     return range(max(num_human, 2), 3 * max(num_human, 2) + 1)
   lo, hi = (int(v) for v in cfg.regroup_k.split(":"))
   return range(lo, hi + 1)
+
+
+def _regroup_on_main(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
+  """:func:`regroup_stage` on the main process; the others wait for it and
+  read its result (``out_dir`` is shared, as for the checkpoints)."""
+  import jax
+  if distributed.is_main_process():
+    result = regroup_stage(cfg, folder)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("rnb regroup")
+  if not distributed.is_main_process():
+    info = json.loads((folder / "regroup.json").read_text())
+    result = folder, info, float(info["wall_s"])
+  return result
 
 
 def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
