@@ -9,8 +9,8 @@ Three kinds:
   losses (and, where it asks, reference losses, the per-domain gradient Gram
   matrix or held-out probe losses) into per-sample loss weights:
   ``loss_based`` (Sow et al. 2025), ``group_dro`` (Sagawa et al. 2020),
-  ``aioli`` (Chen et al. 2025), and the proxy runs ``doremi_proxy`` and
-  ``doge_proxy``.
+  ``aioli`` (Chen et al. 2025), the proxy runs ``doremi_proxy`` and
+  ``doge_proxy``, and ``rnb_rounds`` (R&B's round rule, on clusters).
 * ``offline`` — a pipeline of proxy runs that ends in sampling proportions
   for a final plain run: ``stratified``, ``temperature``, ``doremi``,
   ``doge``, ``regmix``, ``mixing_law``; or, for ``rnb`` (R&B, Ge et al.
@@ -92,8 +92,9 @@ def _convert(text: str, default: Any, method: str, name: str) -> Any:
     if default is None:  # a tuple of floats, written "0.2:0.3:0.5"
       return tuple(float(v) for v in text.split(":"))
   except ValueError:
+    what = "list of numbers a:b:..." if default is None else type(default).__name__
     raise ValueError(f"--method_args: {name}={text!r} is not a valid "
-                     f"{type(default).__name__} for method {method!r}") from None
+                     f"{what} for method {method!r}") from None
   return float(text)
 
 

@@ -268,7 +268,8 @@ def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
   z = embed(texts)
   grouping = regroup.choose_k(z, _k_range(cfg, len(train)), seed=cfg.seed)
   k = grouping.k
-  names = [f"cluster_{c:02d}" for c in range(k)]
+  # zero-padded: the corpus reader sorts domains by name, so ids follow c
+  names = [f"cluster_{c:0{max(2, len(str(k - 1)))}d}" for c in range(k)]
   # q: each cluster's share of the validation split, every human domain
   # weighted equally (the reported average perplexity weights them so) and
   # its documents by length (its loss is a mean over tokens).

@@ -295,3 +295,17 @@ def test_rnb_lambda_is_traced(corpus, tmp_path):
     weights.append(np.asarray(metrics["weights"]))
   assert len(step.traces) == 1
   assert np.max(weights[1]) - np.min(weights[1]) > np.max(weights[0]) - np.min(weights[0])
+
+
+def test_a_non_finite_round_keeps_the_proportions():
+  mixer = rnb(3, round_steps=1, sketch_dim=0)
+  domain_id = jnp.asarray([0, 1, 2], jnp.int32)
+  def inputs(sums):
+    return MixingInputs(losses=jnp.ones((3,)), domain_id=domain_id, step=jnp.asarray(0),
+                        domain_counts=domain_counts(domain_id, 3),
+                        head_grads=jnp.asarray(sums, jnp.float32))
+  _, state = mixer.update(mixer.init(width=2), inputs(S))
+  good = np.asarray(state.weights)
+  _, state = mixer.update(state, inputs([[np.nan, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+  np.testing.assert_array_equal(state.weights, good)
+  assert np.all(np.isfinite(state.gram))

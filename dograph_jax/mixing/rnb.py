@@ -3,8 +3,9 @@
 Ge, Huang, Cooper, Trost, Chu, Namburi, Cai, Park, Roberts, Sala (2025),
 "R&B: Domain Regrouping and Data Mixture Balancing for Efficient Foundation
 Model Training" (arXiv 2505.00358). R&B first *regroups* the corpus into
-``k`` semantic clusters (``experiments/regroup.py``: embeddings + K-means,
-``k`` by silhouette); the clusters are then this mixer's domains. During
+``k`` semantic clusters (:mod:`dograph_jax.mixing.regroup`: embeddings +
+K-means, ``k`` by silhouette; run as a stage by ``experiments/offline.py``);
+the clusters are then this mixer's domains. During
 training, in rounds of ``round_steps`` steps, it accumulates each cluster's
 gradient of the **final layer** (the output projection to the vocabulary)
 and its sample count,
@@ -37,6 +38,8 @@ Choices where the method leaves room (or where we had to choose):
   ``sum_c p_c mean_{i in c} grad l_i``), the same gradient in expectation as
   sampling at ``p`` — as the DoReMi and DoGE proxies here do. Until the first
   round has ended the step is the plain batch mean (natural proportions).
+* **Never NaN weights.** A round whose sums are not finite (a diverged
+  sample) leaves the proportions and ``G`` as they were.
 * **A cluster absent from a round** has ``|S_i| = 0``: its row and column of
   ``G`` are zero (no division by zero), so it scores 0 and keeps a softmax
   share ``exp(0)``; if ``G q = 0`` altogether the proportions are uniform.
@@ -201,12 +204,16 @@ def rnb(num_domains: int, target: tuple | None = None, round_steps: int = 50,
     # Before the first round ends the step is the batch mean: the logged
     # weights are then the clusters' observed shares.
     observed = counts / jnp.maximum(jnp.sum(counts), 1.0)
-    weights = jnp.where(end, new_p, jnp.where(state.rounds > 0, state.weights, observed))
+    # A round whose gradients were not finite keeps the proportions it had
+    # (the trainer stops on the non-finite loss that causes it).
+    update_p = end & jnp.all(jnp.isfinite(new_p))
+    weights = jnp.where(update_p, new_p,
+                        jnp.where(state.rounds > 0, state.weights, observed))
     new_state = RnBState(
         weights=weights,
         grad_sum=jnp.where(end, 0.0, grad_sum), sample_count=jnp.where(end, 0.0, counts),
         round_step=jnp.where(end, 0, round_step), rounds=state.rounds + end.astype(jnp.int32),
-        gram=jnp.where(end, new_gram, state.gram),
+        gram=jnp.where(update_p, new_gram, state.gram),
         weights_sum=state.weights_sum + weights, count=state.count + 1)
     return sample_w, new_state
 
