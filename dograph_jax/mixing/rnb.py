@@ -206,7 +206,7 @@ def rnb(num_domains: int, target: tuple | None = None, round_steps: int = 50,
     observed = counts / jnp.maximum(jnp.sum(counts), 1.0)
     # A round whose gradients were not finite keeps the proportions it had
     # (the trainer stops on the non-finite loss that causes it).
-    update_p = end & jnp.all(jnp.isfinite(new_p))
+    update_p = end & jnp.all(jnp.isfinite(grad_sum)) & jnp.all(jnp.isfinite(new_p))
     weights = jnp.where(update_p, new_p,
                         jnp.where(state.rounds > 0, state.weights, observed))
     new_state = RnBState(
