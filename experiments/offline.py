@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -284,7 +285,6 @@ def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
   contingency = np.zeros((len(domains), k), np.int64)
   np.add.at(contingency, ([domains.index(d) for d in human], grouping.labels), 1)
   partial = folder.with_name(folder.name + ".partial")
-  import shutil
   shutil.rmtree(partial, ignore_errors=True)
   (partial / "train").mkdir(parents=True)
   (partial / "validation").mkdir(parents=True)
