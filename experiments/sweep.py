@@ -23,6 +23,7 @@ per setting and writes ``sweep.json`` in ``--out_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -33,8 +34,6 @@ from typing import Sequence
 
 if __package__ in (None, ""):
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp

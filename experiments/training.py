@@ -229,7 +229,7 @@ def _mixer_grads(graphdef, cfg: TrainConfig, state, batch, probe_tokens):
     d_logits = jax.grad(lambda lg: token_losses(lg, targets).mean(1).sum())(
         jax.lax.stop_gradient(logits))
     fields["head_grads"] = domain_head_grads(jax.lax.stop_gradient(h), d_logits, domain_id,
-                                                 num_domains, mixer.head_sketch_dim)
+                                             num_domains, mixer.head_sketch_dim)
   if "probe_losses" in mixer.needs:
     if probe_tokens is None:
       raise ValueError(f"method {cfg.method!r} needs probe_tokens (D, P, T + 1)")
