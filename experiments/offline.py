@@ -128,10 +128,6 @@ def _load(cfg: TrainConfig) -> single_run.RunData:
                                                   proportions=""))
 
 
-def _natural(cfg: TrainConfig) -> dict[str, float]:
-  """Natural (token) proportions of the corpus, in domain-id order."""
-  return dict(_load(cfg).proportions)
-
 
 def _proxy_mixtures(cfg: TrainConfig, stages: _Stages, prior: dict[str, float]):
   """RegMix/mixing-law proxy runs: ``(mixtures (N, D), val_losses (N, D))``."""
@@ -152,7 +148,8 @@ def _proxy_mixtures(cfg: TrainConfig, stages: _Stages, prior: dict[str, float]):
 
 def mixture_for(cfg: TrainConfig, stages: _Stages) -> dict[str, float]:
   """Runs the method's proxy stages and returns its sampling proportions."""
-  prior = _natural(cfg)
+  data = _load(cfg)
+  prior = dict(data.proportions)  # natural (token) proportions, in domain-id order
   names = list(prior)
   if cfg.method == "mixing_law" and cfg.proxy_runs < len(names) + 1:
     # Checked before any proxy run: the law has D + 2 parameters per domain.
@@ -163,8 +160,7 @@ def mixture_for(cfg: TrainConfig, stages: _Stages) -> dict[str, float]:
   if cfg.method == "temperature":
     from dograph_jax.mixing.temperature import temperature_proportions
     _, traced = parse_method_args(cfg.method, cfg.method_args)
-    rows = _load(cfg).rows
-    p = temperature_proportions([rows[n] for n in names], budget=cfg.steps * cfg.batch_size,
+    p = temperature_proportions([data.rows[n] for n in names], budget=cfg.steps * cfg.batch_size,
                                 **traced)
     return dict(zip(names, p.tolist()))
   if cfg.method in PROXY:

@@ -132,22 +132,28 @@ def test_online_step_matches_jax_grad_oracles(corpus, tmp_path, monkeypatch):
   assert float(jnp.abs(inputs.head_grads[1]).max()) == 0.0
 
 
-def test_mixer_hyperparameters_are_traced(corpus, tmp_path):
-  cfg = _cfg(corpus, tmp_path, method="group_dro")
+@pytest.mark.parametrize("method, method_args, name, values", [
+    ("group_dro", "", "step_size", (0.0, 5.0)),
+    ("rnb_rounds", "round_steps=1", "lam", (0.5, 8.0)),   # R&B's lambda
+])
+def test_mixer_hyperparameters_are_traced(corpus, tmp_path, method, method_args, name, values):
+  cfg = _cfg(corpus, tmp_path, method=method, method_args=method_args)
   data = pretrain.load_data(cfg)
   _, graphdef, params = training.build_model(cfg, data.vocab_size)
   tx = training.make_optimizer(cfg)
   step = training.make_train_step(graphdef, tx, cfg)
   batch = next(data.train_iter)
   outs = []
-  for step_size in (0.0, 5.0):
+  for value in values:
     state = training.init_train_state(jax.tree.map(jnp.copy, params), tx, cfg, len(data.names))
-    state["mixer_hparams"]["step_size"] = jnp.asarray(step_size, jnp.float32)
+    state["mixer_hparams"][name] = jnp.asarray(value, jnp.float32)
     state, metrics = step(state, batch)
     state, metrics = step(state, batch)
     outs.append(np.asarray(metrics["weights"]))
   assert len(step.traces) == 1
-  assert not np.allclose(outs[0], outs[1])  # the new step size took effect without a retrace
+  # the larger value spreads the weights further (both methods' rules sharpen with it)
+  assert np.ptp(outs[1]) > np.ptp(outs[0])
+  assert not np.allclose(outs[0], outs[1])  # the new value took effect without a retrace
 
 
 # --- offline pipelines and the harness, end to end ---------------------------

@@ -278,25 +278,6 @@ def test_compare_runs_temperature_and_rnb(corpus, tmp_path):
   assert "| temperature |" in table and "| rnb |" in table
 
 
-def test_rnb_lambda_is_traced(corpus, tmp_path):
-  """Changing R&B's lambda reuses the compiled step (a traced mixer value)."""
-  cfg = _cfg(corpus, tmp_path, method="rnb_rounds", method_args="round_steps=1")
-  data = pretrain.load_data(cfg)
-  _, graphdef, params = training.build_model(cfg, data.vocab_size)
-  tx = training.make_optimizer(cfg)
-  step = training.make_train_step(graphdef, tx, cfg)
-  batch = next(data.train_iter)
-  weights = []
-  for lam in (0.5, 8.0):
-    state = training.init_train_state(jax.tree.map(jnp.copy, params), tx, cfg, len(data.names))
-    state["mixer_hparams"]["lam"] = jnp.asarray(lam, jnp.float32)
-    for _ in range(2):
-      state, metrics = step(state, batch)
-    weights.append(np.asarray(metrics["weights"]))
-  assert len(step.traces) == 1
-  assert np.max(weights[1]) - np.min(weights[1]) > np.max(weights[0]) - np.min(weights[0])
-
-
 def test_a_non_finite_round_keeps_the_proportions():
   mixer = rnb(3, round_steps=1, sketch_dim=0)
   domain_id = jnp.asarray([0, 1, 2], jnp.int32)
