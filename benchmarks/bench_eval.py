@@ -1,4 +1,4 @@
-"""Throughput of the lm-eval adapter (``experiments/lm_eval_model.FlaxLM``).
+"""Throughput of the lm-eval adapter (``dograph_jax.eval.lm_eval_model.FlaxLM``).
 
     python benchmarks/bench_eval.py                 # mini, CPU defaults
     python benchmarks/bench_eval.py --model gpt2 --batch_size 32 --requests 512
@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import numpy as np
@@ -36,7 +33,7 @@ from flax import nnx
 
 from dograph_jax.data import read_split, train_bpe_tokenizer, write_synthetic_corpus
 from dograph_jax.models import GPT2, get_config, split_model
-from experiments.lm_eval_model import FlaxLM
+from dograph_jax.eval.lm_eval_model import FlaxLM
 
 
 class _Request:

@@ -2,7 +2,7 @@
 
 Run as ``python benchmarks/bench_step.py`` (``--help`` for the options). One
 run measures, on the same model, batch and machine, the four train steps that
-``experiments/pretrain.py`` builds (``experiments.training.make_train_step``
+``experiments/pretrain.py`` builds (``dograph_jax.train.training.make_train_step``
 on ``make_optimizer``'s chain, state donated):
 
 * ``plain``: ``--method uniform``, the gradient of the batch-mean loss, then
@@ -121,8 +121,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # `python benchmarks/bench_step.py`
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
@@ -132,8 +130,8 @@ import optax
 import dograph_jax as dg
 from dograph_jax import sharding
 from dograph_jax.models import apply, count_params, token_losses
-from experiments import training
-from experiments.configs import TrainConfig
+from dograph_jax.train import training
+from dograph_jax.train.config import TrainConfig
 
 # name -> (TrainConfig fields, description)
 CANDIDATES: dict[str, tuple[dict[str, str], str]] = {
@@ -252,7 +250,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def neutral_malloc() -> str:
   """glibc ``mallopt``: never ``mmap``, never trim, one arena (see the docstring)."""
-  from experiments.allocator import tune_cpu_malloc
+  from dograph_jax.train.allocator import tune_cpu_malloc
   return tune_cpu_malloc()
 
 

@@ -35,7 +35,7 @@ returned DoGraph's per-sample assignments sharded over the batch, not
 replicated as they came in, so the second step saw new input shardings and
 compiled again.
 
-Typical use (one process; see ``experiments/distributed.py`` for several)::
+Typical use (one process; see ``dograph_jax/train/distributed.py`` for several)::
 
     mesh = make_mesh("data=4,fsdp=2")                     # 8 devices
     state_sharding = state_shardings(state, mesh)

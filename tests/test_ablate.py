@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dograph_jax.data import write_synthetic_corpus
-from experiments import ablate, pretrain
+from dograph_jax.study import ablate
+from dograph_jax.train import pretrain
 
 
 def test_study_end_to_end_and_rerun_reuses_runs(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from dograph_jax.data import write_synthetic_corpus
-from experiments import ablate, analyses, single_run
+from dograph_jax.study import ablate, analyses
+from dograph_jax.train import single_run
 
 SEEDS = (0, 1)
 CONFIGS = {"uniform": "method=uniform", "stratified": "method=stratified",

@@ -37,7 +37,7 @@ import pytest
 
 from dograph_jax import sharding
 from dograph_jax.data import PackedDomains, make_train_iterator
-from experiments import distributed, tracking
+from dograph_jax.train import distributed, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES_8 = ("data=4,fsdp=2", "data=8,fsdp=1", "data=1,fsdp=8")
@@ -107,7 +107,7 @@ def _devices8(out: str) -> None:
 
 def _multi(out: str, shared: str) -> None:
   assert distributed.maybe_initialize_distributed()  # from the JAX_* variables
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   shard = distributed.host_data_shard()
@@ -152,8 +152,8 @@ def _multi(out: str, shared: str) -> None:
 def _train(out: str, cfg_json: str) -> None:
   """``pretrain.train`` in one of two processes; writes its summary (or error)."""
   assert distributed.maybe_initialize_distributed()
-  from experiments import pretrain  # pylint: disable=g-import-not-at-top
-  from experiments.configs import TrainConfig  # pylint: disable=g-import-not-at-top
+  from dograph_jax.train import pretrain
+  from dograph_jax.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
   cfg = TrainConfig(**json.loads(cfg_json))
   try:
     result = {"summary": pretrain.train(cfg)}
@@ -265,9 +265,9 @@ def test_pretrain_train_across_two_processes_saves_resumes_and_refuses(tmp_path)
   divisibility conditions of ``make_train_iterator``, so the oracle is a
   straight two-process run.)"""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from dograph_jax.data import write_synthetic_corpus  # pylint: disable=g-import-not-at-top
-  from experiments import pretrain  # pylint: disable=g-import-not-at-top
-  from experiments.configs import TrainConfig  # pylint: disable=g-import-not-at-top
+  from dograph_jax.data import write_synthetic_corpus
+  from dograph_jax.train import pretrain
+  from dograph_jax.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
 
   corpus = write_synthetic_corpus(tmp_path / "corpus", seed=1, total_docs=200)
   base = TrainConfig(data_dir=str(corpus), vocab_size=300, model="mini", steps=4,

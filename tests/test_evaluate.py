@@ -18,12 +18,14 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dograph_jax.data import write_synthetic_corpus  # noqa: E402
+from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.models import apply, load_hf_gpt2, split_model, token_losses  # noqa: E402
-from dograph_jax.models import export  # noqa: E402
-from experiments import compare, evaluate, pretrain  # noqa: E402
-from experiments.configs import TrainConfig  # noqa: E402
-from experiments.lm_eval_model import FlaxLM, length_buckets  # noqa: E402
+from dograph_jax.models import export
+from dograph_jax.study import compare
+from dograph_jax.eval import evaluate
+from dograph_jax.train import pretrain
+from dograph_jax.train.config import TrainConfig  # noqa: E402
+from dograph_jax.eval.lm_eval_model import FlaxLM, length_buckets  # noqa: E402
 
 CONTEXT = 128  # the mini model's window
 
@@ -278,7 +280,7 @@ import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
 from dograph_jax import sharding
-from experiments.lm_eval_model import FlaxLM
+from dograph_jax.eval.lm_eval_model import FlaxLM
 
 class R:
   def __init__(self, *args): self.args = args

@@ -16,9 +16,9 @@ import pytest
 
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.models import sequence_loss
-from experiments import pretrain, training
-from experiments.checkpointing import Checkpointer
-from experiments.configs import TrainConfig
+from dograph_jax.train import pretrain, training
+from dograph_jax.train.checkpointing import Checkpointer
+from dograph_jax.train.config import TrainConfig
 
 B, T = 8, 16
 

@@ -15,8 +15,9 @@ from dograph_jax.data import read_split, write_synthetic_corpus
 from dograph_jax.mixing import OnlineMixer, domain_counts, mean_sample_weights
 from dograph_jax.mixing.base import NEEDS
 from dograph_jax.models import sequence_loss, token_losses, apply
-from experiments import compare, methods, offline, pretrain, training
-from experiments.configs import TrainConfig
+from dograph_jax.study import compare
+from dograph_jax.train import methods, offline, pretrain, training
+from dograph_jax.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +230,7 @@ def test_compare_table_lists_failed_and_diverged_runs():
   assert rows[0].startswith("| uniform | 2 | 10.000 ± 0.500 |")
   assert rows[1].startswith("| dograph | 2/3, 1 diverged | 9.000 ± 0.500 |")
   assert rows[2] == "| doge | 0/2, 1 diverged, 1 failed | - | - | - | - | - |"
-  assert "- dograph seed 2: diverged: experiments.pretrain.NonFiniteLossError: " \
+  assert "- dograph seed 2: diverged: dograph_jax.train.pretrain.NonFiniteLossError: " \
          "non-finite training loss (nan) at step 7; stopping." in text
   assert "- doge seed 0: failed: OSError: disk" in text
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from dograph_jax.data import write_synthetic_corpus
-from experiments import pretrain, training
-from experiments.checkpointing import Checkpointer
-from experiments.configs import TrainConfig
+from dograph_jax.train import pretrain, training
+from dograph_jax.train.checkpointing import Checkpointer
+from dograph_jax.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
 
 
 def test_bare_boolean_flags():
-  from experiments.configs import parse_config
+  from dograph_jax.train.config import parse_config
   assert parse_config(["--resume"]).resume is True
   assert parse_config(["--resume", "false"]).resume is False
   assert parse_config(["--plots", "--steps", "3"]).plots is True
@@ -241,7 +241,7 @@ def test_sigkill_during_an_orbax_save_then_resume_is_exact(corpus, tmp_path):
 
 
 def test_unfinished_last_metrics_record_is_dropped(tmp_path, caplog):
-  from experiments.tracking import read_records
+  from dograph_jax.train.tracking import read_records
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
   with caplog.at_level("WARNING"):

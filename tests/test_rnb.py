@@ -18,8 +18,9 @@ from dograph_jax.mixing import MixingInputs, domain_counts, rnb
 from dograph_jax.mixing import regroup
 from dograph_jax.mixing.rnb import SKETCH_SEED, domain_head_grads, round_proportions
 from dograph_jax.models import build, get_config, sequence_loss, split_model, token_losses
-from experiments import compare, methods, pretrain, training
-from experiments.configs import TrainConfig
+from dograph_jax.study import compare
+from dograph_jax.train import methods, pretrain, training
+from dograph_jax.train.config import TrainConfig
 
 # --- the round rule -----------------------------------------------------------
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from dograph_jax.data import write_synthetic_corpus
-from experiments import sweep
-from experiments.configs import TrainConfig
+from dograph_jax.study import sweep
+from dograph_jax.train.config import TrainConfig
 
 
 def test_sweep_compiles_once_and_values_take_effect(tmp_path):

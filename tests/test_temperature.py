@@ -9,8 +9,8 @@ import pytest
 
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.mixing.temperature import temperature_proportions
-from experiments import methods, pretrain
-from experiments.configs import TrainConfig
+from dograph_jax.train import methods, pretrain
+from dograph_jax.train.config import TrainConfig
 
 
 def test_closed_form_and_limits():

@@ -434,7 +434,7 @@ def make_train_iterator(packed: PackedDomains, batch_size: int, *,
   stratified batch, not a multinomial one).
 
   Several hosts (``shard_count > 1``, normally ``jax.process_index()`` and
-  ``jax.process_count()``, see ``experiments/distributed.py``): every host
+  ``jax.process_count()``, see ``dograph_jax/train/distributed.py``): every host
   builds this iterator with the same arguments and its own
   ``shard_index``, and gets ``B / shard_count`` rows per step. Each domain's
   per-epoch permutation is the same on every host, and host ``i`` takes

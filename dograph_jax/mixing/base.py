@@ -11,11 +11,11 @@ A method either
 * sets the **sampling proportions** of the final run (offline): DoReMi and
   DoGE (time-averaged proxy weights), RegMix, Data Mixing Law, stratified,
   temperature sampling.
-  Offline methods are orchestrated by ``experiments/methods.py`` on top of
+  Offline methods are orchestrated by ``dograph_jax/train/methods.py`` on top of
   the online mixers and the pure fitting code in this package.
 
 DoGraph itself is the optax transformation :func:`dograph_jax.dograph_transform`
-(it needs gradients, not losses); ``experiments/methods.py`` registers it
+(it needs gradients, not losses); ``dograph_jax/train/methods.py`` registers it
 beside the others.
 
 Conventions every online mixer follows:

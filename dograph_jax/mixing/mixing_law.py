@@ -6,7 +6,7 @@ Per validation domain ``i`` the loss of a model trained on mixture ``r`` is
 
 fitted on proxy runs (mixtures ``r_n``, per-domain validation losses
 ``L_{n,i}``). The final mixture minimises the predicted total loss
-``sum_i w_i L_i(r)`` over the simplex. ``experiments/methods.py`` runs the
+``sum_i w_i L_i(r)`` over the simplex. ``dograph_jax/train/methods.py`` runs the
 proxy trainings; this module is the pure, host-side (numpy/scipy) maths:
 :func:`fit_mixing_law`, :func:`predict_losses`, :func:`optimal_mixture`.
 

@@ -4,7 +4,7 @@ RegMix trains many small proxy models, each on a randomly drawn mixture,
 regresses a validation loss on the mixture, and picks the final mixture by
 simulation: predict the loss of many random candidate mixtures and average the
 ``top_k`` best. This module holds the three pure, host-side (numpy) steps;
-``experiments/methods.py`` runs the proxy trainings between them:
+``dograph_jax/train/methods.py`` runs the proxy trainings between them:
 
 1. :func:`sample_mixtures` draws the proxy mixtures
    (``mixture_config/synthesize_mixture.py`` in the reference repository);

@@ -4,7 +4,7 @@ Ge, Huang, Cooper, Trost, Chu, Namburi, Cai, Park, Roberts, Sala (2025),
 "R&B: Domain Regrouping and Data Mixture Balancing for Efficient Foundation
 Model Training" (arXiv 2505.00358). R&B first *regroups* the corpus into
 ``k`` semantic clusters (:mod:`dograph_jax.mixing.regroup`: embeddings +
-K-means, ``k`` by silhouette; run as a stage by ``experiments/offline.py``);
+K-means, ``k`` by silhouette; run as a stage by ``dograph_jax/train/offline.py``);
 the clusters are then this mixer's domains. During
 training, in rounds of ``round_steps`` steps, it accumulates each cluster's
 gradient of the **final layer** (the output projection to the vocabulary)

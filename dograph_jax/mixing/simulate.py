@@ -1,7 +1,7 @@
 """A tiny online-mixing loop on the synthetic toy domains (tests, examples).
 
 It fills :class:`~dograph_jax.mixing.base.MixingInputs` exactly as the
-pretraining trainer does (``experiments/training.py``), for the linear model
+pretraining trainer does (``dograph_jax/train/training.py``), for the linear model
 and the three domains of :mod:`dograph_jax.toy` (``informative``, ``noise``,
 ``easy``), so each method's synthetic-domain test runs its real ``update``
 in a loop small enough for the CPU. A sample's "tokens" are the sample

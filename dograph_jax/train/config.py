@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from experiments.methods import METHODS
+from dograph_jax.train.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class TrainConfig:
   tokenizer: str = ""               # local tokenizer path; empty = train a byte-level BPE on the train split, cached beside the data
   vocab_size: int = 2048            # vocabulary of the trained tokenizer
   # --- method ---
-  method: str = "dograph"           # dograph | uniform | stratified | temperature | loss_based | doremi | doge | regmix | mixing_law | group_dro | aioli | rnb (| doremi_proxy | doge_proxy | rnb_rounds): experiments/methods.py
+  method: str = "dograph"           # dograph | uniform | stratified | temperature | loss_based | doremi | doge | regmix | mixing_law | group_dro | aioli | rnb (| doremi_proxy | doge_proxy | rnb_rounds): dograph_jax/train/methods.py
   method_args: str = ""             # online baseline's hyperparameters "name=value,..." (its factory's keywords, e.g. "strategy=mid,temperature=0.5")
   reference_dir: str = ""           # doremi_proxy: run directory of the reference model (its last checkpoint)
   proxy_steps: int = 0              # offline methods: steps of each proxy/reference run (0 = steps // 4)
@@ -92,7 +92,7 @@ class TrainConfig:
                  "probe_rows"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-    from experiments.methods import parse_method_args  # checks --method_args early
+    from dograph_jax.train.methods import parse_method_args  # checks --method_args early
     parse_method_args(self.method, self.method_args)
     if self.proxy_steps < 0:
       raise ValueError(f"--proxy_steps must be >= 0, got {self.proxy_steps}")

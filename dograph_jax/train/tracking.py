@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments import distributed
+from dograph_jax.train import distributed
 
 log = logging.getLogger("pretrain")
 

@@ -62,9 +62,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import distributed, reporting, single_run
-from experiments.configs import TrainConfig
-from experiments.methods import FINAL_MIXER, PROXY, parse_method_args
+from dograph_jax.train import distributed, reporting, single_run
+from dograph_jax.train.config import TrainConfig
+from dograph_jax.train.methods import FINAL_MIXER, PROXY, parse_method_args
 
 log = logging.getLogger("offline")
 

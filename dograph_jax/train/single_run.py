@@ -3,7 +3,7 @@
 :func:`train_run` trains (or resumes) one run of an online method
 (``dograph``, ``uniform``, the online baselines and the offline pipelines'
 proxy runs). ``experiments/pretrain.py`` is the command line and dispatches
-the offline pipelines (``experiments/offline.py``), which call
+the offline pipelines (``dograph_jax/train/offline.py``), which call
 :func:`train_run` for each of their stages; both import this module and it
 imports neither, so the import graph has no circle.
 """
@@ -27,10 +27,10 @@ from dograph_jax.data import (load_tokenizer, make_eval_batches, make_train_iter
                               pack_domains_cached, read_split, resolve_proportions,
                               train_bpe_tokenizer, write_synthetic_corpus)
 from dograph_jax.models import count_params
-from experiments import distributed, methods, reporting, training
-from experiments.checkpointing import Checkpointer
-from experiments.configs import TrainConfig
-from experiments.tracking import Progress, Tracker
+from dograph_jax.train import distributed, methods, reporting, training
+from dograph_jax.train.checkpointing import Checkpointer
+from dograph_jax.train.config import TrainConfig
+from dograph_jax.train.tracking import Progress, Tracker
 
 log = logging.getLogger("pretrain")
 DEFAULT_DATA_DIR = TrainConfig.data_dir
@@ -295,7 +295,7 @@ def train_run(cfg: TrainConfig) -> dict:
   """
   if methods.kind(cfg.method) == "offline":
     raise ValueError(f"method {cfg.method!r} is an offline pipeline of several runs: "
-                     "use experiments.pretrain.train (or offline.run)")
+                     "use dograph_jax.train.pretrain.train (or offline.run)")
   wall0 = time.perf_counter()
   if jax.process_count() > 1 and not cfg.mesh:
     raise ValueError("several processes need --mesh over all hosts' devices, e.g. "

@@ -48,7 +48,7 @@ Data, two ways:
   so (every host builds the same ones).
 
 Also for several hosts: write files (logs, TensorBoard, plots, summary) from
-the main process only (:func:`is_main_process`; ``experiments/tracking.py``'s
+the main process only (:func:`is_main_process`; ``dograph_jax/train/tracking.py``'s
 ``Tracker`` and ``Progress`` are silent elsewhere), and call the checkpointer
 from *every* process, into a directory all hosts see: orbax saves and
 restores collectively (each process writes the array shards it holds,

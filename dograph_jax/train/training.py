@@ -17,7 +17,7 @@ The train step is one jitted function with the train state donated:
   second backward with ``--update second_backward``);
 * ``dograph`` with ``--sketch reference``: per-sample gradients
   (``vmap(grad)``), sketched and reduced by ``dograph_transform``;
-* an online baseline (``experiments/methods.py``): one forward pass gives the
+* an online baseline (``dograph_jax/train/methods.py``): one forward pass gives the
   per-sequence losses and a ``vjp``; the method's ``OnlineMixer`` turns the
   losses (and what else it ``needs``: reference-model token losses, the Gram
   matrix of per-domain gradients formed on the device by a ``vmap`` of the
@@ -45,8 +45,8 @@ from dograph_jax.mixing.rnb import domain_head_grads
 from dograph_jax.models import (apply, build, get_config, sequence_loss, split_model, taps,
                                 token_losses)
 
-from experiments import methods
-from experiments.configs import TrainConfig
+from dograph_jax.train import methods
+from dograph_jax.train.config import TrainConfig
 
 # Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
 OPTIMIZER_STATIC = ("method", "objective", "num_domains", "domains", "prior", "sketch_dim",
@@ -267,7 +267,7 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
   method, warmup, total = cfg.method, min(cfg.warmup_steps, cfg.steps), cfg.steps
   online = methods.kind(method) == "online"
   if methods.kind(method) == "offline":
-    raise ValueError(f"method {method!r} is an offline pipeline (experiments/offline.py); "
+    raise ValueError(f"method {method!r} is an offline pipeline (dograph_jax/train/offline.py); "
                      "its runs train with method uniform or a proxy mixer")
   if probe_tokens is not None:
     probe_tokens = jnp.asarray(probe_tokens, jnp.int32)

@@ -16,7 +16,7 @@ Three kinds:
   ``doge``, ``regmix``, ``mixing_law``; or, for ``rnb`` (R&B, Ge et al.
   2025), a regrouping of the corpus into semantic clusters followed by one
   run with its online mixer ``rnb_rounds`` on the clusters
-  (``experiments/offline.py``).
+  (``dograph_jax/train/offline.py``).
 
 A new online method is one module in ``dograph_jax/mixing`` with a factory
 ``f(num_domains, **hyperparameters) -> OnlineMixer`` plus one line in

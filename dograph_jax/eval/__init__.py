@@ -1,0 +1,3 @@
+"""Evaluation: the lm-evaluation-harness model over a Flax run
+(``lm_eval_model.FlaxLM``) and ``evaluate`` (tasks over a run directory).
+Needs the ``eval`` extra (lm-evaluation-harness)."""

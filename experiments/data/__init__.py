@@ -1,1 +1,0 @@
-"""Scripts that build corpora for the experiments (see build_local_corpus.py)."""
