@@ -130,7 +130,7 @@ import optax
 import dograph_jax as dg
 from dograph_jax import sharding
 from dograph_jax.models import apply, count_params, token_losses
-from dograph_jax.train import training
+from dograph_jax.train import config, training
 from dograph_jax.train.config import TrainConfig
 
 # name -> (TrainConfig fields, description)
@@ -267,7 +267,7 @@ def resolve_defaults(args: argparse.Namespace, backend: str) -> None:
 
 
 def train_config(args: argparse.Namespace, name: str) -> TrainConfig:
-  return TrainConfig(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
+  return config.make_config(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
                      sketch_dim=args.sketch_dim, num_domains=NUM_DOMAINS, dtype=args.dtype,
                      vocab_size=args.vocab_size, seed=args.seed, **CANDIDATES[name][0])
 
@@ -543,7 +543,7 @@ def breakdown(args, graphdef, params, batches) -> list[list[str]]:
   """
   cfg = train_config(args, "factored")
   tokens = batches[0]["tokens"]
-  key = dg.projection_key(cfg.seed)
+  key = dg.projection_key(cfg.run.seed)
   b, m, k = args.batch_size, NUM_DOMAINS, args.sketch_dim
 
   def sequence_losses(model, tokens_BxT1):
@@ -577,16 +577,16 @@ def breakdown(args, graphdef, params, batches) -> list[list[str]]:
   losses, z = jax.block_until_ready(fns["engine: losses + sketches"](params, tokens))
   c0 = z[:m]
   fns["kmeans (10 Lloyd iters, warm start)"] = jax.jit(
-      lambda z, c: dg.kmeans(z, m, jax.random.PRNGKey(0), iters=cfg.kmeans_iters,
+      lambda z, c: dg.kmeans(z, m, jax.random.PRNGKey(0), iters=cfg.dograph.kmeans_iters,
                              init_centroids=c).assignments)
   args_of["kmeans (10 Lloyd iters, warm start)"] = (z, c0)
-  assign = dg.kmeans(z, m, jax.random.PRNGKey(0), iters=cfg.kmeans_iters,
+  assign = dg.kmeans(z, m, jax.random.PRNGKey(0), iters=cfg.dograph.kmeans_iters,
                      init_centroids=c0).assignments
   fns["domain_stats + solve_weights"] = jax.jit(
-      lambda z, a, l: dg.solve_weights(dg.domain_stats(z, a, m, l), cfg.objective))
+      lambda z, a, l: dg.solve_weights(dg.domain_stats(z, a, m, l), cfg.dograph.objective))
   args_of["domain_stats + solve_weights"] = (z, assign, losses)
 
-  tx = dg.dograph_transform(m, k, cfg.objective, seed=cfg.seed, sketch_kind="kronecker",
+  tx = dg.dograph_transform(m, k, cfg.dograph.objective, seed=cfg.run.seed, sketch_kind="kronecker",
                             batch_size=b)
   tstate = tx.init(params)
 

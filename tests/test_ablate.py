@@ -35,7 +35,7 @@ def test_study_end_to_end_and_rerun_reuses_runs(tmp_path, monkeypatch):
   text = (results / "table.md").read_text()
   assert f"| dograph | {np.mean(diffs):+.3f} ± {np.std(diffs):.3f} |" in text
   # A rerun reads every finished run back instead of training it again.
-  monkeypatch.setattr(pretrain, "train", lambda cfg: pytest.fail("retrained " + cfg.out_dir))
+  monkeypatch.setattr(pretrain, "train", lambda cfg: pytest.fail("retrained " + cfg.run.out_dir))
   assert ablate.main(argv) == 0
 
 

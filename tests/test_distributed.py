@@ -37,7 +37,7 @@ import pytest
 
 from dograph_jax import sharding
 from dograph_jax.data import PackedDomains, make_train_iterator
-from dograph_jax.train import distributed, tracking
+from dograph_jax.train import config, distributed, tracking, single_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES_8 = ("data=4,fsdp=2", "data=8,fsdp=1", "data=1,fsdp=8")
@@ -154,7 +154,7 @@ def _train(out: str, cfg_json: str) -> None:
   assert distributed.maybe_initialize_distributed()
   from dograph_jax.train import pretrain
   from dograph_jax.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
-  cfg = TrainConfig(**json.loads(cfg_json))
+  cfg = config.from_dict(json.loads(cfg_json))
   try:
     result = {"summary": pretrain.train(cfg)}
   except ValueError as e:
@@ -270,18 +270,18 @@ def test_pretrain_train_across_two_processes_saves_resumes_and_refuses(tmp_path)
   from dograph_jax.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
 
   corpus = write_synthetic_corpus(tmp_path / "corpus", seed=1, total_docs=200)
-  base = TrainConfig(data_dir=str(corpus), vocab_size=300, model="mini", steps=4,
+  base = config.make_config(data_dir=str(corpus), vocab_size=300, model="mini", steps=4,
                      batch_size=8, seq_len=32, num_domains=3, sketch_dim=64, eval_every=2,
                      eval_rows=8, save_every=2, log_every=1, warmup_steps=1, plots=False,
                      mesh="data=4")
-  pretrain.load_data(base)  # caches the tokenizer and packed rows: the processes only read them
-  config = lambda **kw: json.dumps(dataclasses.asdict(dataclasses.replace(base, **kw)))
-  straight = _two_processes(tmp_path, "train", config(out_dir=str(tmp_path / "straight")),
+  single_run.load_data(base)  # caches the tokenizer and packed rows: the processes only read them
+  cfg_json = lambda **kw: json.dumps(config.to_dict(config.replace(base, **kw)))
+  straight = _two_processes(tmp_path, "train", cfg_json(out_dir=str(tmp_path / "straight")),
                             "straight")
   run = tmp_path / "two"
-  first = _two_processes(tmp_path, "train", config(out_dir=str(run), halt_after=2), "halt")
+  first = _two_processes(tmp_path, "train", cfg_json(out_dir=str(run), halt_after=2), "halt")
   assert [r["summary"] for r in first] == [{"halted_at": 2}] * 2
-  second = _two_processes(tmp_path, "train", config(out_dir=str(run), resume=True,
+  second = _two_processes(tmp_path, "train", cfg_json(out_dir=str(run), resume=True,
                                                     mesh="data=2,fsdp=2"), "resume")
   a, b = (r["summary"] for r in second)
   assert a["val_loss"] == b["val_loss"] and a["steps"] == b["steps"] == 4  # same on both
@@ -301,7 +301,7 @@ def test_pretrain_train_across_two_processes_saves_resumes_and_refuses(tmp_path)
       "tokenizer"]
   # One process cannot continue what two wrote (each host's share of the data).
   with pytest.raises(ValueError, match="written by 2 process"):
-    pretrain.train(dataclasses.replace(base, out_dir=str(run), resume=True, mesh=""))
+    pretrain.train(config.replace(base, out_dir=str(run), resume=True, mesh=""))
 
 
 @pytest.fixture

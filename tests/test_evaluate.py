@@ -23,7 +23,7 @@ from dograph_jax.models import apply, load_hf_gpt2, split_model, token_losses  #
 from dograph_jax.models import export
 from dograph_jax.study import compare
 from dograph_jax.eval import evaluate
-from dograph_jax.train import pretrain
+from dograph_jax.train import config, pretrain
 from dograph_jax.train.config import TrainConfig  # noqa: E402
 from dograph_jax.eval.lm_eval_model import FlaxLM, length_buckets  # noqa: E402
 
@@ -39,7 +39,7 @@ class _Request:  # what lm-eval hands a model: .args
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("evaluate")
   corpus = write_synthetic_corpus(root / "tiny", seed=3, total_docs=200)
-  cfg = TrainConfig(data_dir=str(corpus), out_dir=str(root / "run"), method="uniform",
+  cfg = config.make_config(data_dir=str(corpus), out_dir=str(root / "run"), method="uniform",
                     steps=6, batch_size=8, seq_len=32, vocab_size=300, eval_rows=8,
                     plots=False, save_every=3)
   pretrain.train(cfg)

@@ -16,7 +16,7 @@ import pytest
 
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.models import sequence_loss
-from dograph_jax.train import pretrain, training
+from dograph_jax.train import config, pretrain, training
 from dograph_jax.train.checkpointing import Checkpointer
 from dograph_jax.train.config import TrainConfig
 
@@ -55,15 +55,15 @@ def _cfg(**kw):
   base = dict(model="mini", vocab_size=64, steps=10, batch_size=B, seq_len=T,
               num_domains=3, sketch_dim=64, warmup_steps=1, lr=1e-2)
   base.update(kw)
-  return TrainConfig(**base)
+  return config.make_config(**base)
 
 
 def _step_setup(cfg):
-  _, graphdef, params = training.build_model(cfg, cfg.vocab_size)
+  _, graphdef, params = training.build_model(cfg, cfg.data.vocab_size)
   tx = training.make_optimizer(cfg)
   state = training.init_train_state(params, tx, cfg)
   step = training.make_train_step(graphdef, tx, cfg)
-  tokens = jax.random.randint(jax.random.PRNGKey(0), (B, T + 1), 1, cfg.vocab_size)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (B, T + 1), 1, cfg.data.vocab_size)
   tokens = tokens.at[:, 1].set(jnp.array([7, 3, 5, 14, 2, 9, 11, 4]))  # rows 0, 3 poisoned
   batch = {"tokens": tokens, "domain_id": jnp.arange(B, dtype=jnp.int32) % 3}
   return graphdef, state, step, batch
@@ -170,9 +170,9 @@ def test_trainer_keeps_going_and_counts_dropped_samples(nan_rows, corpus, tmp_pa
   assert any(s % 3 for s, n in per_step.items() if n)
   assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
   # ... and the counts survive a resume.
-  resumed = dataclasses.replace(cfg, out_dir=str(tmp_path / "split"))
-  pretrain.train(dataclasses.replace(resumed, halt_after=3))
-  again = pretrain.train(dataclasses.replace(resumed, resume=True))
+  resumed = config.replace(cfg, out_dir=str(tmp_path / "split"))
+  pretrain.train(config.replace(resumed, halt_after=3))
+  again = pretrain.train(config.replace(resumed, resume=True))
   assert again["nonfinite_samples"] == summary["nonfinite_samples"]
 
 

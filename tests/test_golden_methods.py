@@ -9,6 +9,13 @@ read from the final run's last checkpoint with orbax directly (no project
 code), so the pin holds across changes of the trainer's own state types.
 Rewrite the record only for a change that is *meant* to change results,
 and say so in its commit.
+
+One stated tolerance: the logged clustering agreement (``ari``, ``nmi``) is
+computed by scikit-learn since the redesign (it was hand-written), which
+sums the same terms in another order: equal to 1e-12 relative, not bit for
+bit. They are diagnostics of the logged clusters, which are compared
+exactly (``cluster_sizes``, ``contingency``), as are every loss, weight
+and parameter.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ import pytest
 GOLDEN = Path(__file__).parent / "golden" / "methods.json"
 METHODS = ("uniform", "stratified", "dograph", "loss_based", "group_dro", "doremi", "doge",
            "regmix", "mixing_law", "aioli", "rnb", "temperature")
+# Logged by scikit-learn (see the module docstring): compared to 1e-12.
+AGREEMENT = ("ari", "nmi")
 # Per-method arguments that make a 3-step run exercise the method's rule.
-ARGS = {"loss_based": "burn_in=1", "aioli": "sweep_rounds=1,sweep_steps=1,round_steps=3",
-        "temperature": "T=2.0", "rnb": "round_steps=2"}
+ARGS = {"loss_based": {"burn_in": "1"},
+        "aioli": {"sweep_rounds": "1", "sweep_steps": "1", "round_steps": "3"},
+        "temperature": {"T": "2.0"}, "rnb": {"round_steps": "2"}}
 
 
 def _corpus(root: Path) -> Path:
@@ -47,12 +57,13 @@ def _corpus(root: Path) -> Path:
 def _run(method: str, corpus: Path, out_dir: Path) -> Path:
   """Trains ``method`` for 3 steps; returns the directory of its final run."""
   from dograph_jax.train import pretrain
+  from dograph_jax.train import config
   from dograph_jax.train.config import TrainConfig
-  cfg = TrainConfig(data_dir=str(corpus), vocab_size=300, model="mini", steps=3,
+  cfg = config.make_config(data_dir=str(corpus), vocab_size=300, model="mini", steps=3,
                     batch_size=8, seq_len=16, num_domains=3, sketch_dim=64, eval_every=0,
                     eval_rows=4, save_every=0, log_every=1, warmup_steps=1, lr=3e-3,
                     proxy_steps=2, proxy_runs=3, regroup_k="2:3", method=method,
-                    method_args=ARGS.get(method, ""), out_dir=str(out_dir), plots=False)
+                    method_args=ARGS.get(method, {}), out_dir=str(out_dir), plots=False)
   pretrain.train(cfg)
   final = out_dir / "stages" / "final"
   return final if final.exists() else out_dir
@@ -106,7 +117,11 @@ def test_method_reproduces_its_pinned_run(method, golden, root):
   want = golden[method]
   assert len(got["metrics"]) == len(want["metrics"])
   for g, w in zip(got["metrics"], want["metrics"]):
-    assert g == w, f"{method}: logged metrics changed at step {w.get('step')}"
+    for key in AGREEMENT:
+      if key in w:
+        assert g.pop(key) == pytest.approx(w[key], rel=1e-12, abs=1e-15), (method, key)
+    assert g == {k: v for k, v in w.items() if k not in AGREEMENT}, \
+        f"{method}: logged metrics changed at step {w.get('step')}"
   assert got["params"] == want["params"], f"{method}: final parameters changed"
 
 

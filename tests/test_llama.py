@@ -159,6 +159,7 @@ def test_pretrain_llama_with_a_local_llama_style_tokenizer(tmp_path):
 
   from dograph_jax.data import write_synthetic_corpus
   from dograph_jax.train import pretrain
+  from dograph_jax.train import config
   from dograph_jax.train.config import TrainConfig
 
   corpus = write_synthetic_corpus(tmp_path / "corpus", seed=2, total_docs=150)
@@ -174,10 +175,10 @@ def test_pretrain_llama_with_a_local_llama_style_tokenizer(tmp_path):
                                 unk_token="<unk>")
   assert tok.encode("legal clause")[0] == tok.bos_token_id  # as LLaMA's does by default
   tok.save_pretrained(str(tmp_path / "tok"))
-  cfg = TrainConfig(data_dir=str(corpus), tokenizer=str(tmp_path / "tok"), model="llama-mini",
+  cfg = config.make_config(data_dir=str(corpus), tokenizer=str(tmp_path / "tok"), model="llama-mini",
                     method="dograph", num_domains=3, sketch_dim=64, steps=3, batch_size=8,
                     seq_len=32, eval_rows=8, plots=False, out_dir=str(tmp_path / "run"))
-  data = pretrain.load_data(cfg)
+  data = single_run.load_data(cfg)
   rows = next(data.train_iter)["tokens"]
   assert data.vocab_size == len(tok)
   assert (rows == tok.eos_token_id).any() and not (rows == tok.bos_token_id).any()

@@ -16,7 +16,7 @@ from dograph_jax.mixing import OnlineMixer, domain_counts, mean_sample_weights
 from dograph_jax.mixing.base import NEEDS
 from dograph_jax.models import sequence_loss, token_losses, apply
 from dograph_jax.study import compare
-from dograph_jax.train import methods, offline, pretrain, training
+from dograph_jax.train import config, methods, offline, pretrain, training, single_run
 from dograph_jax.train.config import TrainConfig
 
 
@@ -31,28 +31,30 @@ def _cfg(corpus, out_dir, **kw):
               eval_rows=8, save_every=0, log_every=1, warmup_steps=1, lr=3e-3,
               out_dir=str(out_dir), plots=False)
   base.update(kw)
-  return TrainConfig(**base)
+  return config.make_config(**base)
 
 
 # --- --method_args ---------------------------------------------------------
 
 def test_method_args_are_typed_and_checked():
-  static, traced = methods.parse_method_args("group_dro", "step_size=0.5")
+  static, traced = methods.parse_method_args("group_dro", {"step_size": "0.5"})
   assert static == {} and traced == {"step_size": 0.5}
-  _, traced = methods.parse_method_args("group_dro", "")
+  static, traced = methods.parse_method_args("group_dro", {"step_size": 0.5})  # from a file
+  assert static == {} and traced == {"step_size": 0.5}
+  _, traced = methods.parse_method_args("group_dro", {})
   assert set(traced) == {"step_size"}  # defaults too: the state's structure never changes
   with pytest.raises(ValueError, match="no argument 'eta'"):
-    methods.parse_method_args("group_dro", "eta=1")
-  with pytest.raises(ValueError, match="expected name=value"):
+    methods.parse_method_args("group_dro", {"eta": "1"})
+  with pytest.raises(TypeError, match="a mapping"):
     methods.parse_method_args("group_dro", "step_size")
   with pytest.raises(ValueError, match="not a valid float"):
-    methods.parse_method_args("group_dro", "step_size=big")
+    methods.parse_method_args("group_dro", {"step_size": "big"})
   with pytest.raises(ValueError, match="takes none"):
-    methods.parse_method_args("uniform", "a=1")
+    methods.parse_method_args("uniform", {"a": "1"})
   with pytest.raises(ValueError, match="unknown method"):
     methods.kind("nope")
   with pytest.raises(ValueError, match="no argument"):
-    TrainConfig(method="group_dro", method_args="eta=1")
+    config.make_config(method="group_dro", method_args={"eta": "1"})
 
 
 # --- the online step against oracles -----------------------------------------
@@ -86,9 +88,9 @@ def test_online_step_matches_jax_grad_oracles(corpus, tmp_path, monkeypatch):
   seen = []
   monkeypatch.setattr(methods, "factory", lambda method: _spy_factory(seen))
   cfg = _cfg(corpus, tmp_path, method="group_dro")
-  data = pretrain.load_data(cfg)
+  data = single_run.load_data(cfg)
   _, graphdef, params = training.build_model(cfg, data.vocab_size)
-  _, _, ref_params = training.build_model(dataclasses.replace(cfg, seed=7), data.vocab_size)
+  _, _, ref_params = training.build_model(config.replace(cfg, seed=7), data.vocab_size)
   tx = training.make_optimizer(cfg)
   num_domains = len(data.names)
   state = training.init_train_state(params, tx, cfg, num_domains, ref_params=ref_params)
@@ -134,12 +136,12 @@ def test_online_step_matches_jax_grad_oracles(corpus, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method, method_args, name, values", [
-    ("group_dro", "", "step_size", (0.0, 5.0)),
-    ("rnb_rounds", "round_steps=1", "lam", (0.5, 8.0)),   # R&B's lambda
+    ("group_dro", {}, "step_size", (0.0, 5.0)),
+    ("rnb_rounds", {"round_steps": "1"}, "lam", (0.5, 8.0)),   # R&B's lambda
 ])
 def test_mixer_hyperparameters_are_traced(corpus, tmp_path, method, method_args, name, values):
   cfg = _cfg(corpus, tmp_path, method=method, method_args=method_args)
-  data = pretrain.load_data(cfg)
+  data = single_run.load_data(cfg)
   _, graphdef, params = training.build_model(cfg, data.vocab_size)
   tx = training.make_optimizer(cfg)
   step = training.make_train_step(graphdef, tx, cfg)
@@ -274,7 +276,7 @@ def test_compare_runs_methods_survives_a_crash_and_resumes(corpus2, tmp_path, mo
   assert result["failures"] == {} and set(result["aggregate"]) == set(names)
   assert (tmp_path / "cmp" / "uniform" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
   aioli = json.loads((tmp_path / "cmp" / "aioli" / "seed0" / "summary.json").read_text())
-  assert aioli["method_args"] == "sweep_rounds=1,sweep_steps=1,round_steps=3"
+  assert aioli["method_args"] == {"sweep_rounds": "1", "sweep_steps": "1", "round_steps": "3"}
   assert abs(sum(aioli["mixer_average"].values()) - 1) < 1e-5
 
 
@@ -286,9 +288,9 @@ def test_mixing_law_refuses_too_few_proxy_runs_before_training(corpus, tmp_path)
 
 
 def test_resume_check_reads_options_newer_than_the_checkpoint_at_their_default():
-  cfg = TrainConfig(method="uniform")
-  older = {k: v for k, v in dataclasses.asdict(cfg).items()
+  cfg = config.make_config(method="uniform")
+  older = {k: v for k, v in config.flatten(cfg).items()
            if k not in ("proxy_runs", "method_args")}  # written before these existed
-  pretrain._check_resumable(older, cfg)
+  single_run.check_resumable(older, cfg)
   with pytest.raises(ValueError, match="proxy_runs"):
-    pretrain._check_resumable(older, dataclasses.replace(cfg, proxy_runs=3))
+    single_run.check_resumable(older, config.replace(cfg, proxy_runs=3))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dograph_jax.data import write_synthetic_corpus
-from dograph_jax.train import pretrain, training
+from dograph_jax.train import config, pretrain, training, single_run
 from dograph_jax.train.checkpointing import Checkpointer
 from dograph_jax.train.config import TrainConfig
 
@@ -28,7 +28,7 @@ def _cfg(corpus, out_dir, **kw):
               eval_rows=8, save_every=3, log_every=1, warmup_steps=2, lr=3e-3,
               out_dir=str(out_dir), plots=False)
   base.update(kw)
-  return TrainConfig(**base)
+  return config.make_config(**base)
 
 
 def _losses(out_dir):
@@ -37,12 +37,12 @@ def _losses(out_dir):
 
 
 def _final_params(cfg):
-  data = pretrain.load_data(cfg)
+  data = single_run.load_data(cfg)
   _, _, params = training.build_model(cfg, data.vocab_size)
   # with the online baselines' mixer state, as the trainer builds it
   state = training.init_train_state(params, training.make_optimizer(cfg), cfg,
                                     len(data.names))
-  ckpt = Checkpointer(cfg.out_dir + "/checkpoints")
+  ckpt = Checkpointer(cfg.run.out_dir + "/checkpoints")
   restored, data_state, _ = ckpt.restore(ckpt.latest_step(), training.abstract_like(state))
   ckpt.close()
   return restored, data_state
@@ -58,8 +58,8 @@ def test_resume_is_exact(corpus, tmp_path, method, extra):
   straight = _cfg(corpus, tmp_path / "straight", method=method, **extra)
   pretrain.train(straight)
   split = _cfg(corpus, tmp_path / "split", method=method, **extra)
-  assert pretrain.train(dataclasses.replace(split, halt_after=3)) == {"halted_at": 3}
-  pretrain.train(dataclasses.replace(split, resume=True))
+  assert pretrain.train(config.replace(split, halt_after=3)) == {"halted_at": 3}
+  pretrain.train(config.replace(split, resume=True))
   assert _losses(tmp_path / "straight") == _losses(tmp_path / "split")
   assert len(_losses(tmp_path / "split")) == 6
   a, data_a = _final_params(straight)
@@ -72,7 +72,7 @@ def test_resume_is_exact(corpus, tmp_path, method, extra):
 
 def test_resume_skips_a_checkpoint_killed_midway(corpus, tmp_path):
   cfg = _cfg(corpus, tmp_path / "run", steps=6)
-  pretrain.train(dataclasses.replace(cfg, halt_after=3))
+  pretrain.train(config.replace(cfg, halt_after=3))
   ckpt_dir = tmp_path / "run" / "checkpoints"
   # What a process killed while writing step 6 leaves behind: orbax's
   # temporary directory, incomplete (one item's files truncated).
@@ -84,7 +84,7 @@ def test_resume_skips_a_checkpoint_killed_midway(corpus, tmp_path):
   ckpt = Checkpointer(ckpt_dir)
   assert ckpt.latest_step() == 3
   ckpt.close()
-  summary = pretrain.train(dataclasses.replace(cfg, resume=True))
+  summary = pretrain.train(config.replace(cfg, resume=True))
   assert summary["steps"] == 6
   straight = _cfg(corpus, tmp_path / "straight", steps=6)
   pretrain.train(straight)
@@ -142,44 +142,48 @@ def test_run_artefacts_and_summary(corpus, tmp_path, capsys):
 
 def test_resume_refuses_changed_settings(corpus, tmp_path):
   cfg = _cfg(corpus, tmp_path / "run", steps=4)
-  pretrain.train(dataclasses.replace(cfg, halt_after=2))
+  pretrain.train(config.replace(cfg, halt_after=2))
   with pytest.raises(ValueError, match="lr"):
-    pretrain.train(dataclasses.replace(cfg, resume=True, lr=1e-2))
+    pretrain.train(config.replace(cfg, resume=True, lr=1e-2))
 
 
 def test_bare_boolean_flags():
   from dograph_jax.train.config import parse_config
-  assert parse_config(["--resume"]).resume is True
-  assert parse_config(["--resume", "false"]).resume is False
-  assert parse_config(["--plots", "--steps", "3"]).plots is True
-  assert parse_config([]).resume is False
+  assert parse_config(["--resume"]).run.resume is True
+  assert parse_config(["--resume", "false"]).run.resume is False
+  assert parse_config(["--resume=true"]).run.resume is True
+  assert parse_config(["--no_plots", "--steps", "3"]).run.plots is False
+  assert parse_config(["--plots", "--steps", "3"]).run.plots is True
+  assert parse_config([]).run.resume is False
   with pytest.raises(SystemExit):
     parse_config(["--resume", "maybe"])
 
 
 def test_resume_check_ignores_options_the_method_does_not_read():
-  base = TrainConfig(method="uniform")
-  saved = dataclasses.asdict(dataclasses.replace(base, distance="cosine", anchor=1.0))
-  pretrain._check_resumable(saved, base)  # uniform reads no DoGraph option
-  literal = TrainConfig(domains="batch", buffer_size=0)
-  pretrain._check_resumable(dataclasses.asdict(dataclasses.replace(literal, anchor=0.9)), literal)
+  base = config.make_config(method="uniform")
+  saved = config.to_dict(config.replace(base, distance="cosine", anchor=1.0))
+  single_run.check_resumable(saved, base)  # uniform reads no DoGraph option
+  literal = config.make_config(domains="batch", buffer_size=0)
+  single_run.check_resumable(config.to_dict(config.replace(literal, anchor=0.9)), literal)
   persistent = TrainConfig()
   with pytest.raises(ValueError, match="anchor"):
-    pretrain._check_resumable(dataclasses.asdict(dataclasses.replace(persistent, anchor=0.9)),
+    single_run.check_resumable(config.to_dict(config.replace(persistent, anchor=0.9)),
                               persistent)
   with pytest.raises(ValueError, match="domains"):
-    pretrain._check_resumable(dataclasses.asdict(literal), persistent)
+    single_run.check_resumable(config.to_dict(literal), persistent)
   with pytest.raises(ValueError, match="lr"):
-    pretrain._check_resumable(dataclasses.asdict(dataclasses.replace(base, lr=1.0)), base)
+    single_run.check_resumable(config.to_dict(config.replace(base, lr=1.0)), base)
+  # a run directory of before the sections (flat, string-typed) still reads
+  flat = {**config.flatten(base), "method_args": "", "proportions": ""}
+  single_run.check_resumable(flat, base)
 
 
 def _cli(cfg) -> list[str]:
   """``pretrain.py`` arguments that reproduce ``cfg``."""
   args = []
-  for field in dataclasses.fields(cfg):
-    value = getattr(cfg, field.name)
-    if value != field.default:
-      args.append(f"--{field.name}={str(value).lower() if isinstance(value, bool) else value}")
+  for name, value in config.flatten(cfg).items():
+    if value != config.flatten(TrainConfig())[name]:
+      args.append(f"--{name}={str(value).lower() if isinstance(value, bool) else value}")
   return args
 
 
@@ -203,7 +207,7 @@ def test_sigkill_during_an_orbax_save_then_resume_is_exact(corpus, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
   for attempt in range(5):
     run = tmp_path / f"killed{attempt}"
-    cfg = dataclasses.replace(straight, out_dir=str(run))
+    cfg = config.replace(straight, out_dir=str(run))
     child = subprocess.Popen([sys.executable, str(repo / "experiments" / "pretrain.py"),
                               *_cli(cfg)], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -230,7 +234,7 @@ def test_sigkill_during_an_orbax_save_then_resume_is_exact(corpus, tmp_path):
   ckpt.close()
   assert killed_at is not None and killed_at < steps
   assert not list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
-  summary = pretrain.train(dataclasses.replace(cfg, resume=True))
+  summary = pretrain.train(config.replace(cfg, resume=True))
   assert summary["steps"] == steps
   assert _losses(run) == _losses(tmp_path / "straight")
   a, data_a = _final_params(straight)

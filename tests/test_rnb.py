@@ -19,7 +19,7 @@ from dograph_jax.mixing import regroup
 from dograph_jax.mixing.rnb import SKETCH_SEED, domain_head_grads, round_proportions
 from dograph_jax.models import build, get_config, sequence_loss, split_model, token_losses
 from dograph_jax.study import compare
-from dograph_jax.train import methods, pretrain, training
+from dograph_jax.train import config, methods, pretrain, training
 from dograph_jax.train.config import TrainConfig
 
 # --- the round rule -----------------------------------------------------------
@@ -177,15 +177,33 @@ def test_regrouping_recovers_planted_clusters():
   assert adjusted_rand_score(held_planted, assigned) > 0.9
 
 
-def test_silhouette_matches_scikit_learn():
+def test_silhouette_on_hand_computed_cases():
+  # 1-D points 0, 1 | 10, 11: a = 1 for every point; b = 10.5, 9.5, 9.5, 10.5;
+  # s = (b - a) / b.
+  x = np.array([[0.0], [1.0], [10.0], [11.0]])
+  expected = (2 * (9.5 / 10.5) + 2 * (8.5 / 9.5)) / 4
+  assert regroup.silhouette(x, [0, 0, 1, 1]) == pytest.approx(expected, rel=1e-12)
+  # Euclidean in 2-D, label names arbitrary: (0,0), (3,4) | (0,10), (3,14)
+  # (the second pair is the first shifted by 10 in y). a = 5 for all; b:
+  # (0,0)->(0,10),(3,14): 10, sqrt(205); (3,4)->(0,10),(3,14): sqrt(45), 10; the
+  # other pair mirrors these.
+  x2 = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 10.0], [3.0, 14.0]])
+  b_far, b_near = (10.0 + np.sqrt(205.0)) / 2, (np.sqrt(45.0) + 10.0) / 2
+  expected2 = ((b_far - 5.0) / b_far + (b_near - 5.0) / b_near) / 2
+  assert regroup.silhouette(x2, ["u", "u", "v", "v"]) == pytest.approx(expected2, rel=1e-12)
+  # A point alone in its cluster scores 0: points 0, 1 | 5 give
+  # (4/5 + 3/4 + 0) / 3.
+  assert regroup.silhouette(np.array([[0.0], [1.0], [5.0]]), [0, 0, 1]) == pytest.approx(
+      (0.8 + 0.75) / 3, rel=1e-12)
+  # A clustering that fits the data better scores higher (three blobs).
   rng = np.random.default_rng(3)
-  x = np.concatenate([rng.normal(c, 1.0, (30, 5)) for c in (0.0, 3.0, 6.0)])
-  for labels in (np.repeat([0, 1, 2], 30), rng.integers(0, 4, 90),
-                 np.r_[np.zeros(89, int), 1]):  # a singleton cluster scores 0
-    assert regroup.silhouette(x, labels) == pytest.approx(silhouette_score(x, labels),
-                                                          rel=1e-10, abs=1e-12)
+  blobs = np.concatenate([rng.normal(c, 1.0, (30, 5)) for c in (0.0, 3.0, 6.0)])
+  assert regroup.silhouette(blobs, np.repeat([0, 1, 2], 30)) > regroup.silhouette(
+      blobs, rng.integers(0, 4, 90))
   with pytest.raises(ValueError, match="2 <= clusters"):
-    regroup.silhouette(x, np.zeros(90, int))
+    regroup.silhouette(blobs, np.zeros(90, int))
+  with pytest.raises(ValueError, match="2 <= clusters"):
+    regroup.silhouette(x, [0, 1, 2, 3])   # every point its own cluster: k = N
 
 
 def test_choose_k_takes_the_best_silhouette():
@@ -236,11 +254,11 @@ def _cfg(corpus, out_dir, **kw):
   base = dict(data_dir=str(corpus), vocab_size=300, steps=4, batch_size=8, seq_len=32,
               eval_every=0, eval_rows=4, save_every=0, warmup_steps=1, plots=False,
               out_dir=str(out_dir))
-  return TrainConfig(**{**base, **kw})
+  return config.make_config(**{**base, **kw})
 
 
 def test_rnb_pipeline_regroups_trains_on_clusters_and_reports_human_domains(corpus, tmp_path):
-  cfg = _cfg(corpus, tmp_path / "rnb", method="rnb", method_args="round_steps=2",
+  cfg = _cfg(corpus, tmp_path / "rnb", method="rnb", method_args={"round_steps": "2"},
              regroup_k="3:6")
   summary = pretrain.train(cfg)
   info = json.loads((tmp_path / "rnb" / "regrouped" / "regroup.json").read_text())
@@ -256,14 +274,14 @@ def test_rnb_pipeline_regroups_trains_on_clusters_and_reports_human_domains(corp
   assert {r["domain"] for r in records} == {f"cluster_{c:02d}" for c in range(info["k"])}
   # The final run: the clusters as domains, R&B's mixer, the human domains evaluated.
   final_cfg = json.loads((tmp_path / "rnb" / "stages" / "final" / "config.json").read_text())
-  assert final_cfg["method"] == "rnb_rounds" and final_cfg["eval_domains"] == "validation"
-  assert "target=" in final_cfg["method_args"] and "round_steps=2" in final_cfg["method_args"]
+  assert final_cfg["method"] == "rnb_rounds" and final_cfg["data"]["eval_domains"] == "validation"
+  assert "target" in final_cfg["method_args"] and final_cfg["method_args"]["round_steps"] == "2"
   assert set(summary["val_loss"]) == {"code", "dna", "legal", "numbers", "prose"}
   assert set(summary["mixture"]) == set(info["target"])
   assert abs(sum(summary["mixture"].values()) - 1) < 1e-5
   assert summary["stages"].keys() == {"regroup", "final"}
   # The original tokenizer: the same vocabulary as a plain run on the corpus.
-  assert final_cfg["tokenizer"].endswith("tokenizer-bpe-300")
+  assert final_cfg["data"]["tokenizer"].endswith("tokenizer-bpe-300")
   # Rerun: both stages are reused.
   again = pretrain.train(cfg)
   assert again["val_loss"] == summary["val_loss"]

@@ -57,7 +57,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import dograph_jax as dg
 from dograph_jax import sharding
-from dograph_jax.train import distributed, training
+from dograph_jax.train import config, distributed, training
 from dograph_jax.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,13 +91,13 @@ def _worker(variant: str, out: str) -> None:
   """Train STEPS steps on one device and on each mesh; save what the tests check."""
   assert jax.device_count() == N_DEVICES, jax.devices()
   overrides, meshes = VARIANTS[variant]
-  cfg = TrainConfig(**{**CONFIG, **overrides})
+  cfg = config.make_config(**{**CONFIG, **overrides})
   rng = np.random.default_rng(0)
-  batches = [{"tokens": rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
+  batches = [{"tokens": rng.integers(0, cfg.data.vocab_size, (cfg.optim.batch_size, cfg.optim.seq_len + 1),
                                      dtype=np.int32),
-              "domain_id": rng.integers(0, 3, (cfg.batch_size,), dtype=np.int32)}
+              "domain_id": rng.integers(0, 3, (cfg.optim.batch_size,), dtype=np.int32)}
              for _ in range(STEPS)]
-  _, graphdef, params = training.build_model(cfg, cfg.vocab_size)
+  _, graphdef, params = training.build_model(cfg, cfg.data.vocab_size)
   tx = training.make_optimizer(cfg)
   state0 = training.init_train_state(params, tx)
   # The trainer jits the step with the state's shardings in and out (so that

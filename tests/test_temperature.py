@@ -9,7 +9,7 @@ import pytest
 
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.mixing.temperature import temperature_proportions
-from dograph_jax.train import methods, pretrain
+from dograph_jax.train import config, methods, pretrain, single_run
 from dograph_jax.train.config import TrainConfig
 
 
@@ -66,15 +66,14 @@ def test_bad_input_is_named():
 
 def test_pipeline_trains_at_the_temperature_mixture(tmp_path):
   corpus = write_synthetic_corpus(tmp_path / "corpus", seed=1, total_docs=300)
-  cfg = TrainConfig(data_dir=str(corpus), vocab_size=300, steps=3, batch_size=8, seq_len=32,
+  cfg = config.make_config(data_dir=str(corpus), vocab_size=300, steps=3, batch_size=8, seq_len=32,
                     eval_every=0, eval_rows=4, save_every=0, warmup_steps=1, plots=False,
-                    method="temperature", method_args="T=3.0", out_dir=str(tmp_path / "t"))
+                    method="temperature", method_args={"T": "3.0"}, out_dir=str(tmp_path / "t"))
   summary = pretrain.train(cfg)
   rows = json.loads((tmp_path / "t" / "stages" / "final" / "summary.json").read_text())
   names = list(summary["mixture"])
   # The final run's sampling proportions are the closed form over its rows.
-  data = pretrain.load_data(TrainConfig(**{**cfg.__dict__, "method": "uniform",
-                                           "method_args": ""}))
+  data = single_run.load_data(config.replace(cfg, method="uniform", method_args={}))
   expected = np.asarray([data.rows[n] for n in names], np.float64) ** (1 / 3)
   np.testing.assert_allclose([summary["mixture"][n] for n in names],
                              expected / expected.sum(), rtol=1e-9)

@@ -24,7 +24,6 @@ configuration with error bars, one panel per corpus).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shlex
@@ -35,7 +34,7 @@ from typing import Sequence
 
 
 from dograph_jax.study import compare
-from dograph_jax.train import pretrain
+from dograph_jax.train import config, pretrain, single_run
 from dograph_jax.train.config import TrainConfig, parse_config
 
 log = logging.getLogger("ablate")
@@ -72,12 +71,11 @@ STUDIES = {
         # equalising them may pay) and M = 5, each against the defaults.
         "persistent_variance": DEFAULTS + ",objective=variance",
         "persistent_alignment": DEFAULTS + ",objective=alignment",
-        "persistent_blocknorm": DEFAULTS + ",sketch_norm=block",
-        "persistent_blocknorm_uprior": DEFAULTS + ",sketch_norm=block,prior=uniform",
+        "persistent_blocknorm": DEFAULTS + ",normalize_blocks=true",
+        "persistent_blocknorm_uprior": DEFAULTS + ",normalize_blocks=true,prior=uniform",
         "persistent_m5": DEFAULTS + ",num_domains=5",
     },
 }
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def parse_overrides(text: str) -> dict:
@@ -85,9 +83,12 @@ def parse_overrides(text: str) -> dict:
   out = {}
   for pair in filter(None, (p.strip() for p in text.split(","))):
     name, sep, value = pair.partition("=")
-    if not sep or name not in _FIELDS:
+    if not sep or name not in config.FLAGS:
       raise ValueError(f"--config: {pair!r} is not name=value with a pretrain.py option")
-    kind = type(getattr(TrainConfig(), name))
+    kind = type(config.default_of(name))
+    if kind not in (bool, int, float, str):
+      raise ValueError(f"--config: option {name!r} takes a mapping or list; set it in the base "
+                       "flags (--config_file) instead")
     out[name] = ({"true": True, "false": False}[value.lower()] if kind is bool
                  else kind(value))
   return out
@@ -106,11 +107,11 @@ def parse_configs(specs: Sequence[str]) -> dict[str, str]:
 
 def run_one(base: TrainConfig, overrides: str, seed: int, directory: Path) -> dict:
   """The summary of one run; trains (or resumes) it unless it finished."""
-  cfg = dataclasses.replace(base, **parse_overrides(overrides), seed=seed,
+  cfg = config.replace(base, **parse_overrides(overrides), seed=seed,
                             out_dir=str(directory), resume=True, halt_after=0)
   done = directory / "summary.json"
   if done.exists():
-    pretrain._check_resumable(json.loads((directory / "config.json").read_text()), cfg)
+    single_run.check_resumable(json.loads((directory / "config.json").read_text()), cfg)
     return json.loads(done.read_text())
   log.info("training %s", directory)
   return pretrain.train(cfg)
@@ -132,7 +133,7 @@ def study(base: TrainConfig, configs: dict[str, str], data_dirs: Sequence[str],
       for seed in seeds:
         directory = out_dir / corpus / label / f"seed{seed}"
         try:
-          summary = run_one(dataclasses.replace(base, data_dir=data_dir), overrides, seed,
+          summary = run_one(config.replace(base, data_dir=data_dir), overrides, seed,
                             directory)
         except Exception:  # one crashed run must not lose the others
           log.error("%s failed:\n%s", directory, traceback.format_exc())
@@ -147,8 +148,8 @@ def study(base: TrainConfig, configs: dict[str, str], data_dirs: Sequence[str],
 def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequence[int],
            command: str) -> str:
   lines = [f"Command: `{command}`", "",
-           f"Budget: `{base.model}`, {base.steps} steps x batch {base.batch_size} x "
-           f"{base.seq_len} tokens; seeds {list(seeds)}; mean ± std (population) over seeds "
+           f"Budget: `{base.model.name}`, {base.optim.steps} steps x batch {base.optim.batch_size} x "
+           f"{base.optim.seq_len} tokens; seeds {list(seeds)}; mean ± std (population) over seeds "
            "of the average (exp of the mean per-domain loss, every domain counting "
            "equally) and worst-domain validation perplexity.", "",
            "Configurations (overrides of the `pretrain.py` defaults):", ""]
@@ -249,18 +250,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   if own.only:
     configs = {k: configs[k] for k in own.only.split(",")}
   seeds = [int(s) for s in own.seeds.split(",")]
-  base = parse_config(rest, base=TrainConfig(out_dir="runs/ablate", eval_every=0,
+  base = parse_config(rest, base=config.make_config(out_dir="runs/ablate", eval_every=0,
                                              save_every=0, plots=False),
-                      description=__doc__.splitlines()[0])
+                      description=__doc__.splitlines()[0], own_parser=parser)
   data_dirs = own.data_dirs.split(",")
-  result = study(base, configs, data_dirs, seeds, Path(base.out_dir))
+  result = study(base, configs, data_dirs, seeds, Path(base.run.out_dir))
   results_dir = Path(own.results_dir or f"experiments/results/{own.name}")
   results_dir.mkdir(parents=True, exist_ok=True)
   command = "python experiments/ablate.py " + " ".join(shlex.quote(a) for a in argv)
   text = report(result, configs, base, seeds, command)
   (results_dir / "table.md").write_text(f"# Study `{own.name}`\n\n" + text)
   (results_dir / "study.json").write_text(json.dumps(
-      {"command": command, "config": dataclasses.asdict(base), "configs": configs,
+      {"command": command, "config": config.to_dict(base), "configs": configs,
        "seeds": seeds, **result}, indent=2))
   write_plot(result, results_dir / "study.png")
   print(text)

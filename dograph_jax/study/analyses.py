@@ -317,8 +317,8 @@ def probe_set(cfg, rows_per_domain: int):
   ``rows_per_domain`` validation rows of every human domain (fewer where the
   split has fewer), tokenized and packed as the run's trainer did."""
   from dograph_jax.train.single_run import load_data
-  key = (cfg.data_dir, cfg.domain_field, cfg.tokenizer, cfg.vocab_size, cfg.seq_len,
-         cfg.batch_size, cfg.eval_rows, rows_per_domain)
+  key = (cfg.data.data_dir, cfg.data.domain_field, cfg.data.tokenizer, cfg.data.vocab_size, cfg.optim.seq_len,
+         cfg.optim.batch_size, cfg.run.eval_rows, rows_per_domain)
   if key not in _PROBES:
     _PROBES[key] = _read_probe(load_data(cfg), rows_per_domain)
   return _PROBES[key]
@@ -349,8 +349,8 @@ def make_sketcher(graphdef, cfg):
   @jax.jit
   def sketches(params, tokens):
     return dg.factored_grads(sequence_losses, graphdef, params, tokens,
-                             dg.projection_key(cfg.seed), cfg.sketch_dim,
-                             normalize_blocks=cfg.sketch_norm == "block").sketches
+                             dg.projection_key(cfg.run.seed), cfg.dograph.sketch_dim,
+                             normalize_blocks=cfg.dograph.normalize_blocks).sketches
   return sketches
 
 
@@ -359,8 +359,8 @@ def side_clusters(z: np.ndarray, cfg, seed: int) -> np.ndarray:
   k-means++ then the run's Lloyd iterations, its distance, ``m`` clusters)."""
   import jax
   import dograph_jax as dg
-  result = dg.kmeans(jax.numpy.asarray(z), cfg.num_domains, jax.random.PRNGKey(seed),
-                     iters=cfg.kmeans_iters, distance=cfg.distance)
+  result = dg.kmeans(jax.numpy.asarray(z), cfg.dograph.num_domains, jax.random.PRNGKey(seed),
+                     iters=cfg.dograph.kmeans_iters, distance=cfg.dograph.distance)
   return np.asarray(result.assignments)
 
 
@@ -387,9 +387,9 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
   from dograph_jax import clustering
   from dograph_jax.train import single_run, training
   from dograph_jax.train.checkpointing import Checkpointer
-  from dograph_jax.train.config import TrainConfig
+  from dograph_jax.train import config
 
-  cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+  cfg = config.from_dict(json.loads((run_dir / "config.json").read_text()))
   tokens, labels, names = probe_set(cfg, probe_rows)
   steps = single_run.checkpoint_steps(run_dir)
   if not steps:
@@ -402,7 +402,7 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
   # Step 0 is the initialisation, rebuilt from the run's seed as the trainer built it.
   _, graphdef, init_params = training.build_model(cfg, vocab_size)
   out = {"method": cfg.method, "names": names, "steps": [], "ari": [], "nmi": [],
-         "probe_rows": int(len(labels)), "num_domains": cfg.num_domains}
+         "probe_rows": int(len(labels)), "num_domains": cfg.dograph.num_domains}
   if cfg.method == "dograph":
     out.update(ari_own=[], nmi_own=[])
   sketcher = make_sketcher(graphdef, cfg)
@@ -417,7 +417,7 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
       inner = training.dograph_state(state["opt_state"])
       own = None if inner is None else np.asarray(inner.centroids)
     z = np.asarray(jax.device_get(sketcher(params, jax.numpy.asarray(tokens))))
-    clusters = side_clusters(z, cfg, cfg.seed)
+    clusters = side_clusters(z, cfg, cfg.run.seed)
     out["steps"].append(step)
     out["ari"].append(agreement.adjusted_rand_index(labels, clusters))
     out["nmi"].append(agreement.normalized_mutual_info(labels, clusters))
@@ -427,14 +427,14 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
         out["nmi_own"].append(None)
       else:
         assigned = np.asarray(clustering.assign(jax.numpy.asarray(z), jax.numpy.asarray(own),
-                                                cfg.distance)[0])
+                                                cfg.dograph.distance)[0])
         out["ari_own"].append(agreement.adjusted_rand_index(labels, assigned))
         out["nmi_own"].append(agreement.normalized_mutual_info(labels, assigned))
     if step in snap_at:
       snap = {"labels": labels.tolist(), "clusters": clusters.tolist(),
               "pca": pca_2d(_unit(z)).tolist(),
               "contingency": agreement.contingency(labels, clusters, len(names),
-                                                   cfg.num_domains).tolist()}
+                                                   cfg.dograph.num_domains).tolist()}
       if keep_sketches:
         snap["sketches"] = z.tolist()
       out["snapshots"][str(step)] = snap

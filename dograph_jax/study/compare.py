@@ -32,7 +32,6 @@ Uniform (mean over seeds, proxy runs included).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from dograph_jax.eval import evaluate
-from dograph_jax.train import methods, pretrain, reporting
+from dograph_jax.train import config, methods, pretrain, reporting, single_run
 from dograph_jax.train.config import TrainConfig, parse_config
 from dograph_jax.train.tracking import read_records
 
@@ -57,14 +56,14 @@ def run_dir(out_dir: Path, method: str, seed: int) -> Path:
 
 
 def run_one(base: TrainConfig, method: str, seed: int, out_dir: Path,
-            method_args: str = "") -> dict:
+            method_args: dict | None = None) -> dict:
   """The summary of one (method, seed) run; trains it unless it finished."""
   directory = run_dir(out_dir, method, seed)
-  cfg = dataclasses.replace(base, method=method, seed=seed, out_dir=str(directory),
-                            method_args=method_args, resume=True, halt_after=0)
+  cfg = config.replace(base, method=method, seed=seed, out_dir=str(directory),
+                       method_args=dict(method_args or {}), resume=True, halt_after=0)
   done = directory / "summary.json"
   if done.exists():
-    pretrain._check_resumable(json.loads((directory / "config.json").read_text()), cfg)
+    single_run.check_resumable(json.loads((directory / "config.json").read_text()), cfg)
     log.info("%s seed %d: finished before; reusing it", method, seed)
     return json.loads(done.read_text())
   log.info("%s seed %d: training -> %s", method, seed, directory)
@@ -259,20 +258,26 @@ def write_plots(agg: dict[str, dict], out_dir: Path, seed: int) -> list[Path]:
   return written
 
 
-def parse_method_args_for(specs: Sequence[str]) -> dict[str, str]:
-  """``--args METHOD:name=value,...`` (repeatable) -> {method: "name=value,..."}."""
+def parse_method_args_for(specs: Sequence[str]) -> dict[str, dict[str, str]]:
+  """``--args METHOD:name=value,...`` (repeatable) -> {method: {name: value}}."""
   out = {}
   for spec in specs:
-    method, sep, args = spec.partition(":")
+    method, sep, text = spec.partition(":")
     if not sep:
       raise ValueError(f"--args {spec!r}: expected METHOD:name=value,...")
+    args = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+      name, eq, value = pair.partition("=")
+      if not eq:
+        raise ValueError(f"--args {spec!r}: expected name=value, got {pair!r}")
+      args[name.strip()] = value.strip()
     methods.parse_method_args(method, args)  # fails early on a bad name or value
     out[method] = args
   return out
 
 
 def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int],
-            out_dir: Path, method_args: dict[str, str] | None = None,
+            out_dir: Path, method_args: dict[str, dict] | None = None,
             eval_tasks: Sequence[str] = (), eval_include_path: str | None = None,
             eval_limit: float | None = None, eval_batch_size: int = 16) -> dict:
   """Runs every (method, seed) not yet finished; writes and returns the report.
@@ -289,7 +294,7 @@ def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int]
   for method in method_names:
     for seed in seeds:
       try:
-        summary = run_one(base, method, seed, out_dir, method_args.get(method, ""))
+        summary = run_one(base, method, seed, out_dir, method_args.get(method, {}))
         if eval_tasks:
           summary = {**summary, "eval": run_eval(run_dir(out_dir, method, seed), eval_tasks,
                                                  eval_include_path, eval_limit,
@@ -300,16 +305,16 @@ def compare(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int]
         continue
       summaries[method].append({**summary, "seed": seed})
   agg = aggregate(summaries)
-  title = (f"{base.model}, {base.steps} steps x batch {base.batch_size} x {base.seq_len} "
-           f"on {base.data_dir}; seeds {list(seeds)}")
+  title = (f"{base.model.name}, {base.optim.steps} steps x batch {base.optim.batch_size} x {base.optim.seq_len} "
+           f"on {base.data.data_dir}; seeds {list(seeds)}")
   text = table(agg, title, failures, method_names)
   (out_dir / "compare.md").write_text(text)
   (out_dir / "compare.json").write_text(json.dumps(
-      {"config": dataclasses.asdict(base), "seeds": list(seeds), "method_args": method_args,
+      {"config": config.to_dict(base), "seeds": list(seeds), "method_args": method_args,
        "aggregate": agg,
        "runs": summaries}, indent=2))
   (out_dir / "failures.json").write_text(json.dumps(failures, indent=2))
-  plots = write_plots(agg, out_dir, seeds[0]) if base.plots else []
+  plots = write_plots(agg, out_dir, seeds[0]) if base.run.plots else []
   print(text)
   if failures:
     print(f"{len(failures)} run(s) failed: {sorted(failures)} (see {out_dir / 'failures.json'}); "
@@ -346,9 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in names:
     methods.kind(name)  # an unknown method fails before any run
   seeds = [int(s) for s in own.seeds.split(",")]
-  base = parse_config(rest, base=TrainConfig(out_dir="runs/compare"),
-                      description=__doc__.splitlines()[0])
-  result = compare(base, names, seeds, Path(base.out_dir), parse_method_args_for(own.args),
+  base = parse_config(rest, base=config.make_config(out_dir="runs/compare"),
+                      description=__doc__.splitlines()[0], own_parser=parser)
+  result = compare(base, names, seeds, Path(base.run.out_dir), parse_method_args_for(own.args),
                    eval_tasks, own.eval_include_path, limit, own.eval_batch_size)
   return 1 if result["failures"] else 0
 

@@ -23,7 +23,7 @@ per setting and writes ``sweep.json`` in ``--out_dir``.
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import itertools
 import json
 import logging
@@ -36,7 +36,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from dograph_jax.train import methods, offline, pretrain, reporting, single_run, training
+from dograph_jax.train import config, methods, offline, reporting, single_run, training
 from dograph_jax.train.config import TrainConfig, parse_config
 
 log = logging.getLogger("sweep")
@@ -44,7 +44,7 @@ log = logging.getLogger("sweep")
 
 def _method_floats(method: str) -> set[str]:
   """The float hyperparameters of ``method`` (its --method_args)."""
-  return set(methods.parse_method_args(method, "")[1])
+  return set(methods.parse_method_args(method, {})[1])
 
 
 def parse_grid(specs: Sequence[str], method: str = "dograph") -> dict[str, list[float]]:
@@ -67,10 +67,10 @@ def parse_grid(specs: Sequence[str], method: str = "dograph") -> dict[str, list[
 def _trained_config(cfg: TrainConfig) -> TrainConfig:
   """The config of the runs the sweep trains (an offline method's final run)."""
   if cfg.method in methods.FINAL_MIXER:  # R&B: the clusters, once, then its round rule
-    folder, info, _ = offline.regroup_stage(cfg, Path(cfg.out_dir) / "regrouped")
-    return dataclasses.replace(cfg, **offline.final_overrides(cfg, folder, info))
+    folder, info, _ = offline.regroup_stage(cfg, Path(cfg.run.out_dir) / "regrouped")
+    return config.replace(cfg, **offline.final_overrides(cfg, folder, info))
   if cfg.method == "temperature":  # a plain run at each setting's proportions
-    return dataclasses.replace(cfg, method="uniform", method_args="")
+    return config.replace(cfg, method="uniform", method_args={})
   if methods.kind(cfg.method) == "offline":
     raise ValueError(f"sweep: method {cfg.method!r} is a pipeline of several runs; sweep its "
                      "final run instead (--method uniform --proportions ...)")
@@ -81,13 +81,13 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
   """Runs every point of ``grid``; returns ``(results, train_step)``."""
   method = cfg.method
   cfg = _trained_config(cfg)
-  data = pretrain.load_data(cfg)
+  data = single_run.load_data(cfg)
   _, graphdef, params = training.build_model(cfg, data.vocab_size)
   tx = training.make_optimizer(cfg)
   train_step = training.make_train_step(graphdef, tx, cfg, probe_tokens=data.probe_tokens)
   eval_step = training.make_eval_step(graphdef)
   start_position = data.train_iter.get_state()
-  _, sampling_defaults = methods.parse_method_args(method, "") if method == "temperature" \
+  _, sampling_defaults = methods.parse_method_args(method, {}) if method == "temperature" \
       else (None, {})
   results = []
   names = list(grid)
@@ -104,16 +104,15 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
       from dograph_jax.mixing.temperature import temperature_proportions
       args = {**sampling_defaults, **{k: v for k, v in setting.items() if k in sampling_defaults}}
       p = temperature_proportions([data.rows[n] for n in data.names],
-                                  budget=cfg.steps * cfg.batch_size, **args)
+                                  budget=cfg.optim.steps * cfg.optim.batch_size, **args)
       proportions = offline._floor(dict(zip(data.names, p.tolist())))
-      train_iter = pretrain.load_data(dataclasses.replace(
-          cfg, proportions=single_run.format_proportions(proportions))).train_iter
+      train_iter = single_run.load_data(config.replace(cfg, proportions=proportions)).train_iter
     else:
       train_iter.set_state(start_position)
-    for step in range(cfg.steps):
+    for step in range(cfg.optim.steps):
       state, metrics = train_step(state, next(train_iter))
     loss = float(metrics["loss"])
-    val = pretrain.evaluate(eval_step, state["params"], data.eval_batches)
+    val = single_run.evaluate(eval_step, state["params"], data.eval_batches)
     p = reporting.perplexities(val) if all(map(math.isfinite, val.values())) else {}
     results.append({"setting": setting, "final_train_loss": loss, "val_loss": val,
                     "average_ppl": p.get("average", math.inf), "worst_ppl": p.get("worst", math.inf)})
@@ -134,10 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       specs.append(arg.split("=", 1)[1])
     else:
       rest.append(arg)
-  cfg = parse_config(rest, base=TrainConfig(out_dir="runs/sweep"),
-                     description=__doc__.splitlines()[0])
+  own = argparse.ArgumentParser(add_help=False)
+  own.add_argument("--sweep", action="append", metavar="NAME=V1,V2,...",
+                   help="a hyperparameter and its values (repeatable: the grid is their product); "
+                        f"one of {', '.join(sorted(training.SWEEPABLE))} or the method's float "
+                        "--method_args")
+  cfg = parse_config(rest,
+                     base=config.make_config(out_dir="runs/sweep"),
+                     description=__doc__.splitlines()[0], own_parser=own)
   results, train_step = run_sweep(cfg, parse_grid(specs, cfg.method))
-  out = Path(cfg.out_dir)
+  out = Path(cfg.run.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "sweep.json").write_text(json.dumps(results, indent=2))
   print(f"{'setting':<40} {'train loss':>10} {'avg val ppl':>12} {'worst':>9}")

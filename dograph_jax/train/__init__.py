@@ -4,11 +4,17 @@ checkpoints, trackers, offline pipelines and several-host helpers.
 Needs the ``train`` extra (``pip install "dograph_jax[train]"``); the
 transform alone (``import dograph_jax``) does not.
 
-    from dograph_jax.train import TrainConfig, train
-    summary = train(TrainConfig(method="uniform", steps=100))
+    from dograph_jax.train import make_config, train
+    summary = train(make_config(method="uniform", steps=100))
 """
 
-from dograph_jax.train.config import TrainConfig, parse_config
-from dograph_jax.train.pretrain import train
+from dograph_jax.train.config import TrainConfig, make_config, parse_config
 
-__all__ = ["TrainConfig", "parse_config", "train"]
+
+def train(cfg: TrainConfig) -> dict:
+  """Runs (or resumes) training: :func:`dograph_jax.train.pretrain.train`."""
+  from dograph_jax.train import pretrain  # the loop's imports only when training
+  return pretrain.train(cfg)
+
+
+__all__ = ["TrainConfig", "make_config", "parse_config", "train"]

@@ -20,7 +20,7 @@ Three kinds:
 
 A new online method is one module in ``dograph_jax/mixing`` with a factory
 ``f(num_domains, **hyperparameters) -> OnlineMixer`` plus one line in
-:data:`ONLINE`. ``--method_args "name=value,..."`` sets the factory's keyword
+:data:`ONLINE`. ``--method_args name value ...`` sets the factory's keyword
 arguments, checked against its signature. Float-valued ones are kept in the
 train state and passed to the factory inside the jitted step (the factories
 accept traced scalars), so changing them does not recompile — like the
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 
@@ -98,9 +98,10 @@ def _convert(text: str, default: Any, method: str, name: str) -> Any:
   return float(text)
 
 
-def parse_method_args(method: str, text: str) -> tuple[dict, dict]:
-  """``(static, traced)`` keyword arguments of ``method``'s factory from
-  ``"name=value,..."``, typed by the factory's defaults.
+def parse_method_args(method: str, args: Mapping[str, Any]) -> tuple[dict, dict]:
+  """``(static, traced)`` keyword arguments of ``method``'s factory from the
+  mapping ``args`` (``--method_args name value ...``; command-line values are
+  strings), typed by the factory's defaults.
 
   ``traced`` holds the float-valued ones (kept in the train state, see the
   module docstring). Every float argument appears in ``traced`` (defaults
@@ -110,33 +111,32 @@ def parse_method_args(method: str, text: str) -> tuple[dict, dict]:
     ValueError: an argument the factory does not take, a malformed pair, a
       value of the wrong type, or arguments for a method that takes none.
   """
-  pairs = [p for p in text.split(",") if p.strip()]
+  if not isinstance(args, Mapping):
+    raise TypeError(f"--method_args is a mapping of name -> value, got {args!r}")
   if method in PROXY:  # checked against the proxy run's mixer
-    return parse_method_args(PROXY[method], text)
+    return parse_method_args(PROXY[method], args)
   if method in FINAL_MIXER:
-    return parse_method_args(FINAL_MIXER[method], text)
+    return parse_method_args(FINAL_MIXER[method], args)
   if method in OFFLINE_ARGS:
     module, name = OFFLINE_ARGS[method]
     fn = getattr(importlib.import_module(module), name)
   elif kind(method) == "online":
     fn = factory(method)
   else:
-    if pairs:
+    if args:
       raise ValueError(f"--method_args is only for the online mixers {tuple(ONLINE)}, "
                        f"the proxies of {tuple(PROXY)} and {(*FINAL_MIXER, *OFFLINE_ARGS)}; "
-                       f"method {method!r} takes none (got {text!r})")
+                       f"method {method!r} takes none (got {dict(args)!r})")
     return {}, {}
   params = {name: p for name, p in list(inspect.signature(fn).parameters.items())[1:]
             if name not in PIPELINE_ONLY.get(method, ())}
   given = {}
-  for pair in pairs:
-    if "=" not in pair:
-      raise ValueError(f"--method_args: expected name=value, got {pair!r}")
-    name, value = (s.strip() for s in pair.split("=", 1))
+  for name, value in args.items():
     if name not in params:
       raise ValueError(f"--method_args: method {method!r} has no argument {name!r}; "
                        f"it takes {sorted(params)}")
-    given[name] = _convert(value, params[name].default, method, name)
+    given[name] = _convert(str(value) if not isinstance(value, (list, tuple)) else
+                           ":".join(map(str, value)), params[name].default, method, name)
   static, traced = {}, {}
   for name, p in params.items():
     if p.default is None:  # optional, static (a tuple of floats: R&B's target)

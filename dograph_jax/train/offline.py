@@ -53,7 +53,6 @@ nothing that was finished.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -62,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dograph_jax.train import distributed, reporting, single_run
+from dograph_jax.train import config, distributed, reporting, single_run
 from dograph_jax.train.config import TrainConfig
 from dograph_jax.train.methods import FINAL_MIXER, PROXY, parse_method_args
 
@@ -95,22 +94,23 @@ class _Stages:
 
   def __init__(self, cfg: TrainConfig):
     self.cfg = cfg
-    self.root = Path(cfg.out_dir) / "stages"
-    self.proxy_steps = cfg.proxy_steps or max(cfg.steps // 4, 1)
+    self.root = Path(cfg.run.out_dir) / "stages"
+    self.proxy_steps = cfg.offline.proxy_steps or max(cfg.optim.steps // 4, 1)
     self.cost: dict[str, float] = {}
 
   def run(self, name: str, *, proxy: bool = True, **overrides) -> dict:
     """The summary of stage ``name`` (trained now unless already finished)."""
     out_dir = self.root / name
-    base = dict(out_dir=str(out_dir), method="uniform", method_args="", proportions="",
+    base = dict(out_dir=str(out_dir), method="uniform", method_args={}, proportions={},
+                sampling="natural",
                 reference_dir="", resume=True, halt_after=0)
     if proxy:
-      base.update(steps=self.proxy_steps, warmup_steps=min(self.cfg.warmup_steps, self.proxy_steps),
+      base.update(steps=self.proxy_steps, warmup_steps=min(self.cfg.optim.warmup_steps, self.proxy_steps),
                   eval_every=0, save_every=0, keep_checkpoints=1, plots=False)
-    stage_cfg = dataclasses.replace(self.cfg, **{**base, **overrides})
+    stage_cfg = config.replace(self.cfg, **{**base, **overrides})
     done = out_dir / "summary.json"
     if done.exists():
-      single_run._check_resumable(json.loads((out_dir / "config.json").read_text()), stage_cfg)
+      single_run.check_resumable(json.loads((out_dir / "config.json").read_text()), stage_cfg)
       summary = json.loads(done.read_text())
       log.info("stage %s: finished before (%.1f s); reusing it", name, summary["wall_s"])
     else:
@@ -124,8 +124,8 @@ class _Stages:
 
 def _load(cfg: TrainConfig) -> single_run.RunData:
   """The corpus as a plain run would load it (natural proportions)."""
-  return single_run.load_data(dataclasses.replace(cfg, method="uniform", method_args="",
-                                                  proportions=""))
+  return single_run.load_data(config.replace(cfg, method="uniform", method_args={},
+                                                  proportions={}, sampling="natural"))
 
 
 
@@ -133,12 +133,12 @@ def _proxy_mixtures(cfg: TrainConfig, stages: _Stages, prior: dict[str, float]):
   """RegMix/mixing-law proxy runs: ``(mixtures (N, D), val_losses (N, D))``."""
   from dograph_jax.mixing import regmix
   names = list(prior)
-  mixtures = regmix.sample_mixtures(cfg.seed, np.asarray(list(prior.values())), cfg.proxy_runs)
+  mixtures = regmix.sample_mixtures(cfg.run.seed, np.asarray(list(prior.values())), cfg.offline.proxy_runs)
   rows, losses = [], []
   for n, mixture in enumerate(mixtures):
     floored = _floor(dict(zip(names, mixture)))
     summary = stages.run(f"proxy_{n:02d}",
-                         proportions=single_run.format_proportions(floored))
+                         proportions=floored)
     rows.append([floored[d] for d in names])
     # A training domain without validation rows has no loss to fit (the run
     # warned): the target is the domains that have one (columns M <= D).
@@ -151,16 +151,16 @@ def mixture_for(cfg: TrainConfig, stages: _Stages) -> dict[str, float]:
   data = _load(cfg)
   prior = dict(data.proportions)  # natural (token) proportions, in domain-id order
   names = list(prior)
-  if cfg.method == "mixing_law" and cfg.proxy_runs < len(names) + 1:
+  if cfg.method == "mixing_law" and cfg.offline.proxy_runs < len(names) + 1:
     # Checked before any proxy run: the law has D + 2 parameters per domain.
     raise ValueError(f"--method mixing_law needs --proxy_runs >= {len(names) + 1} "
-                     f"(D + 1 for {len(names)} domains), got {cfg.proxy_runs}")
+                     f"(D + 1 for {len(names)} domains), got {cfg.offline.proxy_runs}")
   if cfg.method == "stratified":
     return {n: 1.0 / len(names) for n in names}
   if cfg.method == "temperature":
     from dograph_jax.mixing.temperature import temperature_proportions
     _, traced = parse_method_args(cfg.method, cfg.method_args)
-    p = temperature_proportions([data.rows[n] for n in names], budget=cfg.steps * cfg.batch_size,
+    p = temperature_proportions([data.rows[n] for n in names], budget=cfg.optim.steps * cfg.optim.batch_size,
                                 **traced)
     return dict(zip(names, p.tolist()))
   if cfg.method in PROXY:
@@ -178,21 +178,21 @@ def mixture_for(cfg: TrainConfig, stages: _Stages) -> dict[str, float]:
     # that extrapolation put 99.6% of the data on one domain (measured on
     # data/local with 8 runs); trees stay near the mixtures that were run.
     predictor = regmix.fit_regression(mixtures, losses.mean(1), model="gbm")
-    best = regmix.top_k_mixture(predictor, cfg.seed, np.asarray(list(prior.values())))
+    best = regmix.top_k_mixture(predictor, cfg.run.seed, np.asarray(list(prior.values())))
   else:
     from dograph_jax.mixing import mixing_law
-    params = mixing_law.fit_mixing_law(mixtures, losses, seed=cfg.seed)
+    params = mixing_law.fit_mixing_law(mixtures, losses, seed=cfg.run.seed)
     best = mixing_law.optimal_mixture(params)
   return dict(zip(names, np.asarray(best, np.float64).tolist()))
 
 
 def run(cfg: TrainConfig) -> dict:
   """Runs (or resumes) offline method ``cfg.method``; returns its summary."""
-  out_dir = Path(cfg.out_dir)
+  out_dir = Path(cfg.run.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   main = distributed.is_main_process()  # other hosts only train
   if main:
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
   stages = _Stages(cfg)
   t0 = time.perf_counter()
   extra = {}
@@ -205,15 +205,15 @@ def run(cfg: TrainConfig) -> dict:
   else:
     mixture = _floor(mixture_for(cfg, stages))
     log.info("%s mixture: %s", cfg.method, ", ".join(f"{n}={w:.3f}" for n, w in mixture.items()))
-    final = stages.run("final", proxy=False, proportions=single_run.format_proportions(mixture))
+    final = stages.run("final", proxy=False, proportions=mixture)
   if main:
     (out_dir / "mixture.json").write_text(json.dumps(mixture, indent=2))
   summary = {**final, "method": cfg.method, "mixture": mixture, **extra,
              "stages": dict(stages.cost), "wall_s": sum(stages.cost.values()),
              "orchestration_s": time.perf_counter() - t0}
   proxies = sum(1 for n in stages.cost if n not in ("final", "regroup"))
-  title = (f"{cfg.method} {cfg.model}, {cfg.steps} steps + {proxies} proxy "
-           f"run(s), batch {cfg.batch_size} x {cfg.seq_len}")
+  title = (f"{cfg.method} {cfg.model.name}, {cfg.optim.steps} steps + {proxies} proxy "
+           f"run(s), batch {cfg.optim.batch_size} x {cfg.optim.seq_len}")
   if not main:
     return summary
   text = reporting.summary_table(title, final["val_loss"], final["steps_per_s"])
@@ -224,9 +224,9 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _k_range(cfg: TrainConfig, num_human: int) -> range:
-  if cfg.regroup_k == "auto":
+  if cfg.offline.regroup_k == "auto":
     return range(max(num_human, 2), 3 * max(num_human, 2) + 1)
-  lo, hi = (int(v) for v in cfg.regroup_k.split(":"))
+  lo, hi = (int(v) for v in cfg.offline.regroup_k.split(":"))
   return range(lo, hi + 1)
 
 
@@ -246,7 +246,7 @@ def _regroup_on_main(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]
 
 
 def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
-  """R&B's regrouping of ``cfg.data_dir`` into ``folder`` (once: reused when
+  """R&B's regrouping of ``cfg.data.data_dir`` into ``folder`` (once: reused when
   ``folder/regroup.json`` exists); returns ``(folder, info, seconds)``."""
   from dograph_jax.data.corpus import read_split
   from dograph_jax.mixing import regroup
@@ -257,13 +257,13 @@ def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
     return folder, info, float(info["wall_s"])
   t0 = time.perf_counter()
   _load(cfg)  # generates the bundled corpus if absent and trains/caches its tokenizer
-  train, _ = read_split(cfg.data_dir, "train", domain_field=cfg.domain_field)
-  val, _ = read_split(cfg.data_dir, "validation", domain_field=cfg.domain_field)
+  train, _ = read_split(cfg.data.data_dir, "train", domain_field=cfg.data.domain_field)
+  val, _ = read_split(cfg.data.data_dir, "validation", domain_field=cfg.data.domain_field)
   texts = [t for docs in train.values() for t in docs]
   human = [d for d, docs in train.items() for _ in docs]
-  embed = regroup.make_embedder(cfg.regroup_embedder, seed=cfg.seed)
+  embed = regroup.make_embedder(cfg.offline.regroup_embedder, seed=cfg.run.seed)
   z = embed(texts)
-  grouping = regroup.choose_k(z, _k_range(cfg, len(train)), seed=cfg.seed)
+  grouping = regroup.choose_k(z, _k_range(cfg, len(train)), seed=cfg.run.seed)
   k = grouping.k
   # zero-padded: the corpus reader sorts domains by name, so ids follow c
   names = [f"cluster_{c:0{max(2, len(str(k - 1)))}d}" for c in range(k)]
@@ -294,9 +294,9 @@ def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
       for text in docs:
         f.write(json.dumps({"text": text, "domain": d}) + "\n")
   info = {"k": k, "silhouette": {str(kk): v for kk, v in grouping.scores.items()},
-          "target": dict(zip(names, target.tolist())), "embedder": cfg.regroup_embedder,
+          "target": dict(zip(names, target.tolist())), "embedder": cfg.offline.regroup_embedder,
           "human_domains": domains, "contingency": contingency.tolist(),
-          "documents": len(texts), "source": str(cfg.data_dir),
+          "documents": len(texts), "source": str(cfg.data.data_dir),
           "wall_s": time.perf_counter() - t0}
   (partial / "regroup.json").write_text(json.dumps(info, indent=2))
   shutil.rmtree(folder, ignore_errors=True)
@@ -309,10 +309,9 @@ def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
 def final_overrides(cfg: TrainConfig, regrouped: Path, info: dict) -> dict:
   """The R&B final run's settings: the clusters as domains, the human
   domains evaluated, the original tokenizer, the round rule with target q."""
-  tokenizer = cfg.tokenizer or str(Path(cfg.data_dir) / f"tokenizer-bpe-{cfg.vocab_size}")
-  args = [a for a in cfg.method_args.split(",") if a.strip()]
-  if not any(a.split("=", 1)[0].strip() == "target" for a in args):
-    args.append("target=" + ":".join(repr(v) for v in info["target"].values()))
-  return dict(method=FINAL_MIXER[cfg.method], method_args=",".join(args),
+  tokenizer = cfg.data.tokenizer or str(Path(cfg.data.data_dir) / f"tokenizer-bpe-{cfg.data.vocab_size}")
+  args = dict(cfg.method_args)
+  args.setdefault("target", ":".join(repr(v) for v in info["target"].values()))
+  return dict(method=FINAL_MIXER[cfg.method], method_args=args,
               data_dir=str(regrouped), domain_field="domain", tokenizer=tokenizer,
               eval_domains="validation")

@@ -10,10 +10,11 @@ in a few minutes; prints the per-domain validation summary.
         --model paper-small --batch_size 48 --seq_len 512 --steps 20000 \\
         --warmup_steps 500 --lr 6e-4 --out_dir runs/paper-small   # GPU host
 
-Every option is ``--name value`` (see ``dograph_jax/train/config.py``).
+Every option is ``--name value`` (``--help`` lists them with their help
+text; ``dograph_jax/train/config.py``); ``--config FILE.yaml`` gives a base.
 The run directory holds ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
 ``config.json``, ``summary.txt``/``summary.json`` and PNG plots;
-``--resume true`` continues from the last complete checkpoint exactly.
+``--resume`` continues from the last complete checkpoint exactly.
 """
 
 from __future__ import annotations
@@ -27,10 +28,7 @@ import jax
 
 from dograph_jax.train import distributed, methods, offline
 from dograph_jax.train.config import TrainConfig, parse_config
-# The one-run API, re-exported: `pretrain.load_data`, `pretrain.NonFiniteLossError`, ...
-from dograph_jax.train.single_run import (DEFAULT_DATA_DIR, NonFiniteLossError, RunData,  # noqa: F401
-                                    _check_resumable, evaluate, format_proportions,
-                                    load_data, load_run_params, train_run)
+from dograph_jax.train.single_run import NonFiniteLossError, train_run
 
 log = logging.getLogger("pretrain")
 

@@ -29,11 +29,12 @@ from dograph_jax.data import (load_tokenizer, make_eval_batches, make_train_iter
 from dograph_jax.models import count_params
 from dograph_jax.train import distributed, methods, reporting, training
 from dograph_jax.train.checkpointing import Checkpointer
+from dograph_jax.train import config
 from dograph_jax.train.config import TrainConfig
 from dograph_jax.train.tracking import Progress, Tracker
 
 log = logging.getLogger("pretrain")
-DEFAULT_DATA_DIR = TrainConfig.data_dir
+DEFAULT_DATA_DIR = TrainConfig().data.data_dir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,46 +56,21 @@ class RunData:
 
 
 def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
-  if cfg.tokenizer:
-    return load_tokenizer(cfg.tokenizer)
-  cached = data_dir / f"tokenizer-bpe-{cfg.vocab_size}"
+  if cfg.data.tokenizer:
+    return load_tokenizer(cfg.data.tokenizer)
+  cached = data_dir / f"tokenizer-bpe-{cfg.data.vocab_size}"
   if (cached / "tokenizer.json").exists():
     log.info("using the tokenizer cached in %s", cached)
     return load_tokenizer(cached)
   log.info("training a byte-level BPE tokenizer (vocab %d) on the train split -> %s",
-           cfg.vocab_size, cached)
+           cfg.data.vocab_size, cached)
   texts = (t for docs in train_docs.values() for t in docs)
-  return train_bpe_tokenizer(texts, cached, vocab_size=cfg.vocab_size)
-
-
-def parse_proportions(text: str) -> str | dict[str, float]:
-  """``--proportions``: ``""``/``"natural"``, ``"uniform"`` or
-  ``"name=weight,..."`` (checked against the domains by
-  ``resolve_proportions``)."""
-  text = text.strip()
-  if text in ("", "natural", "uniform"):
-    return text or "natural"
-  out = {}
-  for pair in text.split(","):
-    name, sep, value = pair.partition("=")
-    if not sep:
-      raise ValueError(f"--proportions: expected name=weight, got {pair!r}")
-    try:
-      out[name.strip()] = float(value)
-    except ValueError:
-      raise ValueError(f"--proportions: weight of {name.strip()!r} is not a number: "
-                       f"{value!r}") from None
-  return out
-
-
-def format_proportions(proportions: dict[str, float]) -> str:
-  """The ``--proportions`` text of a mapping (full float precision)."""
-  return ",".join(f"{name}={float(w)!r}" for name, w in proportions.items())
+  return train_bpe_tokenizer(texts, cached, vocab_size=cfg.data.vocab_size)
 
 
 def load_data(cfg: TrainConfig) -> RunData:
-  data_dir = Path(cfg.data_dir)
-  if cfg.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
+  data_dir = Path(cfg.data.data_dir)
+  if cfg.data.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
     log.info("generating the bundled synthetic corpus in %s", data_dir)
     # Write aside and rename, so an interrupted generation is never mistaken
     # for the corpus by the next run.
@@ -102,25 +78,25 @@ def load_data(cfg: TrainConfig) -> RunData:
     shutil.rmtree(partial, ignore_errors=True)
     write_synthetic_corpus(partial, seed=0)
     partial.rename(data_dir)
-  train_docs, train_skips = read_split(data_dir, "train", domain_field=cfg.domain_field)
-  val_docs, val_skips = read_split(data_dir, "validation", domain_field=cfg.domain_field)
+  train_docs, train_skips = read_split(data_dir, "train", domain_field=cfg.data.domain_field)
+  val_docs, val_skips = read_split(data_dir, "validation", domain_field=cfg.data.domain_field)
   tokenizer = _tokenizer(cfg, data_dir, train_docs)
   cache = data_dir / ".packed"
-  packed = pack_domains_cached(train_docs, tokenizer, cfg.seq_len, cache)
-  packed_val = pack_domains_cached(val_docs, tokenizer, cfg.seq_len, cache)
-  resolved = resolve_proportions(packed, parse_proportions(cfg.proportions))
+  packed = pack_domains_cached(train_docs, tokenizer, cfg.optim.seq_len, cache)
+  packed_val = pack_domains_cached(val_docs, tokenizer, cfg.optim.seq_len, cache)
+  resolved = resolve_proportions(packed, dict(cfg.data.proportions) or cfg.data.sampling)
   probe = None
   if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer_needs(cfg, packed):
-    packed, probe = _hold_out_probe(packed, cfg.probe_rows)
+    packed, probe = _hold_out_probe(packed, cfg.offline.probe_rows)
   log.info("domains: %s", ", ".join(
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
   log.info("skipped records: train %s, validation %s", train_skips.as_dict(),
            val_skips.as_dict())
   # --eval_domains validation: the validation split's own domains (a run on
   # regrouped clusters is judged on the human domains, like every other run).
-  own = cfg.eval_domains == "validation"
-  eval_batches = make_eval_batches(packed_val, cfg.batch_size,
-                                   max_rows_per_domain=cfg.eval_rows or None,
+  own = cfg.data.eval_domains == "validation"
+  eval_batches = make_eval_batches(packed_val, cfg.optim.batch_size,
+                                   max_rows_per_domain=cfg.run.eval_rows or None,
                                    domain_names=None if own else packed.names)
   missing = [] if own else [n for n in packed.names if n not in eval_batches]
   if len(missing) == len(packed.names):
@@ -133,8 +109,8 @@ def load_data(cfg: TrainConfig) -> RunData:
                 ", ".join(missing), len(packed.names) - len(missing))
   return RunData(
       names=list(packed.names),
-      train_iter=make_train_iterator(packed, cfg.batch_size, proportions=resolved,
-                                     seed=cfg.seed, **distributed.host_data_shard()),
+      train_iter=make_train_iterator(packed, cfg.optim.batch_size, proportions=resolved,
+                                     seed=cfg.run.seed, **distributed.host_data_shard()),
       eval_batches=eval_batches,
       vocab_size=len(tokenizer),
       proportions=resolved,
@@ -170,7 +146,7 @@ def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[dict, 
   config_file = run_dir / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"{run_dir} holds no run (no config.json)")
-  run_cfg = TrainConfig(**json.loads(config_file.read_text()))
+  run_cfg = config.from_dict(json.loads(config_file.read_text()))
   checkpointer = Checkpointer(run_dir / "checkpoints", async_save=False)
   try:
     latest = checkpointer.latest_step()
@@ -251,15 +227,12 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
 # affect the training trajectory (a different --mesh changes only the order
 # of floating-point sums).
 _RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
-                "save_every", "keep_checkpoints", "plots", "mesh"}
+                "save_every", "keep_checkpoints", "plots", "mesh", "trackers", "wandb_project"}
 
 
 # DoGraph's options, and those only one of its domain modes reads: a run
 # that does not read an option is not changed by it.
-_DOGRAPH_ONLY = {"objective", "num_domains", "domains", "prior", "sketch", "update", "sketch_dim",
-                 "sketch_kind", "sketch_norm", "kmeans_iters", "distance", "warm_start", "buffer_size", "decay",
-                 "anchor", "max_ratio", "reseed_fraction", "ema", "weight_floor", "lambda_graph",
-                 "temperature", "lambda_dir", "lambda_align"}
+_DOGRAPH_ONLY = {f.name for f in dataclasses.fields(config.DoGraphConfig)} | {"sketch", "update"}
 _PERSISTENT_ONLY = {"prior", "decay", "anchor", "max_ratio", "reseed_fraction"}
 _BATCH_ONLY = {"warm_start", "buffer_size"}
 
@@ -267,17 +240,17 @@ _BATCH_ONLY = {"warm_start", "buffer_size"}
 def _unread_options(cfg: TrainConfig) -> set[str]:
   if cfg.method != "dograph":
     return _DOGRAPH_ONLY
-  return _PERSISTENT_ONLY if cfg.domains == "batch" else _BATCH_ONLY
+  return _PERSISTENT_ONLY if cfg.dograph.domains == "batch" else _BATCH_ONLY
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-  current = dataclasses.asdict(cfg)
-  # An option the checkpoint's code did not have yet is read at its default.
-  defaults = dataclasses.asdict(TrainConfig())
-  saved = {**defaults, **saved}
+def check_resumable(saved: dict, cfg: TrainConfig) -> None:
+  current = config.flatten(cfg)
+  # An option the checkpoint's code did not have yet is read at its default;
+  # a config of before the sections (flat, string-typed) reads as today's.
+  saved = config.flatten(config.from_dict(saved))
   ignored = _RESUME_FREE | _unread_options(cfg)
   if saved.get("method") != cfg.method or (
-      cfg.method == "dograph" and saved.get("domains") != cfg.domains):
+      cfg.method == "dograph" and saved.get("domains") != cfg.dograph.domains):
     ignored = _RESUME_FREE  # a different method or domain mode is always a change
   changed = sorted(k for k in current if k not in ignored and saved.get(k) != current[k])
   if changed:
@@ -297,30 +270,30 @@ def train_run(cfg: TrainConfig) -> dict:
     raise ValueError(f"method {cfg.method!r} is an offline pipeline of several runs: "
                      "use dograph_jax.train.pretrain.train (or offline.run)")
   wall0 = time.perf_counter()
-  if jax.process_count() > 1 and not cfg.mesh:
+  if jax.process_count() > 1 and not cfg.run.mesh:
     raise ValueError("several processes need --mesh over all hosts' devices, e.g. "
                      f"data={jax.device_count()}")
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad spec fails before any work
-  out_dir = Path(cfg.out_dir)
+  mesh = sharding.make_mesh(cfg.run.mesh) if cfg.run.mesh else None  # a bad spec fails before any work
+  out_dir = Path(cfg.run.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   if distributed.is_main_process():  # other hosts write nothing but their checkpoint shards
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
   data = load_data(cfg)
   if distributed.is_main_process() and not (out_dir / "tokenizer" / "tokenizer.json").exists():
     # beside the checkpoints, so evaluation and export find the run's own tokenizer
     data.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
   model_cfg, graphdef, params = training.build_model(cfg, data.vocab_size)
-  log.info("model %s: %s parameters", cfg.model, f"{count_params(params):,}")
+  log.info("model %s: %s parameters", cfg.model.name, f"{count_params(params):,}")
   tx = training.make_optimizer(cfg)
   ref_params = None
   if cfg.method == "doremi_proxy":
-    if not cfg.reference_dir:
+    if not cfg.offline.reference_dir:
       raise ValueError("--method doremi_proxy needs --reference_dir (a finished reference run)")
-    ref_params = load_run_params(cfg.reference_dir)
+    ref_params = load_run_params(cfg.offline.reference_dir)
     if jax.tree.structure(ref_params) != jax.tree.structure(params) or any(
         a.shape != b.shape for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params))):
-      raise ValueError(f"the reference model in {cfg.reference_dir} does not match --model "
-                       f"{cfg.model} with this tokenizer")
+      raise ValueError(f"the reference model in {cfg.offline.reference_dir} does not match --model "
+                       f"{cfg.model.name} with this tokenizer")
   state = training.init_train_state(params, tx, cfg, len(data.names), ref_params=ref_params)
   put = put_train = lambda batch: batch
   step_shardings = {}
@@ -338,16 +311,16 @@ def train_run(cfg: TrainConfig) -> dict:
                                         **step_shardings)
   eval_step = training.make_eval_step(graphdef, mesh)
 
-  checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.keep_checkpoints)
+  checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
   start, wall_before = 0, 0.0  # wall_before: seconds spent on this run before a resume
-  if cfg.resume:
+  if cfg.run.resume:
     step = checkpointer.latest_step()
     if step is None:
       log.info("--resume: no complete checkpoint in %s; starting from scratch",
                checkpointer.directory)
     else:
       state, data_state, meta = checkpointer.restore(step, training.abstract_like(state))
-      _check_resumable(meta["config"], cfg)
+      check_resumable(meta["config"], cfg)
       if meta.get("process_count", 1) != jax.process_count():
         raise ValueError(
             f"--resume: the checkpoint was written by {meta.get('process_count', 1)} "
@@ -357,20 +330,20 @@ def train_run(cfg: TrainConfig) -> dict:
       data.train_iter.set_state(data_state)
       start = int(state["step"])
       log.info("resumed from step %d (%s)", start, checkpointer.directory)
-  tracker = Tracker(out_dir, resume_step=start if cfg.resume else None)
-  contingency = np.zeros((len(data.names), cfg.num_domains), np.int64)
+  tracker = Tracker(out_dir, resume_step=start if cfg.run.resume else None)
+  contingency = np.zeros((len(data.names), cfg.dograph.num_domains), np.int64)
   for r in tracker.records:  # re-accumulate the heatmap of the resumed history
     if "contingency" in r:
       contingency += np.asarray(r["contingency"], np.int64)
 
   def save(step: int) -> None:
     checkpointer.save(step, state, data.train_iter.get_state(),
-                      {"config": dataclasses.asdict(cfg), "step": step,
+                      {"config": config.to_dict(cfg), "step": step,
                        "vocab_size": data.vocab_size, "domains": data.names,
                        "process_count": jax.process_count(),
                        "wall_s": wall_before + time.perf_counter() - wall0})
 
-  progress = Progress(start, cfg.steps, cfg.batch_size * cfg.seq_len, cfg.log_every)
+  progress = Progress(start, cfg.optim.steps, cfg.optim.batch_size * cfg.optim.seq_len, cfg.run.log_every)
 
   def finish(done: int, metrics: dict) -> None:
     """Host-side work for a finished step: NaN check, progress, logs."""
@@ -389,10 +362,10 @@ def train_run(cfg: TrainConfig) -> dict:
     skipped = bool(metrics["skipped"])
     if dropped:
       log.warning("step %d: dropped %d non-finite sample(s) of %d%s", done, dropped,
-                  cfg.batch_size, "; step skipped (second_backward cannot leave them out)"
+                  cfg.optim.batch_size, "; step skipped (second_backward cannot leave them out)"
                   if skipped else "")
     progress.update(done - 1, loss)
-    if done % cfg.log_every == 0 or done == cfg.steps or dropped:
+    if done % cfg.run.log_every == 0 or done == cfg.optim.steps or dropped:
       record = _host_record(metrics, data.names)
       record["skipped"] = int(skipped)
       # seconds since this process's loop began (steady-state speed between
@@ -401,7 +374,7 @@ def train_run(cfg: TrainConfig) -> dict:
       if cfg.method == "dograph":
         table = agreement.contingency(np.asarray(metrics["domain_id"]),
                                       np.asarray(metrics["assignments"]),
-                                      len(data.names), cfg.num_domains)
+                                      len(data.names), cfg.dograph.num_domains)
         contingency += table
         record["contingency"] = table.tolist()
       tracker.log(done, record)
@@ -409,7 +382,7 @@ def train_run(cfg: TrainConfig) -> dict:
   t0 = time.perf_counter()
   pending = None  # (step, metrics) of the step whose results are not fetched yet
   try:
-    for step in range(start, cfg.steps):
+    for step in range(start, cfg.optim.steps):
       batch = put_train(next(data.train_iter))
       state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
       done = step + 1
@@ -418,9 +391,9 @@ def train_run(cfg: TrainConfig) -> dict:
       if pending is not None:
         finish(*pending)
       pending = (done, metrics)
-      evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
-      halting = cfg.halt_after and done - start >= cfg.halt_after
-      saving = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or halting
+      evaluating = (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.optim.steps
+      halting = cfg.run.halt_after and done - start >= cfg.run.halt_after
+      saving = (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.optim.steps or halting
       if not (evaluating or saving):
         continue
       finish(*pending)  # this step's loss is checked before anything is saved
@@ -432,7 +405,7 @@ def train_run(cfg: TrainConfig) -> dict:
       if saving:
         save(done)
       if halting:
-        log.info("halting after step %d as asked (--halt_after %d)", done, cfg.halt_after)
+        log.info("halting after step %d as asked (--halt_after %d)", done, cfg.run.halt_after)
         return {"halted_at": done}
   finally:
     progress.close()
@@ -440,13 +413,13 @@ def train_run(cfg: TrainConfig) -> dict:
     tracker.close()
 
   elapsed = time.perf_counter() - t0
-  steps_run = cfg.steps - start
+  steps_run = cfg.optim.steps - start
   final = [r for r in tracker.records if "val_loss" in r][-1]["val_loss"]
-  summary = {"method": cfg.method, "objective": cfg.objective, "model": cfg.model,
-             "method_args": cfg.method_args, "proportions": data.proportions,
-             "steps": cfg.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
+  summary = {"method": cfg.method, "objective": cfg.dograph.objective, "model": cfg.model.name,
+             "method_args": dict(cfg.method_args), "proportions": data.proportions,
+             "steps": cfg.optim.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
              "wall_s": wall_before + time.perf_counter() - wall0,  # whole run, resumes included
-             "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / elapsed if elapsed else 0.0,
+             "tokens_per_s": steps_run * cfg.optim.batch_size * cfg.optim.seq_len / elapsed if elapsed else 0.0,
              "val_loss": final, **reporting.perplexities(final),
              "val_missing": data.val_missing,  # left out of the averages (warned)
              # the failure policy's counts over the whole run (resumes included)
@@ -457,14 +430,14 @@ def train_run(cfg: TrainConfig) -> dict:
     summary["mixer_average"] = dict(zip(
         data.names, (np.asarray(mixer.weights_sum) / max(int(mixer.count), 1)).tolist()))
     summary["mixer_final"] = dict(zip(data.names, np.asarray(mixer.weights).tolist()))
-  title = (f"{cfg.method}{'/' + cfg.objective if cfg.method == 'dograph' else ''} "
-           f"{cfg.model}, {cfg.steps} steps, batch {cfg.batch_size} x {cfg.seq_len}")
+  title = (f"{cfg.method}{'/' + cfg.dograph.objective if cfg.method == 'dograph' else ''} "
+           f"{cfg.model.name}, {cfg.optim.steps} steps, batch {cfg.optim.batch_size} x {cfg.optim.seq_len}")
   if not distributed.is_main_process():
     return summary
   text = reporting.summary_table(title, final, summary["steps_per_s"])
   (out_dir / "summary.txt").write_text(text + "\n")
   (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-  if cfg.plots:
+  if cfg.run.plots:
     plots = reporting.write_plots(tracker.records, out_dir, data.names,
                                   contingency if cfg.method == "dograph" else None,
                                   weight_labels=data.names if "mixer" in state else None)

@@ -31,6 +31,7 @@ Shape legend: ``B`` batch, ``T`` sequence length, ``M`` DoGraph domains.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -46,19 +47,15 @@ from dograph_jax.models import (apply, build, get_config, sequence_loss, split_m
                                 token_losses)
 
 from dograph_jax.train import methods
+from dograph_jax.train import config
 from dograph_jax.train.config import TrainConfig
 
-# Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
-OPTIMIZER_STATIC = ("method", "objective", "num_domains", "domains", "prior", "sketch_dim",
-                    "sketch_kind", "sketch_norm", "kmeans_iters", "distance", "warm_start",
-                    "buffer_size", "batch_size", "seed", "warmup_steps", "total_steps", "clip_norm")
-# The traced hyperparameters, by their TrainConfig names.
+# The traced hyperparameters (changing one reuses the compiled step), by
+# their option names -> the optimizer factory's argument names.
 SWEEPABLE = {"lr": "learning_rate", "weight_decay": "weight_decay",
-             "temperature": "temperature", "lambda_graph": "lambda_graph",
-             "lambda_dir": "lambda_dir", "lambda_align": "lambda_align",
-             "ema": "ema", "weight_floor": "weight_floor", "decay": "decay",
-             "anchor": "anchor", "max_ratio": "max_ratio",
-             "reseed_fraction": "reseed_fraction"}
+             **{name: name for name in config.DOGRAPH_TRACED}}
+# Arguments of `optimizer_factory` fixed at construction (shapes or control flow).
+OPTIMIZER_STATIC = ("dograph", "warmup_steps", "total_steps", "clip_norm")
 
 
 def warmup_cosine(count: jax.Array, warmup_steps: int, total_steps: int,
@@ -72,42 +69,42 @@ def warmup_cosine(count: jax.Array, warmup_steps: int, total_steps: int,
   return jnp.where(count < warmup_steps, warm, cosine)
 
 
-def optimizer_factory(learning_rate, weight_decay, temperature, lambda_graph, lambda_dir,
-                      lambda_align, ema, weight_floor, decay, anchor, max_ratio,
-                      reseed_fraction, *, method: str, objective: str,
-                      num_domains: int, domains: str, prior: str, sketch_dim: int,
-                      sketch_kind: str, sketch_norm: str, kmeans_iters: int, distance: str,
-                      warm_start: bool, buffer_size: int, batch_size: int, seed: int,
-                      warmup_steps: int, total_steps: int,
-                      clip_norm: float) -> optax.GradientTransformationExtraArgs:
-  """The run's optimizer; the positional arguments may be traced."""
+def optimizer_factory(learning_rate, weight_decay, *, dograph: dict | None, warmup_steps: int,
+                      total_steps: int, clip_norm: float,
+                      **dograph_traced) -> optax.GradientTransformationExtraArgs:
+  """The run's optimizer: ``[dograph_transform], clip, AdamW`` with warm-up +
+  cosine. ``dograph``: the transform's static keyword arguments (None: no
+  DoGraph); the learning rate, weight decay and ``dograph_traced`` (the
+  transform's float hyperparameters) may be traced."""
   schedule = lambda count: learning_rate * warmup_cosine(count, warmup_steps, total_steps)
   tail = [optax.clip_by_global_norm(clip_norm),
           optax.adamw(schedule, weight_decay=weight_decay)]
-  if method == "dograph":
-    head = dg.dograph_transform(
-        num_domains, sketch_dim, objective, domains=domains, prior=prior, seed=seed,
-        sketch_kind=sketch_kind, normalize_blocks=sketch_norm == "block",
-        kmeans_iters=kmeans_iters, distance=distance, warm_start=warm_start, buffer_size=buffer_size,
-        batch_size=batch_size, ema=ema, weight_floor=weight_floor,
-        lambda_graph=lambda_graph, temperature=temperature, lambda_dir=lambda_dir,
-        lambda_align=lambda_align, decay=decay, anchor=anchor, max_ratio=max_ratio,
-        reseed_fraction=reseed_fraction)
-    return optax.chain(head, *tail)
-  return optax.chain(*tail)
+  if dograph is None:
+    return optax.chain(*tail)
+  return optax.chain(dg.dograph_transform(**dograph, **dograph_traced), *tail)
+
+
+# `inject_hyperparams` binds the factory's *signature*: name each of
+# DoGraph's traced hyperparameters there (defaults None: unused without
+# DoGraph), so they become arrays in the optimizer state, not one dict.
+optimizer_factory.__signature__ = inspect.signature(optimizer_factory).replace(parameters=[
+    *[p for p in inspect.signature(optimizer_factory).parameters.values()
+      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD],
+    *[inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+      for name in config.DOGRAPH_TRACED],
+    *[p for p in inspect.signature(optimizer_factory).parameters.values()
+      if p.kind is inspect.Parameter.KEYWORD_ONLY]])
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
   """``inject_hyperparams(optimizer_factory)`` configured from ``cfg``."""
-  hyper = {inner: getattr(cfg, outer) for outer, inner in SWEEPABLE.items()}
-  static = dict(method=cfg.method, objective=cfg.objective, num_domains=cfg.num_domains,
-                domains=cfg.domains, prior=cfg.prior,
-                sketch_dim=cfg.sketch_dim, sketch_kind=cfg.sketch_kind,
-                sketch_norm=cfg.sketch_norm, kmeans_iters=cfg.kmeans_iters,
-                distance=cfg.distance, warm_start=cfg.warm_start,
-                buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, seed=cfg.seed,
-                warmup_steps=min(cfg.warmup_steps, cfg.steps), total_steps=cfg.steps,
-                clip_norm=cfg.clip_norm)
+  hyper = {"learning_rate": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}
+  dograph = None
+  if cfg.method == "dograph":
+    dograph = cfg.dograph.transform_kwargs(seed=cfg.run.seed, batch_size=cfg.optim.batch_size)
+    hyper.update({name: dograph.pop(name) for name in config.DOGRAPH_TRACED})
+  static = dict(dograph=dograph, warmup_steps=min(cfg.optim.warmup_steps, cfg.optim.steps),
+                total_steps=cfg.optim.steps, clip_norm=cfg.optim.clip_norm)
   return optax.inject_hyperparams(optimizer_factory, static_args=OPTIMIZER_STATIC)(
       **hyper, **static)
 
@@ -128,13 +125,13 @@ def dograph_state(opt_state) -> dg.DoGraphState | None:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int):
-  """``(model_config, graphdef, params)`` for ``cfg.model`` and the tokenizer."""
-  dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-  model_cfg = get_config(cfg.model, vocab_size=vocab_size, dtype=dtype)
-  if cfg.seq_len > model_cfg.n_positions:
-    raise ValueError(f"--seq_len {cfg.seq_len} exceeds the context of model "
-                     f"{cfg.model!r} ({model_cfg.n_positions} positions).")
-  model = build(model_cfg, nnx.Rngs(cfg.seed))
+  """``(model_config, graphdef, params)`` for ``cfg.model.name`` and the tokenizer."""
+  dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+  model_cfg = get_config(cfg.model.name, vocab_size=vocab_size, dtype=dtype)
+  if cfg.optim.seq_len > model_cfg.n_positions:
+    raise ValueError(f"--seq_len {cfg.optim.seq_len} exceeds the context of model "
+                     f"{cfg.model.name!r} ({model_cfg.n_positions} positions).")
+  model = build(model_cfg, nnx.Rngs(cfg.run.seed))
   graphdef, params = split_model(model)
   return model_cfg, graphdef, params
 
@@ -264,7 +261,7 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
   that every host can read them.
   """
   traces = []
-  method, warmup, total = cfg.method, min(cfg.warmup_steps, cfg.steps), cfg.steps
+  method, warmup, total = cfg.method, min(cfg.optim.warmup_steps, cfg.optim.steps), cfg.optim.steps
   online = methods.kind(method) == "online"
   if methods.kind(method) == "offline":
     raise ValueError(f"method {method!r} is an offline pipeline (dograph_jax/train/offline.py); "
@@ -284,8 +281,8 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, *, state_sharding=None,
     tokens = batch["tokens"]
     if method == "dograph" and cfg.sketch == "factored":
       fast = dg.factored_grads(sequence_losses, graphdef, params, tokens,
-                               dg.projection_key(cfg.seed), cfg.sketch_dim, update=cfg.update,
-                               normalize_blocks=cfg.sketch_norm == "block")
+                               dg.projection_key(cfg.run.seed), cfg.dograph.sketch_dim, update=cfg.update,
+                               normalize_blocks=cfg.dograph.normalize_blocks)
       losses = fast.losses
       updates, opt_state = tx.update(fast, opt_state, params)
     elif method == "dograph":
