@@ -363,5 +363,8 @@ def parse_config(argv: Sequence[str] | None = None, base: TrainConfig | None = N
   if cfg.run.resume and saved.exists():
     # The run's own settings are the base; the command line may change only
     # what check_resumable allows (evaluation, logging, devices, ...).
-    cfg = cli(from_dict(json.loads(saved.read_text()), base))
+    # Per-invocation options (stopping early) are not inherited from it.
+    run_settings = {k: v for k, v in json.loads(saved.read_text()).items()}
+    run_settings.get("run", run_settings).pop("halt_after", None)
+    cfg = cli(from_dict(run_settings, base))
   return cfg

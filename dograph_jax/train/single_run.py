@@ -276,8 +276,13 @@ def train_run(cfg: TrainConfig) -> dict:
   mesh = sharding.make_mesh(cfg.run.mesh) if cfg.run.mesh else None  # a bad spec fails before any work
   out_dir = Path(cfg.run.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  saved = out_dir / "config.json"
+  if cfg.run.resume and saved.exists():
+    # Compared before anything is restored or rewritten: a refused resume
+    # names the changed options and leaves the run directory as it was.
+    check_resumable(json.loads(saved.read_text()), cfg)
   if distributed.is_main_process():  # other hosts write nothing but their checkpoint shards
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+    saved.write_text(json.dumps(config.to_dict(cfg), indent=2))
   data = load_data(cfg)
   if distributed.is_main_process() and not (out_dir / "tokenizer" / "tokenizer.json").exists():
     # beside the checkpoints, so evaluation and export find the run's own tokenizer
@@ -330,7 +335,9 @@ def train_run(cfg: TrainConfig) -> dict:
       data.train_iter.set_state(data_state)
       start = int(state["step"])
       log.info("resumed from step %d (%s)", start, checkpointer.directory)
-  tracker = Tracker(out_dir, resume_step=start if cfg.run.resume else None)
+  tracker = Tracker(out_dir, resume_step=start if cfg.run.resume else None,
+                    sinks=cfg.run.trackers, config=config.to_dict(cfg),
+                    wandb_project=cfg.run.wandb_project)
   contingency = np.zeros((len(data.names), cfg.dograph.num_domains), np.int64)
   for r in tracker.records:  # re-accumulate the heatmap of the resumed history
     if "contingency" in r:
