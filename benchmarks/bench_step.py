@@ -354,15 +354,16 @@ def build(args, name: str, graphdef, params, batch) -> Candidate:
   cand = Candidate(name, train_config(args, name))
   tx = training.make_optimizer(cand.cfg)
   abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
-  online = (cand.cfg, NUM_DOMAINS) if cand.cfg.method == "rnb_rounds" else ()
+  domains = NUM_DOMAINS if cand.cfg.method == "rnb_rounds" else 0
   if abstract:  # --compile_only: shapes only, nothing allocated
-    cand.state = jax.eval_shape(lambda p: training.init_train_state(p, tx, *online), params)
+    cand.state = jax.eval_shape(lambda p: training.init_train_state(p, tx, cand.cfg, domains),
+                                params)
   else:
-    cand.state = training.init_train_state(jax.tree.map(jnp.copy, params), tx, *online)
+    cand.state = training.init_train_state(jax.tree.map(jnp.copy, params), tx, cand.cfg, domains)
   kwargs = {}
   if args.mesh:
     mesh = sharding.make_mesh(args.mesh)
-    state_sharding = sharding.state_shardings(cand.state, mesh)
+    state_sharding = sharding.state_shardings(cand.state, mesh, params=cand.state.params)
     batch_sharding = sharding.batch_sharding(mesh)
     kwargs = dict(state_sharding=state_sharding, batch_sharding=batch_sharding)
     if abstract:

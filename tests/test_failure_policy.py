@@ -81,30 +81,30 @@ def _same(a, b):
 def test_dograph_step_drops_and_counts_nonfinite_samples(nan_rows):
   cfg = _cfg()
   graphdef, state, step, batch = _step_setup(cfg)
-  before = _copy(state["params"])
+  before = _copy(state.params)
   # The oracle: models.sequence_loss (not patched) of each of the six clean rows.
   clean_rows = np.array([1, 2, 4, 5, 6, 7])
-  want = np.mean([float(sequence_loss(graphdef, state["params"], batch["tokens"][i]))
+  want = np.mean([float(sequence_loss(graphdef, state.params, batch["tokens"][i]))
                   for i in clean_rows])
   state, metrics = step(state, batch)
   assert int(metrics["nonfinite"]) == 2
   assert not bool(metrics["skipped"]) and bool(metrics["update_finite"])
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
-  after = jax.tree.leaves(state["params"])
+  after = jax.tree.leaves(state.params)
   assert all(np.all(np.isfinite(x)) for x in after)
-  assert not _same(before, state["params"])  # the kept samples did train
-  assert int(training.dograph_state(state["opt_state"]).nonfinite_total) == 2
+  assert not _same(before, state.params)  # the kept samples did train
+  assert int(training.dograph_state(state.opt_state).nonfinite_total) == 2
 
 
 def test_dograph_step_with_every_sample_nonfinite_reports_nan_loss(nan_rows):
   cfg = _cfg()
   _, state, step, batch = _step_setup(cfg)
   batch = {**batch, "tokens": batch["tokens"].at[:, 1].set(7)}
-  params = _copy(state["params"])
+  params = _copy(state.params)
   state, metrics = step(state, batch)
   assert int(metrics["nonfinite"]) == B and np.isnan(float(metrics["loss"]))  # the host stops
   assert bool(metrics["update_finite"]) and bool(metrics["skipped"])
-  assert _same(params, state["params"])
+  assert _same(params, state.params)
 
 
 def test_second_backward_skips_the_whole_optimizer_step(nan_rows):
@@ -114,24 +114,24 @@ def test_second_backward_skips_the_whole_optimizer_step(nan_rows):
   clean = {**batch, "tokens": batch["tokens"].at[:, 1].set(3)}
   state, metrics = step(state, clean)
   assert not bool(metrics["skipped"])
-  params, opt = _copy(state["params"]), _copy(state["opt_state"])
-  head_count = int(training.dograph_state(state["opt_state"]).count)
+  params, opt = _copy(state.params), _copy(state.opt_state)
+  head_count = int(training.dograph_state(state.opt_state).count)
   state, metrics = step(state, batch)
   assert bool(metrics["skipped"]) and int(metrics["nonfinite"]) == 2
-  assert _same(params, state["params"])  # no momentum, no weight decay applied
-  assert _same(opt.inner_state[1:], state["opt_state"].inner_state[1:])  # clip, AdamW
-  inner = training.dograph_state(state["opt_state"])
+  assert _same(params, state.params)  # no momentum, no weight decay applied
+  assert _same(opt.tail, state.opt_state.tail)  # clip, AdamW
+  inner = training.dograph_state(state.opt_state)
   assert int(inner.count) == head_count + 1 and int(inner.nonfinite_total) == 2
-  assert int(state["step"]) == 2
+  assert int(state.step) == 2
 
 
 def test_nonfinite_update_is_never_applied(nan_gradient):
   cfg = _cfg(method="uniform")
   _, state, step, batch = _step_setup(cfg)
-  params, opt = _copy(state["params"]), _copy(state["opt_state"])
+  params, opt = _copy(state.params), _copy(state.opt_state)
   state, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"])) and not bool(metrics["update_finite"])
-  assert _same(params, state["params"]) and _same(opt, state["opt_state"])
+  assert _same(params, state.params) and _same(opt, state.opt_state)
 
 
 def test_dograph_with_no_usable_sample_skips_the_step(nan_gradient):
@@ -140,11 +140,11 @@ def test_dograph_with_no_usable_sample_skips_the_step(nan_gradient):
   so that the host stops."""
   cfg = _cfg(weight_decay=0.1)
   _, state, step, batch = _step_setup(cfg)
-  params = _copy(state["params"])
+  params = _copy(state.params)
   state, metrics = step(state, batch)
   assert int(metrics["nonfinite"]) == B and bool(metrics["skipped"])
   assert np.isnan(float(metrics["loss"])) and bool(metrics["update_finite"])
-  assert _same(params, state["params"])
+  assert _same(params, state.params)
 
 
 def test_trainer_stops_at_a_nonfinite_update_and_saves_nothing(nan_gradient, corpus, tmp_path):

@@ -16,7 +16,8 @@ from dograph_jax.mixing import OnlineMixer, domain_counts, mean_sample_weights
 from dograph_jax.mixing.base import NEEDS
 from dograph_jax.models import sequence_loss, token_losses, apply
 from dograph_jax.study import compare
-from dograph_jax.train import config, methods, offline, pretrain, training, single_run
+from dograph_jax.train import config, methods, offline, pretrain, single_run, training
+from dograph_jax.train import method as method_lib
 from dograph_jax.train.config import TrainConfig
 
 
@@ -97,7 +98,9 @@ def test_online_step_matches_jax_grad_oracles(corpus, tmp_path, monkeypatch):
   batch = next(data.train_iter)
   batch["domain_id"] = np.where(batch["domain_id"] == 1, 0, batch["domain_id"])  # domain 1 absent
   probe = np.stack([data.eval_batches[n][0]["tokens"][:3] for n in data.names])
-  losses, grads, _ = training._mixer_grads(graphdef, cfg, state, batch, jnp.asarray(probe))
+  mixer_method = method_lib.make_method(cfg, graphdef, probe_tokens=jnp.asarray(probe))
+  out = mixer_method.grads(state.params, state.method, batch, state.step)
+  losses, grads = out.losses, out.grads
   inputs = seen[-1]
   tokens, domain = jnp.asarray(batch["tokens"]), jnp.asarray(batch["domain_id"])
   one = lambda p, t: sequence_loss(graphdef, p, t)
@@ -149,7 +152,8 @@ def test_mixer_hyperparameters_are_traced(corpus, tmp_path, method, method_args,
   outs = []
   for value in values:
     state = training.init_train_state(jax.tree.map(jnp.copy, params), tx, cfg, len(data.names))
-    state["mixer_hparams"][name] = jnp.asarray(value, jnp.float32)
+    hparams = {**state.method.hparams, name: jnp.asarray(value, jnp.float32)}
+    state = state._replace(method=state.method._replace(hparams=hparams))
     state, metrics = step(state, batch)
     state, metrics = step(state, batch)
     outs.append(np.asarray(metrics["weights"]))

@@ -67,7 +67,7 @@ def test_resume_is_exact(corpus, tmp_path, method, extra):
   assert data_a == data_b
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert int(a["step"]) == 6
+  assert int(a.step) == 6
 
 
 def test_resume_skips_a_checkpoint_killed_midway(corpus, tmp_path):

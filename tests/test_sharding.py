@@ -99,7 +99,7 @@ def _worker(variant: str, out: str) -> None:
              for _ in range(STEPS)]
   _, graphdef, params = training.build_model(cfg, cfg.data.vocab_size)
   tx = training.make_optimizer(cfg)
-  state0 = training.init_train_state(params, tx)
+  state0 = training.init_train_state(params, tx, cfg)
   # The trainer jits the step with the state's shardings in and out (so that
   # it stays where it is: same layout every step, one compilation, donated
   # buffers reused) and replicated metrics. Use make_train_step's arguments
@@ -107,7 +107,7 @@ def _worker(variant: str, out: str) -> None:
   takes_shardings = "state_sharding" in inspect.signature(training.make_train_step).parameters
 
   arrays, info = {}, {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state0["params"])[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state0.params)[0]:
     arrays[f"init|params|{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
   for run in ("single",) + meshes:
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def _worker(variant: str, out: str) -> None:
       put = lambda b: b
     else:
       mesh = sharding.make_mesh(run)
-      intended = sharding.state_shardings(state0, mesh)
+      intended = sharding.state_shardings(state0, mesh, params=state0.params)
       state = jax.device_put(state, intended)
       put = lambda b, mesh=mesh: sharding.shard_batch(b, mesh)
       kwargs = dict(state_sharding=intended, batch_sharding=sharding.batch_sharding(mesh))

@@ -413,8 +413,8 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
     params, own = init_params, None  # no centroids before the first step
     if step > 0:
       state, _, _ = single_run.load_run_state(run_dir, step)
-      params = state["params"]
-      inner = training.dograph_state(state["opt_state"])
+      params = state.params
+      inner = training.dograph_state(state.opt_state)
       own = None if inner is None else np.asarray(inner.centroids)
     z = np.asarray(jax.device_get(sketcher(params, jax.numpy.asarray(tokens))))
     clusters = side_clusters(z, cfg, cfg.run.seed)

@@ -95,10 +95,13 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
     setting = dict(zip(names, values))
     state = training.init_train_state(jax.tree.map(lambda x: x.copy(), params), tx, cfg,
                                       len(data.names))
-    state["opt_state"] = training.set_hyperparams(
-        state["opt_state"], **{k: v for k, v in setting.items() if k in training.SWEEPABLE})
-    for name in set(setting) & set(state.get("mixer_hparams", {})):
-      state["mixer_hparams"][name] = jnp.asarray(setting[name], jnp.float32)
+    state = state._replace(opt_state=training.set_hyperparams(
+        state.opt_state, **{k: v for k, v in setting.items() if k in training.SWEEPABLE}))
+    mixing = {k: v for k, v in setting.items() if k not in training.SWEEPABLE}
+    if mixing:  # an online mixer's float hyperparameters (traced in its state)
+      hparams = {**state.method.hparams,
+                 **{k: jnp.asarray(v, jnp.float32) for k, v in mixing.items()}}
+      state = state._replace(method=state.method._replace(hparams=hparams))
     train_iter = data.train_iter
     if sampling_defaults:
       from dograph_jax.mixing.temperature import temperature_proportions
@@ -112,7 +115,7 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
     for step in range(cfg.optim.steps):
       state, metrics = train_step(state, next(train_iter))
     loss = float(metrics["loss"])
-    val = single_run.evaluate(eval_step, state["params"], data.eval_batches)
+    val = single_run.evaluate(eval_step, state.params, data.eval_batches)
     p = reporting.perplexities(val) if all(map(math.isfinite, val.values())) else {}
     results.append({"setting": setting, "final_train_loss": loss, "val_loss": val,
                     "average_ppl": p.get("average", math.inf), "worst_ppl": p.get("worst", math.inf)})

@@ -29,6 +29,7 @@ from dograph_jax.data import (load_tokenizer, make_eval_batches, make_train_iter
 from dograph_jax.models import count_params
 from dograph_jax.train import distributed, methods, reporting, training
 from dograph_jax.train.checkpointing import Checkpointer
+from dograph_jax.train.method import MixerState
 from dograph_jax.train import config
 from dograph_jax.train.config import TrainConfig
 from dograph_jax.train.tracking import Progress, Tracker
@@ -138,7 +139,7 @@ def _hold_out_probe(packed, rows: int):
   return kept, probe
 
 
-def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[dict, dict, TrainConfig]:
+def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[training.TrainState, dict, TrainConfig]:
   """``(train state, checkpoint meta, run config)`` of the run in ``run_dir``
   at checkpoint ``step`` (default: the last complete one), restored through
   that run's own config (its model, optimizer and mixer)."""
@@ -178,7 +179,7 @@ def checkpoint_steps(run_dir: str | Path) -> list[int]:
 def load_run_params(run_dir: str | Path):
   """The parameters of the last complete checkpoint of the run in ``run_dir``
   (e.g. DoReMi's reference model), restored through that run's own config."""
-  return load_run_state(run_dir)[0]["params"]
+  return load_run_state(run_dir)[0].params
 
 
 def evaluate(eval_step, params, eval_batches: dict, put=lambda tokens: tokens) -> dict[str, float]:
@@ -303,7 +304,7 @@ def train_run(cfg: TrainConfig) -> dict:
   put = put_train = lambda batch: batch
   step_shardings = {}
   if mesh is not None:
-    state_sharding = sharding.state_shardings(state, mesh)
+    state_sharding = sharding.state_shardings(state, mesh, params=state.params)
     state = jax.device_put(state, state_sharding)
     put = lambda batch: sharding.shard_batch(batch, mesh)  # eval: the same rows on every host
     # train: each host holds its own rows of the global batch (per-host loading)
@@ -333,7 +334,7 @@ def train_run(cfg: TrainConfig) -> dict:
             "would differ, so the run would not continue exactly. Use a new --out_dir.")
       wall_before = float(meta.get("wall_s", 0.0))
       data.train_iter.set_state(data_state)
-      start = int(state["step"])
+      start = int(state.step)
       log.info("resumed from step %d (%s)", start, checkpointer.directory)
   tracker = Tracker(out_dir, resume_step=start if cfg.run.resume else None,
                     sinks=cfg.run.trackers, config=config.to_dict(cfg),
@@ -406,7 +407,7 @@ def train_run(cfg: TrainConfig) -> dict:
       finish(*pending)  # this step's loss is checked before anything is saved
       pending = None
       if evaluating:
-        val = evaluate(eval_step, state["params"], data.eval_batches, put)
+        val = evaluate(eval_step, state.params, data.eval_batches, put)
         tracker.log(done, {"val_loss": val,
                            "val_ppl": {n: math.exp(v) for n, v in val.items()}})
       if saving:
@@ -432,8 +433,9 @@ def train_run(cfg: TrainConfig) -> dict:
              # the failure policy's counts over the whole run (resumes included)
              "nonfinite_samples": sum(int(r.get("nonfinite", 0)) for r in tracker.records),
              "skipped_steps": sum(int(r.get("skipped", 0)) for r in tracker.records)}
-  if "mixer" in state:  # the time-averaged domain weights (DoReMi/DoGE's output)
-    mixer = jax.device_get(state["mixer"])
+  mixing = isinstance(state.method, MixerState)
+  if mixing:  # the time-averaged domain weights (DoReMi/DoGE's output)
+    mixer = jax.device_get(state.method.mixer)
     summary["mixer_average"] = dict(zip(
         data.names, (np.asarray(mixer.weights_sum) / max(int(mixer.count), 1)).tolist()))
     summary["mixer_final"] = dict(zip(data.names, np.asarray(mixer.weights).tolist()))
@@ -447,7 +449,7 @@ def train_run(cfg: TrainConfig) -> dict:
   if cfg.run.plots:
     plots = reporting.write_plots(tracker.records, out_dir, data.names,
                                   contingency if cfg.method == "dograph" else None,
-                                  weight_labels=data.names if "mixer" in state else None)
+                                  weight_labels=data.names if mixing else None)
     summary["plots"] = [str(p) for p in plots]
   print(text)
   return summary

@@ -1,0 +1,283 @@
+"""One interface for every way the trainer turns a batch into a gradient.
+
+A :class:`Method` owns what is particular to a data-mixing method inside
+the jitted train step; the step itself (``training.make_train_step``) is the
+same for all of them:
+
+    out = method.grads(params, method_state, batch, step)      # losses, gradient
+    updates, head = optimizer.head.update(out.grads, ...)      # DoGraph only
+    report = method.report(out, head)                          # loss, skip, metrics
+    updates, tail = optimizer.tail.update(updates, ..., skip=report.skip)
+
+Implementations:
+
+* :class:`PlainMethod` — the batch-mean gradient (``uniform``, and every
+  offline pipeline's final run at its proportions);
+* :class:`DoGraphMethod` — per-sample material for ``dograph_transform``:
+  the factored engine's :class:`~dograph_jax.FactoredGrads` (default) or
+  per-sample gradients ``vmap(grad)`` (``--sketch reference``); the
+  transform (the optimizer's head) reduces it;
+* :class:`MixerMethod` — an adapter over any
+  :class:`~dograph_jax.mixing.OnlineMixer`: one forward pass with a ``vjp``,
+  the mixer's per-sample weights ``w`` from the losses (and whatever else it
+  ``needs``), the update ``vjp(w)`` — one backward pass.
+
+A new method is one class with these three methods plus one line in
+:data:`CLASSES` (a new online mixer needs only its line in
+``methods.ONLINE``: the adapter serves it).
+
+Shape legend: ``B`` batch, ``T`` sequence length, ``D`` human domains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import dograph_jax as dg
+from dograph_jax.mixing import MixingInputs, domain_counts
+from dograph_jax.mixing.rnb import domain_head_grads
+from dograph_jax.models import apply, sequence_loss, taps, token_losses
+from dograph_jax.train import methods
+
+PyTree = Any
+
+
+class MethodOutput(NamedTuple):
+  """What a method computed from a batch."""
+  losses: jax.Array   # (B,) per-sequence mean token loss
+  grads: Any          # what the optimizer reduces: a gradient, (B, ...) per-sample gradients or FactoredGrads
+  state: PyTree       # the method's new state
+  update_args: dict   # extra arguments of the optimizer head's update (DoGraph's per-sample losses)
+
+
+class Report(NamedTuple):
+  """A step as the method reads it, once its optimizer head has run."""
+  loss: jax.Array     # () the training loss logged and checked (NaN: nothing left to train on)
+  skip: jax.Array     # () bool, leave the step out (clip, AdamW and params do not move)
+  metrics: dict       # method-specific metrics of the step
+
+
+class Method(Protocol):
+  """A data-mixing method inside the train step (see the module docstring)."""
+
+  def init(self, params: PyTree, num_domains: int) -> PyTree:
+    """The method's state (``()`` if none) over ``num_domains`` human domains."""
+
+  def grads(self, params: PyTree, state: PyTree, batch: dict, step: jax.Array) -> MethodOutput:
+    """Losses and the gradient material of ``batch`` (``tokens`` (B, T + 1), ``domain_id`` (B,))."""
+
+  def report(self, out: MethodOutput, head_state: Any) -> Report:
+    """The step's loss, skip flag and metrics; ``head_state``: DoGraph's state, or None."""
+
+
+def _sequence_losses(graphdef, params, tokens_BxT1):
+  """``((B,) per-sequence mean loss, (B, T) token losses)``."""
+  tok_BxT = token_losses(apply(graphdef, params, tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:])
+  return tok_BxT.mean(1), tok_BxT
+
+
+class PlainMethod:
+  """Gradient of the batch-mean loss."""
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+
+  def init(self, params, num_domains):
+    return ()
+
+  def grads(self, params, state, batch, step):
+    tokens = batch["tokens"]
+
+    def mean_loss(p):
+      per_seq = token_losses(apply(self.graphdef, p, tokens[:, :-1]), tokens[:, 1:]).mean(1)
+      return per_seq.mean(), per_seq
+    (_, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    return MethodOutput(losses, grads, state, {})
+
+  def report(self, out, head_state):
+    return Report(jnp.mean(out.losses), jnp.zeros((), bool), {})
+
+
+class DoGraphMethod:
+  """Per-sample material for ``dograph_transform`` (the optimizer's head).
+
+  The failure policy (docs/method.md §4): the transform drops non-finite
+  samples and counts them, so the loss is the mean over the kept ones (NaN
+  only when none is left: the host then stops); a step that kept no sample,
+  or a second-backward step with a dropped sample, is skipped whole.
+  """
+
+  def __init__(self, graphdef, *, sketch: str, update: str, sketch_dim: int, seed: int,
+               normalize_blocks: bool):
+    self.graphdef, self.sketch, self.update = graphdef, sketch, update
+    self.sketch_dim, self.seed, self.normalize_blocks = sketch_dim, seed, normalize_blocks
+
+  def init(self, params, num_domains):
+    return ()
+
+  def grads(self, params, state, batch, step):
+    tokens = batch["tokens"]
+    if self.sketch == "factored":
+      def sequence_losses(model, tokens_BxT1):  # the factored engine's per-sample losses
+        return token_losses(model(tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:]).mean(1)
+      fast = dg.factored_grads(sequence_losses, self.graphdef, params, tokens,
+                               dg.projection_key(self.seed), self.sketch_dim,
+                               update=self.update, normalize_blocks=self.normalize_blocks)
+      return MethodOutput(fast.losses, fast, state, {})
+    loss_one = lambda p, tokens_T1: sequence_loss(self.graphdef, p, tokens_T1)
+    losses, grads = dg.per_sample_loss_and_grads(loss_one, params, tokens)
+    return MethodOutput(losses, grads, state, {"losses": losses})
+
+  def report(self, out, head_state):
+    # The samples the transform kept (it drops those with a non-finite loss
+    # or gradient, or a sketch beyond dg.MAX_SKETCH_ENTRY).
+    kept_B = head_state.kept
+    kept = jnp.sum(kept_B)
+    loss = jnp.where(kept > 0, jnp.sum(jnp.where(kept_B, out.losses, 0.0))
+                     / jnp.maximum(kept, 1), jnp.nan)
+    skip = kept == 0
+    if self.sketch == "factored" and self.update == "second_backward":
+      skip = skip | (kept < kept_B.shape[0])
+    metrics = dict(weights=head_state.applied_weights, counts=head_state.counts,
+                   assignments=head_state.assignments, nonfinite=head_state.nonfinite,
+                   coefficients=head_state.coefficients)
+    if head_state.frequencies is not None:
+      metrics["frequencies"] = head_state.frequencies
+    return Report(loss, skip, metrics)
+
+
+class MixerState(NamedTuple):
+  """An online mixer's part of the train state."""
+  mixer: PyTree       # the OnlineMixer's own state (weights, weights_sum, count, ...)
+  hparams: dict       # its float hyperparameters, traced: changing one does not recompile
+  ref_params: PyTree  # a frozen reference model (DoReMi's proxy run), or None
+
+
+class MixerMethod:
+  """Adapter over an :class:`~dograph_jax.mixing.OnlineMixer`: per-sample loss
+  weights from the step's losses, the update ``grad(sum_i w_i l_i)``.
+
+  What the mixer ``needs`` is computed here: reference-model token losses,
+  the Gram matrix of per-domain gradients (formed on the device by a
+  ``vmap`` of the same ``vjp``), held-out probe losses (``probe_tokens``
+  (D, P, T + 1), a compile-time constant), per-domain sums of the output
+  layer's per-sample gradients ``d_logits^T h`` (R&B).
+  """
+
+  def __init__(self, graphdef, method: str, method_args, *, probe_tokens=None,
+               ref_params=None):
+    self.graphdef, self.method = graphdef, method
+    self.static, self.traced = methods.parse_method_args(method, method_args)
+    self.probe_tokens = None if probe_tokens is None else jnp.asarray(probe_tokens, jnp.int32)
+    self.ref_params = ref_params
+
+  def _mixer(self, num_domains: int, hparams):
+    return methods.build_mixer(self.method, num_domains, self.static, hparams)
+
+  def init(self, params, num_domains):
+    if num_domains < 1:
+      raise ValueError(f"method {self.method!r} needs num_domains (the human domains)")
+    mixer = self._mixer(num_domains, self.traced)
+    if "ref_token_losses" in mixer.needs and self.ref_params is None:
+      raise ValueError(f"method {self.method!r} needs a reference model (--reference_dir)")
+    init = mixer.init(width=_head_width(params)) if "head_grads" in mixer.needs else mixer.init()
+    # Copy every leaf: an init may use one array for several fields, and the
+    # donated train state must not hold the same buffer twice.
+    return MixerState(mixer=jax.tree.map(lambda x: jnp.array(x, copy=True), init),
+                      hparams=methods.traced_state(self.traced), ref_params=self.ref_params)
+
+  def grads(self, params, state, batch, step):
+    graphdef = self.graphdef
+    num_domains = state.mixer.weights.shape[0]
+    mixer = self._mixer(num_domains, state.hparams)
+    tokens, domain_id = batch["tokens"], batch["domain_id"]
+    if "head_grads" in mixer.needs:
+      losses_B, vjp, (tok_BxT, h, logits) = jax.vjp(
+          lambda p: _losses_and_head(graphdef, p, tokens), params, has_aux=True)
+    else:
+      losses_B, vjp, tok_BxT = jax.vjp(lambda p: _sequence_losses(graphdef, p, tokens), params,
+                                       has_aux=True)
+    counts_D = domain_counts(domain_id, num_domains)
+    fields = dict(losses=losses_B, domain_id=domain_id, step=step, domain_counts=counts_D)
+    if "token_losses" in mixer.needs:
+      fields["token_losses"] = tok_BxT
+    if "ref_token_losses" in mixer.needs:
+      fields["ref_token_losses"] = _sequence_losses(graphdef, state.ref_params, tokens)[1]
+    if "domain_gram" in mixer.needs:
+      # Per-domain mean-loss gradients g_d = vjp(onehot_d / n_d), all D at
+      # once; only their (D, D) Gram matrix leaves this function (DoGE never
+      # copies per-domain gradients off the device).
+      per_domain_DxB = (jax.nn.one_hot(domain_id, num_domains, dtype=jnp.float32).T
+                        / jnp.maximum(counts_D, 1)[:, None])
+      grads_D = jax.vmap(lambda c: vjp(c)[0])(per_domain_DxB)
+      fields["domain_gram"] = sum(
+          (g.reshape(num_domains, -1) @ g.reshape(num_domains, -1).T).astype(jnp.float32)
+          for g in jax.tree.leaves(grads_D))
+    if "head_grads" in mixer.needs:
+      # Each sample's own loss gradient w.r.t. its logits (the sum separates
+      # over samples), then the per-domain sums of the output layer's
+      # per-sample gradients d^T h (R&B; dograph_jax/mixing/rnb.py).
+      targets = tokens[:, 1:]
+      d_logits = jax.grad(lambda lg: token_losses(lg, targets).mean(1).sum())(
+          jax.lax.stop_gradient(logits))
+      fields["head_grads"] = domain_head_grads(jax.lax.stop_gradient(h), d_logits, domain_id,
+                                               num_domains, mixer.head_sketch_dim)
+    if "probe_losses" in mixer.needs:
+      if self.probe_tokens is None:
+        raise ValueError(f"method {self.method!r} needs probe_tokens (D, P, T + 1)")
+      fields["probe_losses"] = jax.vmap(
+          lambda rows: _sequence_losses(graphdef, params, rows)[0].mean())(self.probe_tokens)
+    weights_B, mixer_state = mixer.update(state.mixer, MixingInputs(**fields))
+    grads = vjp(jax.lax.stop_gradient(weights_B).astype(losses_B.dtype))[0]
+    return MethodOutput(losses_B, grads, state._replace(mixer=mixer_state), {})
+
+  def report(self, out, head_state):
+    return Report(jnp.mean(out.losses), jnp.zeros((), bool), {"weights": out.state.mixer.weights})
+
+
+def _head_width(params) -> int:
+  """``V * d_model`` of the output layer (tied embedding or ``lm_head``)."""
+  if "lm_head" in params:
+    return int(np.prod(params["lm_head"]["kernel"].shape))
+  return int(np.prod(params["wte"]["embedding"].shape))
+
+
+def _losses_and_head(graphdef, params, tokens_BxT1):
+  """``(losses (B,), (token losses (B, T), h (B, T, Dm), logits (B, T, V)))``:
+  the forward pass with the output layer's input ``h`` recorded (the taps
+  of ``models/taps.py``: ``head_inputs`` of a tied model, ``lm_head``'s
+  ``inputs`` of an untied one)."""
+  model = nnx.merge(graphdef, params)
+  with taps.tapping():
+    logits, inter = nnx.capture(lambda m, t: m(t), nnx.Intermediate)(model, tokens_BxT1[:, :-1])
+  inter = nnx.to_pure_dict(inter)
+  h = inter["lm_head"]["inputs"] if "lm_head" in inter else inter["head_inputs"]
+  h = h[0] if isinstance(h, (tuple, list)) else h
+  tok_BxT = token_losses(logits, tokens_BxT1[:, 1:])
+  return tok_BxT.mean(1), (tok_BxT, h, logits)
+
+
+# Method name -> its class: the one registry line a new method adds.
+CLASSES = {"uniform": PlainMethod, "dograph": DoGraphMethod,
+           **{name: MixerMethod for name in methods.ONLINE}}
+
+
+def make_method(cfg, graphdef, *, probe_tokens=None, ref_params=None) -> Method:
+  """The :class:`Method` of ``cfg.method`` (a ``TrainConfig``)."""
+  cls = CLASSES.get(cfg.method)
+  if cls is None:
+    raise ValueError(f"method {cfg.method!r} is an offline pipeline (dograph_jax/train/offline.py); "
+                     "its runs train with method uniform or a proxy mixer")
+  if cls is DoGraphMethod:
+    return DoGraphMethod(graphdef, sketch=cfg.sketch, update=cfg.update,
+                         sketch_dim=cfg.dograph.sketch_dim, seed=cfg.run.seed,
+                         normalize_blocks=cfg.dograph.normalize_blocks)
+  if cls is MixerMethod:
+    return MixerMethod(graphdef, cfg.method, cfg.method_args, probe_tokens=probe_tokens,
+                       ref_params=ref_params)
+  return cls(graphdef)
