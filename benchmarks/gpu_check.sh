@@ -68,7 +68,7 @@ else
     part install_jax 120 "$PY" -m pip install -q -U "jax[cuda12]"
   fi
   if ! "$PY" -c "import dograph_jax" 2>/dev/null; then
-    part install_package 90 "$PY" -m pip install -q -e .
+    part install_package 90 "$PY" -m pip install -q -e ".[train]"
   fi
 fi
 part environment 60 "$PY" -c "

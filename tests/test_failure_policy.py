@@ -17,6 +17,7 @@ import pytest
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.models import sequence_loss
 from dograph_jax.train import config, pretrain, training
+from dograph_jax.train import method as method_lib
 from dograph_jax.train.checkpointing import Checkpointer
 from dograph_jax.train.config import TrainConfig
 
@@ -34,21 +35,21 @@ def _poisoned(targets):
 
 @pytest.fixture
 def nan_rows(monkeypatch):
-  clean = training.token_losses
+  clean = method_lib.token_losses
 
   def losses(logits, targets):
     return clean(logits, targets) * jnp.where(_poisoned(targets), jnp.nan, 1.0)
-  monkeypatch.setattr(training, "token_losses", losses)
+  monkeypatch.setattr(method_lib, "token_losses", losses)
   return clean
 
 
 @pytest.fixture
 def nan_gradient(monkeypatch):
-  clean = training.token_losses
+  clean = method_lib.token_losses
 
   def losses(logits, targets):
     return clean(logits, targets) + 0.0 * jnp.sqrt(0.0 * jnp.sum(logits))
-  monkeypatch.setattr(training, "token_losses", losses)
+  monkeypatch.setattr(method_lib, "token_losses", losses)
 
 
 def _cfg(**kw):

@@ -325,8 +325,16 @@ def train_run(cfg: TrainConfig) -> dict:
       log.info("--resume: no complete checkpoint in %s; starting from scratch",
                checkpointer.directory)
     else:
+      saved_config = checkpointer.restore_meta(step)["config"]
+      check_resumable(saved_config, cfg)  # before the restore: a clear message, not a shape error
+      if not any(s in saved_config for s in config.SECTIONS):
+        raise ValueError(
+            f"--resume: the checkpoint in {checkpointer.directory} was written before the "
+            "trainer's state became a typed TrainState (dograph_jax 0.2): its optimizer state "
+            "has another structure and cannot be resumed by this version. Its parameters "
+            "still evaluate and export (python -m dograph_jax.models.export); continue the "
+            "run with the version that wrote it, or start a new --out_dir.")
       state, data_state, meta = checkpointer.restore(step, training.abstract_like(state))
-      check_resumable(meta["config"], cfg)
       if meta.get("process_count", 1) != jax.process_count():
         raise ValueError(
             f"--resume: the checkpoint was written by {meta.get('process_count', 1)} "
