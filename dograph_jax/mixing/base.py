@@ -22,9 +22,10 @@ Conventions every online mixer follows:
 
 * The state is a ``NamedTuple`` of arrays with fixed shapes, with at least
   ``weights: (D,)`` (the current domain weights, logged by the trainer, for
-  per-sample methods the mean weight of each domain's samples in the last
-  batch) and ``weights_sum: (D,)``, ``count: ()`` (the sum and number of
-  updates, for the time average that offline methods output).
+  per-sample methods the total weight of each domain's samples in the last
+  batch, :func:`mean_sample_weights`, all zeros before the first update) and
+  ``weights_sum: (D,)``, ``count: ()`` (the sum and number of updates, for
+  the time average that offline methods output).
 * ``update`` is pure and jit-compatible; hyperparameters are closed over.
 * Methods other than DoGraph read the human domain label ``domain_id``.
 * ``needs`` names the optional :class:`MixingInputs` fields the trainer must

@@ -18,13 +18,12 @@ Embedders (pluggable: any ``texts -> (N, E)`` callable):
   locally; read with ``local_files_only``, mean-pooled over the attention
   mask, L2-normalised, as sentence-transformers does for these models).
 
-The silhouette score is our own (numpy), on a seeded subsample of at most
-``silhouette_sample`` points: the mean over points of
-``(b - a) / max(a, b)`` with ``a`` the mean Euclidean distance to the
-point's own cluster and ``b`` to the nearest other cluster (Rousseeuw 1987;
-0 for a point alone in its cluster, as scikit-learn's
-``silhouette_score``, against which it is tested). K-means is scikit-learn's
-(k-means++, ``n_init=4``, seeded).
+The silhouette score is scikit-learn's ``silhouette_score`` (Euclidean) on a
+seeded subsample of at most ``silhouette_sample`` points, the same for every
+``k``: the mean over points of ``(b - a) / max(a, b)`` with ``a`` the mean
+distance to the point's own cluster and ``b`` to the nearest other cluster
+(Rousseeuw 1987; 0 for a point alone in its cluster). K-means is
+scikit-learn's (k-means++, ``n_init=4``, seeded).
 
 Host-side: this runs once, before training.
 """
@@ -109,26 +108,22 @@ def _unit_rows(z: np.ndarray) -> np.ndarray:
 
 
 def silhouette(x_NxE: np.ndarray, labels_N: np.ndarray) -> float:
-  """Mean silhouette coefficient (Euclidean) of a labelling; needs 2..N-1 labels."""
+  """Mean silhouette coefficient (Euclidean) of a labelling; needs 2..N-1 labels.
+
+  scikit-learn's ``silhouette_score`` on all the given points (the caller
+  subsamples); a point alone in its cluster scores 0.
+
+  Raises:
+    ValueError: fewer than 2 or more than ``N - 1`` distinct labels.
+  """
+  from sklearn.metrics import silhouette_score
   x = np.asarray(x_NxE, np.float64)
   labels = np.asarray(labels_N)
-  names, inverse = np.unique(labels, return_inverse=True)
-  k = names.size
+  k = np.unique(labels).size
+  # Checked here (scikit-learn raises too) for a message that names the rule.
   if not 2 <= k <= x.shape[0] - 1:
     raise ValueError(f"silhouette needs 2 <= clusters <= N - 1, got {k} for N={x.shape[0]}")
-  sq = np.sum(x * x, axis=1)
-  dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))
-  np.fill_diagonal(dist, 0.0)
-  onehot = np.eye(k)[inverse]                       # (N, k)
-  sizes = onehot.sum(0)                              # (k,)
-  sums = dist @ onehot                               # (N, k): total distance to each cluster
-  own = sizes[inverse]
-  a = np.where(own > 1, sums[np.arange(len(x)), inverse] / np.maximum(own - 1, 1), 0.0)
-  mean_other = sums / sizes[None, :]
-  mean_other[np.arange(len(x)), inverse] = np.inf
-  b = mean_other.min(1)
-  s = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0.0)
-  return float(s.mean())
+  return float(silhouette_score(x, labels, metric="euclidean"))
 
 
 @dataclasses.dataclass
