@@ -723,8 +723,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from dograph_jax.models import build as build_model, get_config, split_model
     cfg0 = train_config(args, "plain")
-    model_cfg = get_config(cfg0.model, vocab_size=args.vocab_size,
-                           dtype=jnp.bfloat16 if cfg0.dtype == "bfloat16" else jnp.float32)
+    model_cfg = get_config(cfg0.model.name, vocab_size=args.vocab_size,
+                           dtype=jnp.bfloat16 if cfg0.model.dtype == "bfloat16" else jnp.float32)
     graphdef, params = split_model(nnx.eval_shape(lambda: build_model(model_cfg,
                                                                       nnx.Rngs(args.seed))))
   else:

@@ -120,7 +120,7 @@ def test_second_backward_skips_the_whole_optimizer_step(nan_rows):
   state, metrics = step(state, batch)
   assert bool(metrics["skipped"]) and int(metrics["nonfinite"]) == 2
   assert _same(params, state.params)  # no momentum, no weight decay applied
-  assert _same(opt.tail, state.opt_state.tail)  # clip, AdamW
+  assert _same(opt.tail.inner, state.opt_state.tail.inner)  # clip, AdamW
   inner = training.dograph_state(state.opt_state)
   assert int(inner.count) == head_count + 1 and int(inner.nonfinite_total) == 2
   assert int(state.step) == 2
@@ -132,7 +132,9 @@ def test_nonfinite_update_is_never_applied(nan_gradient):
   params, opt = _copy(state.params), _copy(state.opt_state)
   state, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"])) and not bool(metrics["update_finite"])
-  assert _same(params, state.params) and _same(opt, state.opt_state)
+  assert _same(params, state.params) and _same(opt.head, state.opt_state.head)
+  assert _same(opt.tail.inner, state.opt_state.tail.inner)  # clip, AdamW: not moved
+  assert int(state.opt_state.tail.skipped) == 1  # skip_step's own count of the step left out
 
 
 def test_dograph_with_no_usable_sample_skips_the_step(nan_gradient):

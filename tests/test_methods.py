@@ -226,7 +226,7 @@ def test_compare_table_lists_failed_and_diverged_runs():
     return {"runs": 2, "average_mean": avg, "average_std": 0.5, "worst_mean": 2 * avg,
             "worst_std": 1.0, "per_domain_mean": {"a": avg, "b": 2 * avg},
             "wall_vs_uniform": 1.0}
-  diverged = ("Traceback (most recent call last):\n  ...\nexperiments.pretrain."
+  diverged = ("Traceback (most recent call last):\n  ...\ndograph_jax.train.pretrain."
               "NonFiniteLossError: non-finite training loss (nan) at step 7; stopping.\n")
   text = compare.table({"uniform": agg(10.0), "dograph": agg(9.0)}, "T",
                        {"dograph/seed2": diverged, "doge/seed0": "Traceback\nOSError: disk\n",
@@ -254,7 +254,7 @@ def test_compare_runs_methods_survives_a_crash_and_resumes(corpus2, tmp_path, mo
 
   monkeypatch.setattr(pretrain, "train", flaky)
   result = compare.compare(base, names, [0], tmp_path / "cmp",
-                           {"aioli": "sweep_rounds=1,sweep_steps=1,round_steps=3"})
+                           {"aioli": {"sweep_rounds": "1", "sweep_steps": "1", "round_steps": "3"}})
   assert list(result["failures"]) == ["aioli/seed0"]
   agg = result["aggregate"]
   assert set(agg) == set(names) - {"aioli"}
@@ -276,7 +276,7 @@ def test_compare_runs_methods_survives_a_crash_and_resumes(corpus2, tmp_path, mo
   monkeypatch.setattr(pretrain, "train", real_train)
   stamp = (tmp_path / "cmp" / "uniform" / "seed0" / "summary.json").stat().st_mtime_ns
   result = compare.compare(base, names, [0], tmp_path / "cmp",
-                           {"aioli": "sweep_rounds=1,sweep_steps=1,round_steps=3"})
+                           {"aioli": {"sweep_rounds": "1", "sweep_steps": "1", "round_steps": "3"}})
   assert result["failures"] == {} and set(result["aggregate"]) == set(names)
   assert (tmp_path / "cmp" / "uniform" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
   aioli = json.loads((tmp_path / "cmp" / "aioli" / "seed0" / "summary.json").read_text())

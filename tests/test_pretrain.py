@@ -102,7 +102,7 @@ def test_nonfinite_loss_stops_without_saving_it(corpus, tmp_path):
   ckpt.close()
   assert last is not None and last < bad_step
   params, _ = _final_params(cfg)
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params["params"]))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params.params))
   assert pretrain.main([f"--{k}={v}" for k, v in [
       ("data_dir", corpus), ("vocab_size", 300), ("method", "uniform"), ("lr", 1e9),
       ("warmup_steps", 0), ("steps", 20), ("batch_size", 8), ("seq_len", 32),

@@ -89,7 +89,8 @@ def test_bad_arguments_are_named():
     rnb(3, round_steps=0)
   with pytest.raises(ValueError, match="needs init\\(width"):
     rnb(3, sketch_dim=0).init()
-  static, traced = methods.parse_method_args("rnb", "round_steps=7,lam=3,target=1:2:3")
+  static, traced = methods.parse_method_args("rnb", {"round_steps": "7", "lam": "3",
+                                                    "target": "1:2:3"})
   assert static == {"round_steps": 7, "target": (1.0, 2.0, 3.0)} and traced == {"lam": 3.0}
 
 
@@ -290,7 +291,7 @@ def test_rnb_pipeline_regroups_trains_on_clusters_and_reports_human_domains(corp
 def test_compare_runs_temperature_and_rnb(corpus, tmp_path):
   base = _cfg(corpus, tmp_path, steps=3, regroup_k="3:4")
   result = compare.compare(base, ["uniform", "temperature", "rnb"], [0], tmp_path / "cmp",
-                           {"temperature": "T=2.0", "rnb": "round_steps=1"})
+                           {"temperature": {"T": "2.0"}, "rnb": {"round_steps": "1"}})
   assert result["failures"] == {}
   assert set(result["aggregate"]) == {"uniform", "temperature", "rnb"}
   table = (tmp_path / "cmp" / "compare.md").read_text()

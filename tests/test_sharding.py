@@ -208,8 +208,8 @@ def _check_same_training(arrays, run, dograph):
     for key in [k for k in arrays if k.startswith(f"single|state|{i}|")]:
       want, got = arrays[key], arrays[key.replace("single|", f"{run}|", 1)]
       what = f"{run} step {i}: {key.split('|')[-1]}"
-      if key.split("|")[-1].startswith("['params']"):
-        init = arrays["init|params|" + key.split("['params']", 1)[1]]
+      if key.split("|")[-1].startswith(".params"):  # TrainState.params
+        init = arrays["init|params|" + key.split(".params", 1)[1]]
         moved_sq += float(np.sum((want - init) ** 2))
         diff_sq += float(np.sum((got - want) ** 2))
         far += int(np.sum(np.abs(got - want) > 1e-3 * LR))
@@ -246,7 +246,7 @@ def test_sharded_step_keeps_the_intended_shardings(runs, variant, mesh):
     # least MIN_SHARD_SIZE elements (all of them have an even dimension).
     assert run["replicated_big"] == []
     kernel = BIG_KERNEL.get(variant, "['h'][0]['mlp']['c_fc']['kernel']")
-    assert f"['params']{kernel}" in run["sharded"]
+    assert f".params{kernel}" in run["sharded"]
     assert any(k.endswith(f".mu{kernel}") for k in run["sharded"])
     assert any(k.endswith(f".nu{kernel}") for k in run["sharded"])
   else:  # fsdp=1: pure data parallelism, everything replicated

@@ -58,10 +58,10 @@ def test_bad_input_is_named():
     temperature_proportions([1.0, 2.0], max_epochs=1.0)
   with pytest.raises(ValueError, match="repeated more than 1.0 times"):
     temperature_proportions([10.0, 20.0], max_epochs=1.0, budget=100.0)
-  assert methods.parse_method_args("temperature", "T=2,max_epochs=3") == (
+  assert methods.parse_method_args("temperature", {"T": "2", "max_epochs": "3"}) == (
       {}, {"T": 2.0, "max_epochs": 3.0})
   with pytest.raises(ValueError, match="no argument 'budget'"):
-    methods.parse_method_args("temperature", "budget=3")
+    methods.parse_method_args("temperature", {"budget": "3"})
 
 
 def test_pipeline_trains_at_the_temperature_mixture(tmp_path):

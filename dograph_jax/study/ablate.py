@@ -83,6 +83,8 @@ def parse_overrides(text: str) -> dict:
   out = {}
   for pair in filter(None, (p.strip() for p in text.split(","))):
     name, sep, value = pair.partition("=")
+    if name == "sketch_norm":  # the option's name before 0.2 (studies recorded with it)
+      name, value = "normalize_blocks", str(value == "block")
     if not sep or name not in config.FLAGS:
       raise ValueError(f"--config: {pair!r} is not name=value with a pretrain.py option")
     kind = type(config.default_of(name))

@@ -95,9 +95,13 @@ def read_study(path: str | Path) -> dict:
 
 
 def label_settings(study: dict, label: str) -> dict:
-  """The ``TrainConfig`` fields of one configuration of a study."""
+  """The options (flat, by flag name) of one configuration of a study; the
+  study's base config may be nested (``config.json``) or, from before the
+  sections, flat."""
   from dograph_jax.study import ablate
-  return {**study["config"], **ablate.parse_overrides(study["configs"][label])}
+  from dograph_jax.train import config
+  base = config.flatten(config.from_dict(study["config"]))
+  return {**base, **ablate.parse_overrides(study["configs"][label])}
 
 
 def find_runs(runs_dir: str | Path) -> dict[str, dict[str, dict[int, Path]]]:

@@ -97,8 +97,9 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
                                       len(data.names))
     state = state._replace(opt_state=training.set_hyperparams(
         state.opt_state, **{k: v for k, v in setting.items() if k in training.SWEEPABLE}))
-    mixing = {k: v for k, v in setting.items() if k not in training.SWEEPABLE}
-    if mixing:  # an online mixer's float hyperparameters (traced in its state)
+    own = getattr(state.method, "hparams", {})  # an online mixer's floats, traced in its state
+    mixing = {k: v for k, v in setting.items() if k in own}
+    if mixing:
       hparams = {**state.method.hparams,
                  **{k: jnp.asarray(v, jnp.float32) for k, v in mixing.items()}}
       state = state._replace(method=state.method._replace(hparams=hparams))
