@@ -90,3 +90,17 @@ def test_scripts_import_only_the_package():
         continue
       assert not set(roots) & local, f"{path} imports {roots}: scripts import only dograph_jax"
     assert "sys.path" not in path.read_text(), f"{path} edits sys.path"
+
+
+def test_the_transform_needs_no_trainer_dependency():
+  """``import dograph_jax`` (and its models) loads none of the ``train``
+  extra's packages: a user of the transform alone installs only the core."""
+  import subprocess
+  import sys
+  extra = ("tyro", "grain", "tokenizers", "sklearn", "transformers", "tensorboardX",
+           "matplotlib", "lm_eval", "wandb")
+  code = ("import sys, dograph_jax, dograph_jax.models; "
+          f"print([m for m in {extra!r} if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, check=True).stdout.strip()
+  assert out == "[]", f"import dograph_jax loaded {out}"

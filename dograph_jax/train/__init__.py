@@ -8,6 +8,14 @@ transform alone (``import dograph_jax``) does not.
     summary = train(make_config(method="uniform", steps=100))
 """
 
+import importlib.util as _util
+
+_missing = [m for m in ('tyro', 'grain', 'tokenizers') if _util.find_spec(m) is None]
+if _missing:  # a clear message instead of an ImportError deep inside
+  raise ImportError(f"dograph_jax.train needs the 'train' extra (missing: {', '.join(_missing)}): "
+                    'pip install "dograph_jax[train]"')
+
+
 from dograph_jax.train.config import TrainConfig, make_config, parse_config
 
 
