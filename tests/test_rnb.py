@@ -20,6 +20,7 @@ from dograph_jax.mixing.rnb import SKETCH_SEED, domain_head_grads, round_proport
 from dograph_jax.models import build, get_config, sequence_loss, split_model, token_losses
 from dograph_jax.study import compare
 from dograph_jax.train import config, methods, pretrain, training
+from dograph_jax.train import method as method_lib
 from dograph_jax.train.config import TrainConfig
 
 # --- the round rule -----------------------------------------------------------
@@ -109,7 +110,7 @@ def test_head_grads_of_an_untied_model_match_vmap_grad(sketch_dim):
   graphdef, params = split_model(build(cfg, nnx.Rngs(0)))
   tokens = _batch(97, np.random.default_rng(0))
   domain_id = jnp.asarray([0, 2, 1, 0, 2, 2], jnp.int32)
-  losses, (_, h, logits) = training._losses_and_head(graphdef, params, tokens)
+  losses, (_, h, logits) = method_lib._losses_and_head(graphdef, params, tokens)
   np.testing.assert_allclose(losses, jax.vmap(lambda r: sequence_loss(graphdef, params, r))(
       tokens), rtol=1e-6)
   d_logits = jax.grad(lambda lg: token_losses(lg, tokens[:, 1:]).mean(1).sum())(logits)
@@ -137,7 +138,7 @@ def test_head_grads_of_a_tied_model_match_vmap_grad_of_the_head():
   graphdef, params = split_model(build(cfg, nnx.Rngs(1)))
   tokens = _batch(97, np.random.default_rng(1))
   domain_id = jnp.asarray([1, 1, 0, 0, 0, 1], jnp.int32)
-  losses, (_, h, logits) = training._losses_and_head(graphdef, params, tokens)
+  losses, (_, h, logits) = method_lib._losses_and_head(graphdef, params, tokens)
   w = params["wte"]["embedding"]
   np.testing.assert_allclose(logits, jnp.einsum("btd,vd->btv", h, w), rtol=1e-5, atol=1e-5)
   d_logits = jax.grad(lambda lg: token_losses(lg, tokens[:, 1:]).mean(1).sum())(logits)

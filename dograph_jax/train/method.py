@@ -65,8 +65,8 @@ class Report(NamedTuple):
 class Method(Protocol):
   """A data-mixing method inside the train step (see the module docstring)."""
 
-  def init(self, params: PyTree, num_domains: int) -> PyTree:
-    """The method's state (``()`` if none) over ``num_domains`` human domains."""
+  def init(self, params: PyTree, human_domains: int) -> PyTree:
+    """The method's state (``()`` if none) over ``human_domains`` human domains."""
 
   def grads(self, params: PyTree, state: PyTree, batch: dict, step: jax.Array) -> MethodOutput:
     """Losses and the gradient material of ``batch`` (``tokens`` (B, T + 1), ``domain_id`` (B,))."""
@@ -87,7 +87,7 @@ class PlainMethod:
   def __init__(self, graphdef):
     self.graphdef = graphdef
 
-  def init(self, params, num_domains):
+  def init(self, params, human_domains):
     return ()
 
   def grads(self, params, state, batch, step):
@@ -117,7 +117,7 @@ class DoGraphMethod:
     self.graphdef, self.sketch, self.update = graphdef, sketch, update
     self.sketch_dim, self.seed, self.normalize_blocks = sketch_dim, seed, normalize_blocks
 
-  def init(self, params, num_domains):
+  def init(self, params, human_domains):
     return ()
 
   def grads(self, params, state, batch, step):
@@ -176,13 +176,13 @@ class MixerMethod:
     self.probe_tokens = None if probe_tokens is None else jnp.asarray(probe_tokens, jnp.int32)
     self.ref_params = ref_params
 
-  def _mixer(self, num_domains: int, hparams):
-    return methods.build_mixer(self.method, num_domains, self.static, hparams)
+  def _mixer(self, human_domains: int, hparams):
+    return methods.build_mixer(self.method, human_domains, self.static, hparams)
 
-  def init(self, params, num_domains):
-    if num_domains < 1:
-      raise ValueError(f"method {self.method!r} needs num_domains (the human domains)")
-    mixer = self._mixer(num_domains, self.traced)
+  def init(self, params, human_domains):
+    if human_domains < 1:
+      raise ValueError(f"method {self.method!r} needs human_domains >= 1 (the domain labels of the corpus)")
+    mixer = self._mixer(human_domains, self.traced)
     if "ref_token_losses" in mixer.needs and self.ref_params is None:
       raise ValueError(f"method {self.method!r} needs a reference model (--reference_dir)")
     init = mixer.init(width=_head_width(params)) if "head_grads" in mixer.needs else mixer.init()
@@ -193,8 +193,8 @@ class MixerMethod:
 
   def grads(self, params, state, batch, step):
     graphdef = self.graphdef
-    num_domains = state.mixer.weights.shape[0]
-    mixer = self._mixer(num_domains, state.hparams)
+    human_domains = state.mixer.weights.shape[0]
+    mixer = self._mixer(human_domains, state.hparams)
     tokens, domain_id = batch["tokens"], batch["domain_id"]
     if "head_grads" in mixer.needs:
       losses_B, vjp, (tok_BxT, h, logits) = jax.vjp(
@@ -202,7 +202,7 @@ class MixerMethod:
     else:
       losses_B, vjp, tok_BxT = jax.vjp(lambda p: _sequence_losses(graphdef, p, tokens), params,
                                        has_aux=True)
-    counts_D = domain_counts(domain_id, num_domains)
+    counts_D = domain_counts(domain_id, human_domains)
     fields = dict(losses=losses_B, domain_id=domain_id, step=step, domain_counts=counts_D)
     if "token_losses" in mixer.needs:
       fields["token_losses"] = tok_BxT
@@ -212,11 +212,11 @@ class MixerMethod:
       # Per-domain mean-loss gradients g_d = vjp(onehot_d / n_d), all D at
       # once; only their (D, D) Gram matrix leaves this function (DoGE never
       # copies per-domain gradients off the device).
-      per_domain_DxB = (jax.nn.one_hot(domain_id, num_domains, dtype=jnp.float32).T
+      per_domain_DxB = (jax.nn.one_hot(domain_id, human_domains, dtype=jnp.float32).T
                         / jnp.maximum(counts_D, 1)[:, None])
       grads_D = jax.vmap(lambda c: vjp(c)[0])(per_domain_DxB)
       fields["domain_gram"] = sum(
-          (g.reshape(num_domains, -1) @ g.reshape(num_domains, -1).T).astype(jnp.float32)
+          (g.reshape(human_domains, -1) @ g.reshape(human_domains, -1).T).astype(jnp.float32)
           for g in jax.tree.leaves(grads_D))
     if "head_grads" in mixer.needs:
       # Each sample's own loss gradient w.r.t. its logits (the sum separates
@@ -226,7 +226,7 @@ class MixerMethod:
       d_logits = jax.grad(lambda lg: token_losses(lg, targets).mean(1).sum())(
           jax.lax.stop_gradient(logits))
       fields["head_grads"] = domain_head_grads(jax.lax.stop_gradient(h), d_logits, domain_id,
-                                               num_domains, mixer.head_sketch_dim)
+                                               human_domains, mixer.head_sketch_dim)
     if "probe_losses" in mixer.needs:
       if self.probe_tokens is None:
         raise ValueError(f"method {self.method!r} needs probe_tokens (D, P, T + 1)")

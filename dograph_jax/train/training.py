@@ -144,14 +144,14 @@ def build_model(cfg: TrainConfig, vocab_size: int):
   return model_cfg, graphdef, params
 
 
-def init_train_state(params, tx: Optimizer, cfg: TrainConfig, num_domains: int = 0,
+def init_train_state(params, tx: Optimizer, cfg: TrainConfig, human_domains: int = 0,
                      ref_params=None) -> TrainState:
-  """The initial :class:`TrainState`; ``num_domains``: the human domains (an
+  """The initial :class:`TrainState`; ``human_domains``: the human domains (an
   online mixer's weights), ``ref_params``: a frozen reference model
   (DoReMi's proxy run)."""
   method = make_method(cfg, None, ref_params=ref_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    method=method.init(params, num_domains))
+                    method=method.init(params, human_domains))
 
 
 def make_train_step(graphdef, tx: Optimizer, cfg: TrainConfig, *, state_sharding=None,
