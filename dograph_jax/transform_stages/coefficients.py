@@ -1,0 +1,74 @@
+"""Per-sample coefficients ``a_i`` from the domain weights (docs/method.md §2).
+
+The update is always ``sum_i a_i g_i = grad(sum_i a_i l_i)``, so a trainer
+may apply DoGraph's weights as a weighted loss instead of holding per-sample
+gradients. Persistent domains use :func:`frequency_coefficients`, per-batch
+domains :func:`sample_coefficients`.
+
+Shape legend: ``B`` batch, ``M`` domains.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sample_coefficients(weights: jax.Array, assignments: jax.Array,
+                        counts: jax.Array,
+                        sample_mask: jax.Array | None = None) -> jax.Array:
+  """Per-sample coefficients ``a_i = w_{c(i)} / |C_{c(i)}|`` (docs/method.md §2).
+
+  ``sum_i a_i g_i = sum_j w_j mu_j``, so a trainer may apply DoGraph's weights
+  as the weighted loss ``sum_i a_i l_i`` (``jax.lax.stop_gradient(a)``)
+  instead of holding per-sample gradients.
+
+  Args:
+    weights: ``(M,)`` domain weights; assignments: ``(B,)`` int;
+    counts: ``(M,)`` samples per domain (masked samples excluded);
+    sample_mask: optional ``(B,)`` bool, ``False`` gives ``a_i = 0``.
+
+  Returns:
+    ``(B,)`` float32 coefficients.
+  """
+  counts = jnp.asarray(counts, jnp.float32)
+  a = weights[assignments] / jnp.maximum(counts[assignments], 1.0)
+  a = jnp.where(counts[assignments] > 0, a, 0.0)
+  if sample_mask is not None:
+    a = jnp.where(sample_mask, a, 0.0)
+  return a.astype(jnp.float32)
+
+
+def frequency_coefficients(weights: jax.Array, frequencies: jax.Array,
+                           assignments: jax.Array, sample_mask: jax.Array | None = None,
+                           max_ratio=jnp.inf) -> jax.Array:
+  """Frequency-relative per-sample coefficients (persistent domains).
+
+  ``r_j = min(w_j / p_j, max_ratio)`` is how far domain ``j``'s weight departs
+  from its running frequency ``p_j``; ``a_i = r_{c(i)} / sum_k r_{c(k)}``
+  (self-normalised over the kept samples, so ``sum_i a_i = 1``). With ``w =
+  p`` every ``a_i = 1 / B``: the plain batch mean. ``max_ratio`` caps how much
+  one domain's samples can be up-weighted relative to the natural mixture
+  (before the normalisation; it may be traced). With in-batch frequencies
+  ``p_j = n_j / B`` and no cap this is :func:`sample_coefficients`.
+
+  Args:
+    weights: ``(M,)`` domain weights; frequencies: ``(M,)`` running ``p``
+      (summing to 1); assignments: ``(B,)`` int; sample_mask: optional
+      ``(B,)`` bool (``False``: ``a_i = 0``).
+
+  Returns:
+    ``(B,)`` float32 coefficients summing to 1 (uniform over the kept samples
+    if every ratio is 0; all 0 if no sample is kept).
+  """
+  freq = jnp.asarray(frequencies, jnp.float32)
+  ratio = jnp.where(freq > 0, weights / jnp.where(freq > 0, freq, 1.0), 0.0)
+  ratio = jnp.minimum(ratio, max_ratio)
+  mask = (jnp.ones(assignments.shape, bool) if sample_mask is None
+          else jnp.asarray(sample_mask, bool))
+  r_B = jnp.where(mask, ratio[assignments], 0.0)
+  total = jnp.sum(r_B)
+  kept = jnp.sum(mask.astype(jnp.float32))
+  fallback = jnp.where(mask, 1.0, 0.0) / jnp.maximum(kept, 1.0)
+  return jnp.where(total > 0, r_B / jnp.where(total > 0, total, 1.0),
+                   fallback).astype(jnp.float32)
