@@ -67,7 +67,7 @@ from dograph_jax.projection import DEFAULT_BLOCK_BUDGET
 from dograph_jax.transform_stages.coefficients import (frequency_coefficients,
                                                        sample_coefficients)
 from dograph_jax.transform_stages.domain_modes import BatchDomains, PersistentDomains, domain_mode
-from dograph_jax.transform_stages.options import STATIC_ARGS, DoGraphOptions
+from dograph_jax.transform_stages.options import STATIC_ARGS, DoGraphOptions, default_sketch_dim
 from dograph_jax.transform_stages.prepare import (MAX_SKETCH_ENTRY, prepare, projection_key,
                                                   usable_sketches)
 from dograph_jax.transform_stages.weights import anchored_weights
@@ -183,7 +183,7 @@ jax.tree_util.register_pytree_with_keys(DoGraphState, _flatten_state, _unflatten
 
 def dograph_transform(
     num_domains: int = 11,
-    sketch_dim: int = 256,
+    sketch_dim: int | None = None,
     objective: str = "uncertainty",
     *,
     domains: str = "persistent",
@@ -236,10 +236,12 @@ def dograph_transform(
 
   Args:
     num_domains: ``M``, number of model-centric domains (paper: 11).
-    sketch_dim: ``K``, dimension of the gradient sketches. The default, 256,
-      suits the dense ``"gaussian"`` map; the ``"kronecker"`` map and the
-      factored engine need about 1024 for the same distortion
-      (``benchmarks/sketch_distortion.py``).
+    sketch_dim: ``K``, dimension of the gradient sketches. Default (None):
+      the dimension of equal distortion for ``sketch_kind``
+      (:func:`~dograph_jax.transform_stages.options.default_sketch_dim`: 256
+      for the dense ``"gaussian"`` map, 1024 for ``"kronecker"``, which needs
+      about 4x the dimension; ``benchmarks/sketch_distortion.py``). With
+      :class:`~dograph_jax.FactoredGrads` input pass the engine's ``K``.
     objective: ``"uncertainty"`` (default), ``"variance"``, ``"robust"``
       (needs ``losses``) or ``"alignment"``; see :mod:`dograph_jax.objectives`.
     domains: ``"persistent"`` or ``"batch"`` (above).
@@ -310,6 +312,8 @@ def dograph_transform(
     Language Models" (arXiv 2604.07963), Algorithm 1 and Appendix A.3/A.6;
     Sculley, "Web-scale k-means clustering" (WWW 2010).
   """
+  if sketch_dim is None:
+    sketch_dim = default_sketch_dim(sketch_kind)
   opts = DoGraphOptions(**locals())  # every argument by name; validated here
   mode = domain_mode(opts)
   m = opts.num_domains

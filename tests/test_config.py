@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 
+import numpy as np
 import pytest
 
 import dograph_jax as dg
@@ -22,9 +23,17 @@ def test_dograph_section_is_exactly_the_transforms_keyword_arguments():
   # The traced set is the transform's non-static arguments, all floats.
   assert set(config.DOGRAPH_TRACED) == set(fields) - set(dg.STATIC_ARGS)
   assert all(isinstance(fields[n], float) for n in config.DOGRAPH_TRACED)
-  kwargs = TrainConfig().dograph.transform_kwargs(seed=3, batch_size=16)
+  kwargs = TrainConfig().dograph.transform_kwargs(seed=3, batch_size=16, sketch="factored")
   dg.dograph_transform(**kwargs)  # every field is an argument it takes
   assert kwargs["seed"] == 3 and kwargs["batch_size"] == 16
+  # One source, one meaning: K defaults to the dimension of equal distortion
+  # for the map in use (the factored path is Kronecker), as in the transform.
+  assert kwargs["sketch_dim"] == 1024
+  reference = TrainConfig().dograph.transform_kwargs(seed=0, batch_size=8, sketch="reference")
+  assert reference["sketch_dim"] == 256 and reference["sketch_kind"] == "gaussian"
+  assert dg.dograph_transform(**reference).init({"w": np.zeros(3)}).centroids.shape == (11, 256)
+  assert dg.dograph_transform(sketch_kind="kronecker").init(
+      {"w": np.zeros(3)}).centroids.shape == (11, 1024)
 
 
 def test_flat_names_reach_their_sections():

@@ -353,7 +353,7 @@ def make_sketcher(graphdef, cfg):
   @jax.jit
   def sketches(params, tokens):
     return dg.factored_grads(sequence_losses, graphdef, params, tokens,
-                             dg.projection_key(cfg.run.seed), cfg.dograph.sketch_dim,
+                             dg.projection_key(cfg.run.seed), cfg.dograph.resolved_sketch_dim(cfg.sketch),
                              normalize_blocks=cfg.dograph.normalize_blocks).sketches
   return sketches
 

@@ -48,6 +48,7 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, get_args, get_ori
 import tyro
 
 from dograph_jax.transform import STATIC_ARGS, dograph_transform
+from dograph_jax.transform_stages.options import default_sketch_dim
 from dograph_jax.train.methods import METHODS
 
 _TRANSFORM = inspect.signature(dograph_transform).parameters
@@ -93,7 +94,7 @@ class DoGraphConfig:
   """``dograph_transform``'s keyword arguments (docs/method.md §2-3); the
   defaults are read from its signature."""
   num_domains: int = _default("num_domains")  # m, model-centric domains (paper: 11)
-  sketch_dim: int = _default("sketch_dim")  # K: the Kronecker map needs ~4x the dense dimension for the same distortion (benchmarks/sketch_distortion.py)
+  sketch_dim: int | None = _default("sketch_dim")  # K; default (None): the dimension of equal distortion for the map, 1024 for Kronecker (the factored path) and 256 for Gaussian (benchmarks/sketch_distortion.py)
   objective: Literal["uncertainty", "variance", "robust", "alignment"] = _default("objective")  # the objective giving one weight per domain
   domains: Literal["persistent", "batch"] = _default("domains")  # persistent (centroids refined across steps, running statistics, frequency-relative a_i) | batch (K-means of each batch, the paper's A.3 literally)
   prior: Literal["frequency", "uniform"] = _default("prior")  # persistent domains: reference distribution of the objective (running p, or uniform)
@@ -118,9 +119,17 @@ class DoGraphConfig:
   solver_backend: Literal["auto", "jaxopt", "optax"] = _default("solver_backend")  # simplex solver backend (auto: closed form where one exists; docs/method.md)
   block_budget: int = _default("block_budget")  # entries per block of the sketch's projection (memory bound of the Gaussian map)
 
-  def transform_kwargs(self, *, seed: int, batch_size: int) -> dict:
-    """Keyword arguments of ``dograph_transform`` for a run."""
-    return {**dataclasses.asdict(self), "seed": seed, "batch_size": batch_size}
+  def resolved_sketch_dim(self, sketch: str) -> int:
+    """``K`` for the run: the given one, or the transform's default for the
+    map in use (the factored path always sketches with the Kronecker map)."""
+    kind = "kronecker" if sketch == "factored" else self.sketch_kind
+    return self.sketch_dim or default_sketch_dim(kind)
+
+  def transform_kwargs(self, *, seed: int, batch_size: int, sketch: str) -> dict:
+    """Keyword arguments of ``dograph_transform`` for a run (``sketch``:
+    ``TrainConfig.sketch``, which fixes the map and so the default ``K``)."""
+    return {**dataclasses.asdict(self), "seed": seed, "batch_size": batch_size,
+            "sketch_dim": self.resolved_sketch_dim(sketch)}
 
 
 # DoGraph's hyperparameters that change no shape: traced (sweepable without
@@ -171,13 +180,15 @@ class TrainConfig:
 
   def __post_init__(self):
     for section, name in (("optim", "steps"), ("optim", "batch_size"), ("optim", "seq_len"),
-                          ("dograph", "num_domains"), ("dograph", "sketch_dim"),
+                          ("dograph", "num_domains"),
                           ("offline", "proxy_runs"), ("offline", "probe_rows")):
       if getattr(getattr(self, section), name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(getattr(self, section), name)}")
     for section, name in (("offline", "proxy_steps"), ("optim", "warmup_steps")):
       if getattr(getattr(self, section), name) < 0:
         raise ValueError(f"--{name} must be >= 0, got {getattr(getattr(self, section), name)}")
+    if self.dograph.sketch_dim is not None and self.dograph.sketch_dim < 1:
+      raise ValueError(f"--sketch_dim must be >= 1, got {self.dograph.sketch_dim}")
     _check_choice("method", self.method, METHODS)
     for (sec, name), choices in _CHOICES.items():  # tyro checks the command line, this the API
       _check_choice(_flag(sec, name), getattr(getattr(self, sec), name), choices)

@@ -275,7 +275,7 @@ def make_method(cfg, graphdef, *, probe_tokens=None, ref_params=None) -> Method:
                      "its runs train with method uniform or a proxy mixer")
   if cls is DoGraphMethod:
     return DoGraphMethod(graphdef, sketch=cfg.sketch, update=cfg.update,
-                         sketch_dim=cfg.dograph.sketch_dim, seed=cfg.run.seed,
+                         sketch_dim=cfg.dograph.resolved_sketch_dim(cfg.sketch), seed=cfg.run.seed,
                          normalize_blocks=cfg.dograph.normalize_blocks)
   if cls is MixerMethod:
     return MixerMethod(graphdef, cfg.method, cfg.method_args, probe_tokens=probe_tokens,

@@ -90,7 +90,8 @@ def make_optimizer(cfg: TrainConfig) -> Optimizer:
     # inject_hyperparams over the transform itself: its static arguments are
     # its own list (dg.STATIC_ARGS), every other (float) argument is traced.
     head = optax.inject_hyperparams(dg.dograph_transform, static_args=dg.STATIC_ARGS)(
-        **cfg.dograph.transform_kwargs(seed=cfg.run.seed, batch_size=cfg.optim.batch_size))
+        **cfg.dograph.transform_kwargs(seed=cfg.run.seed, batch_size=cfg.optim.batch_size,
+                                       sketch=cfg.sketch))
   return Optimizer(head, tail)
 
 

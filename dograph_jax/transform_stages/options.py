@@ -22,6 +22,16 @@ from dograph_jax import objectives
 Scalar = float | jax.Array  # a Python float, or a traced () array
 
 
+# Sketch dimensions of about equal pairwise-distance distortion for each map
+# (benchmarks/sketch_distortion.py: Kronecker needs ~4x the dense dimension).
+DEFAULT_SKETCH_DIM = {"gaussian": 256, "kronecker": 1024}
+
+
+def default_sketch_dim(sketch_kind: str) -> int:
+  """``dograph_transform``'s ``sketch_dim`` when none is given."""
+  return DEFAULT_SKETCH_DIM.get(sketch_kind, DEFAULT_SKETCH_DIM["gaussian"])
+
+
 def _traced():
   return dataclasses.field(metadata={"traced": True})
 
