@@ -132,3 +132,13 @@ def test_resume_needs_only_the_run_directory(tmp_path):
   cfg = parse_config(["--out_dir", str(run), "--resume"])
   assert cfg.data.proportions == {"code": 0.25, "prose": 0.75}
   assert cfg.dograph.normalize_blocks is True and cfg.method_args == {}
+
+
+def test_export_reads_run_configs_like_the_trainer():
+  """``models/export.py`` reads ``config.json`` without the trainer; its flat
+  view must be the trainer's own, for a nested file and a flat (older) one."""
+  from dograph_jax.models.export import flat_run_config
+  cfg = config.make_config(model="llama-mini", dtype="bfloat16", vocab_size=300,
+                           data_dir="corpus", tokenizer="tok", method="uniform")
+  assert flat_run_config(config.to_dict(cfg)) == config.flatten(cfg)
+  assert flat_run_config(config.flatten(cfg)) == config.flatten(cfg)

@@ -158,7 +158,7 @@ def test_pretrain_llama_with_a_local_llama_style_tokenizer(tmp_path):
   from transformers import PreTrainedTokenizerFast
 
   from dograph_jax.data import write_synthetic_corpus
-  from dograph_jax.train import pretrain
+  from dograph_jax.train import pretrain, single_run
   from dograph_jax.train import config
   from dograph_jax.train.config import TrainConfig
 

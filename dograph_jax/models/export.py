@@ -199,7 +199,23 @@ def read_run_params(run_dir: str | os.PathLike, step: int | None = None):
   finally:
     manager.close()
   params = nnx.restore_int_paths(restored.state["params"])
-  return params, restored.meta, json.loads(config_file.read_text())
+  return params, restored.meta, flat_run_config(json.loads(config_file.read_text()))
+
+
+def flat_run_config(data: dict) -> dict:
+  """A run's ``config.json`` as flat options by flag name (``model``,
+  ``dtype``, ``vocab_size``, ...): the nested sections of
+  ``dograph_jax.train.config`` or the flat file written before them. Read
+  here without the trainer, so that export needs only the core package."""
+  sections = ("data", "model", "optim", "dograph", "offline", "run")
+  flat = {}
+  for key, value in data.items():
+    if key in sections and isinstance(value, dict):
+      for name, v in value.items():
+        flat["model" if (key, name) == ("model", "name") else name] = v
+    else:
+      flat[key] = value
+  return flat
 
 
 def run_tokenizer(run_dir: str | os.PathLike, run_config: dict, vocab_size: int):
