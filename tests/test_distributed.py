@@ -153,7 +153,6 @@ def _train(out: str, cfg_json: str) -> None:
   """``pretrain.train`` in one of two processes; writes its summary (or error)."""
   assert distributed.maybe_initialize_distributed()
   from dograph_jax.train import pretrain
-  from dograph_jax.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
   cfg = config.from_dict(json.loads(cfg_json))
   try:
     result = {"summary": pretrain.train(cfg)}
@@ -264,10 +263,8 @@ def test_pretrain_train_across_two_processes_saves_resumes_and_refuses(tmp_path)
   a stratified stream of their own, equal to one host's only under the
   divisibility conditions of ``make_train_iterator``, so the oracle is a
   straight two-process run.)"""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from dograph_jax.data import write_synthetic_corpus
   from dograph_jax.train import pretrain
-  from dograph_jax.train.config import TrainConfig  # pylint: disable=g-import-not-at-top
 
   corpus = write_synthetic_corpus(tmp_path / "corpus", seed=1, total_docs=200)
   base = config.make_config(data_dir=str(corpus), vocab_size=300, model="mini", steps=4,

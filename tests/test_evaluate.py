@@ -24,7 +24,6 @@ from dograph_jax.models import export
 from dograph_jax.study import compare
 from dograph_jax.eval import evaluate
 from dograph_jax.train import config, pretrain
-from dograph_jax.train.config import TrainConfig  # noqa: E402
 from dograph_jax.eval.lm_eval_model import FlaxLM, length_buckets  # noqa: E402
 
 CONTEXT = 128  # the mini model's window

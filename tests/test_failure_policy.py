@@ -6,7 +6,6 @@ gradients (``loss * nan``), as a real overflow would; a non-finite update with
 a finite loss by adding ``0 * sqrt(0 * x)`` (value 0, gradient NaN).
 """
 
-import dataclasses
 import json
 
 import jax
@@ -19,7 +18,6 @@ from dograph_jax.models import sequence_loss
 from dograph_jax.train import config, pretrain, training
 from dograph_jax.train import method as method_lib
 from dograph_jax.train.checkpointing import Checkpointer
-from dograph_jax.train.config import TrainConfig
 
 B, T = 8, 16
 

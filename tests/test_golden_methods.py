@@ -58,7 +58,6 @@ def _run(method: str, corpus: Path, out_dir: Path) -> Path:
   """Trains ``method`` for 3 steps; returns the directory of its final run."""
   from dograph_jax.train import pretrain
   from dograph_jax.train import config
-  from dograph_jax.train.config import TrainConfig
   cfg = config.make_config(data_dir=str(corpus), vocab_size=300, model="mini", steps=3,
                     batch_size=8, seq_len=16, num_domains=3, sketch_dim=64, eval_every=0,
                     eval_rows=4, save_every=0, log_every=1, warmup_steps=1, lr=3e-3,

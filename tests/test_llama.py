@@ -160,7 +160,6 @@ def test_pretrain_llama_with_a_local_llama_style_tokenizer(tmp_path):
   from dograph_jax.data import write_synthetic_corpus
   from dograph_jax.train import pretrain, single_run
   from dograph_jax.train import config
-  from dograph_jax.train.config import TrainConfig
 
   corpus = write_synthetic_corpus(tmp_path / "corpus", seed=2, total_docs=150)
   texts = [json.loads(line)["text"] for f in sorted((corpus / "train").glob("*.jsonl"))

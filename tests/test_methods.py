@@ -2,7 +2,6 @@
 --method_args, traced mixer hyperparameters, the offline pipelines end to end
 (proportions reach the data pipeline, stages resume), and the compare harness."""
 
-import dataclasses
 import json
 from typing import NamedTuple
 
@@ -18,7 +17,6 @@ from dograph_jax.models import sequence_loss, token_losses, apply
 from dograph_jax.study import compare
 from dograph_jax.train import config, methods, offline, pretrain, single_run, training
 from dograph_jax.train import method as method_lib
-from dograph_jax.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")

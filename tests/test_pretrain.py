@@ -2,7 +2,6 @@
 exact resume, recovery from a save killed midway, the non-finite stop, and
 the run's artefacts."""
 
-import dataclasses
 import json
 import math
 import shutil

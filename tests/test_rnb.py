@@ -19,9 +19,8 @@ from dograph_jax.mixing import regroup
 from dograph_jax.mixing.rnb import SKETCH_SEED, domain_head_grads, round_proportions
 from dograph_jax.models import build, get_config, sequence_loss, split_model, token_losses
 from dograph_jax.study import compare
-from dograph_jax.train import config, methods, pretrain, training
+from dograph_jax.train import config, methods, pretrain
 from dograph_jax.train import method as method_lib
-from dograph_jax.train.config import TrainConfig
 
 # --- the round rule -----------------------------------------------------------
 

@@ -58,7 +58,6 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 import dograph_jax as dg
 from dograph_jax import sharding
 from dograph_jax.train import config, distributed, training
-from dograph_jax.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8

@@ -6,7 +6,6 @@ import pytest
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.study import sweep
 from dograph_jax.train import config
-from dograph_jax.train.config import TrainConfig
 
 
 def test_sweep_compiles_once_and_values_take_effect(tmp_path):

@@ -10,7 +10,6 @@ import pytest
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.mixing.temperature import temperature_proportions
 from dograph_jax.train import config, methods, pretrain, single_run
-from dograph_jax.train.config import TrainConfig
 
 
 def test_closed_form_and_limits():

@@ -49,7 +49,8 @@ import tyro
 
 from dograph_jax.transform import STATIC_ARGS, dograph_transform
 from dograph_jax.transform_stages.options import default_sketch_dim
-from dograph_jax.train.methods import METHODS
+from dograph_jax.train.methods import METHODS, parse_method_args
+from dograph_jax.train.tracking import SINKS
 
 _TRANSFORM = inspect.signature(dograph_transform).parameters
 # Filled in by the trainer (the run's seed and batch size), not options.
@@ -192,8 +193,7 @@ class TrainConfig:
     _check_choice("method", self.method, METHODS)
     for (sec, name), choices in _CHOICES.items():  # tyro checks the command line, this the API
       _check_choice(_flag(sec, name), getattr(getattr(self, sec), name), choices)
-    from dograph_jax.train.methods import parse_method_args  # checks --method_args early
-    parse_method_args(self.method, self.method_args)
+    parse_method_args(self.method, self.method_args)  # checks --method_args early
     if self.method == "dograph" and self.dograph.domains == "persistent" and self.dograph.buffer_size:
       raise ValueError("--buffer_size is an option of --domains batch")
     if self.offline.regroup_k != "auto":
@@ -201,7 +201,6 @@ class TrainConfig:
       if not (sep and lo.strip().isdigit() and hi.strip().isdigit() and 2 <= int(lo) <= int(hi)):
         raise ValueError(f"--regroup_k must be auto or lo:hi with 2 <= lo <= hi, "
                          f"got {self.offline.regroup_k!r}")
-    from dograph_jax.train.tracking import SINKS
     for name in self.run.trackers:
       _check_choice("trackers", name, tuple(SINKS))
 
