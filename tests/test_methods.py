@@ -296,3 +296,49 @@ def test_resume_check_reads_options_newer_than_the_checkpoint_at_their_default()
   single_run.check_resumable(older, cfg)
   with pytest.raises(ValueError, match="proxy_runs"):
     single_run.check_resumable(older, config.replace(cfg, proxy_runs=3))
+
+
+# --- --apply_weights: the sample form --------------------------------------
+
+def test_weights_form_resolves_each_papers_form():
+  assert methods.weights_form("aioli", "paper", "sample") == "sample"
+  assert methods.weights_form("group_dro", "paper", "reweight") == "reweight"
+  assert methods.weights_form("group_dro", "sample", "reweight") == "sample"
+  assert methods.weights_form("aioli", "reweight", "sample") == "reweight"
+  assert methods.weights_form("loss_based", "reweight", "per_sample") == "per_sample"
+  with pytest.raises(ValueError, match="weights single rows"):
+    methods.weights_form("loss_based", "sample", "per_sample")
+  with pytest.raises(ValueError, match="apply_weights must be one of"):
+    config.make_config(method="aioli", apply_weights="both")
+  forms = {m: single_run.samples(config.make_config(method=m), 3)
+           for m in ("aioli", "rnb_rounds", "group_dro", "doremi_proxy", "doge_proxy",
+                     "loss_based", "uniform", "dograph")}
+  assert forms == {"aioli": True, "rnb_rounds": True, "group_dro": False,
+                   "doremi_proxy": False, "doge_proxy": False, "loss_based": False,
+                   "uniform": False, "dograph": False}
+
+
+def test_sample_form_steps_on_the_batch_mean_and_the_mixer_still_learns(corpus, tmp_path):
+  cfg = _cfg(corpus, tmp_path, method="group_dro", apply_weights="sample")
+  data = single_run.load_data(cfg)
+  assert type(data.train_iter).__name__ == "DynamicMixIterator"
+  _, graphdef, params = training.build_model(cfg, data.vocab_size)
+  tx = training.make_optimizer(cfg)
+  state = training.init_train_state(params, tx, cfg, len(data.names))
+  batch = next(data.train_iter)
+  sample = method_lib.make_method(cfg, graphdef).grads(state.params, state.method, batch,
+                                                       state.step)
+  reweight = method_lib.make_method(config.replace(cfg, apply_weights="reweight"), graphdef).grads(
+      state.params, state.method, batch, state.step)
+  tokens = jnp.asarray(batch["tokens"])
+  oracle = jax.grad(lambda p: jnp.mean(jnp.stack(
+      [sequence_loss(graphdef, p, t) for t in tokens])))(params)
+  for a, b in zip(jax.tree.leaves(sample.grads), jax.tree.leaves(oracle)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  # The mixer's update is the same in both forms: only the use of its weights differs.
+  for a, b in zip(jax.tree.leaves(sample.state.mixer), jax.tree.leaves(reweight.state.mixer)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(sample.state.mixer.weights), 1 / len(data.names))
+  # What the sampler is given: the mixer's weights after the step.
+  p = training.make_proportions_fn(cfg)(sample.state, state.step + 1)
+  np.testing.assert_array_equal(np.asarray(p), np.asarray(sample.state.mixer.weights))

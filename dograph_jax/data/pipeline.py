@@ -375,18 +375,10 @@ def _check_shard(batch_size: int, shard_index: int, shard_count: int,
   return batch_size // shard_count
 
 
-def make_train_dataset(packed: PackedDomains, batch_size: int, *,
-                       proportions: Mapping[str, float] | str, seed: int,
-                       shard_index: int = 0, shard_count: int = 1,
-                       ) -> grain.IterDataset:
-  """The infinite, mixed, batched training dataset (see
-  :func:`make_train_iterator`); use this to add e.g. ``mp_prefetch``."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
-  if seed < 0:
-    raise ValueError(f"seed must be non-negative, got {seed}")
-  local_batch_size = _check_shard(batch_size, shard_index, shard_count, packed)
-  weights = resolve_proportions(packed, proportions)
+def _domain_datasets(packed: PackedDomains, seed: int, shard_index: int,
+                     shard_count: int) -> list[grain.IterDataset]:
+  """Per domain, the endless shuffled stream of this host's rows, tagged
+  with the domain id (see :func:`make_train_iterator` for the sharding)."""
   # Rows are in memory already: reader threads would only contend for the GIL
   # (grain's own advice for in-memory sources).
   read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -414,6 +406,26 @@ def make_train_dataset(packed: PackedDomains, batch_size: int, *,
           .map(_WithDomainId(d))
           .to_iter_dataset(read_options))
     datasets.append(ds)
+  return datasets
+
+
+def _check_batch_and_seed(batch_size: int, seed: int) -> None:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if seed < 0:
+    raise ValueError(f"seed must be non-negative, got {seed}")
+
+
+def make_train_dataset(packed: PackedDomains, batch_size: int, *,
+                       proportions: Mapping[str, float] | str, seed: int,
+                       shard_index: int = 0, shard_count: int = 1,
+                       ) -> grain.IterDataset:
+  """The infinite, mixed, batched training dataset (see
+  :func:`make_train_iterator`); use this to add e.g. ``mp_prefetch``."""
+  _check_batch_and_seed(batch_size, seed)
+  local_batch_size = _check_shard(batch_size, shard_index, shard_count, packed)
+  weights = resolve_proportions(packed, proportions)
+  datasets = _domain_datasets(packed, seed, shard_index, shard_count)
   mixed = grain.IterDataset.mix(datasets, [weights[n] for n in packed.names])
   return mixed.batch(local_batch_size, drop_remainder=True)
 
@@ -491,6 +503,180 @@ def make_train_iterator(packed: PackedDomains, batch_size: int, *,
   return iter(make_train_dataset(packed, batch_size, proportions=proportions,
                                  seed=seed, shard_index=shard_index,
                                  shard_count=shard_count))
+
+
+# --------------------------------------------------------------------------
+# Proportions that change during a run.
+
+# Proportions become integer interleaving weights as in grain's mix: the
+# smallest positive one scaled to this and the others in proportion,
+# truncated. Hence a run whose proportions never change draws exactly the
+# batches of make_train_iterator.
+_SMALLEST_WEIGHT = 100
+# A proportion below this fraction of the largest counts as 0 (never drawn):
+# it bounds the integer weights, and the interleaving's period, to ~1e8.
+_NEGLIGIBLE = 1e-6
+# Mixed into the seed of a new segment's phase (any fixed constant).
+_PHASE_TAG = 0x5A3D
+
+
+def integer_weights(proportions_D) -> tuple[int, ...]:
+  """Integer interleaving weights of ``(D,)`` non-negative proportions.
+
+  The smallest proportion above ``1e-6 x`` the largest becomes 100 and the
+  others scale with it (truncated), as grain's ``IterDataset.mix`` does; the
+  others are 0.
+
+  Raises:
+    ValueError: a NaN, infinite or negative proportion, or none positive.
+  """
+  p = np.asarray(proportions_D, np.float64).reshape(-1)
+  if not np.all(np.isfinite(p)) or np.any(p < 0) or not np.any(p > 0):
+    raise ValueError(f"sampling proportions must be finite, >= 0 and not all 0, got "
+                     f"{p.tolist()}")
+  positive = p > _NEGLIGIBLE * p.max()
+  scale = _SMALLEST_WEIGHT / p[positive].min()
+  return tuple(int(x * scale) if keep else 0 for x, keep in zip(p, positive))
+
+
+def interleave_domain(k: int, weights: Sequence[int]) -> int:
+  """The domain of element ``k`` of the deterministic interleaving of
+  domains with integer ``weights`` (grain's mix, any weight may be 0).
+
+  Definition: among the first ``k`` elements, domain 0 has
+  ``k - floor(k (S - w_0) / S)`` (``S = sum w``); the
+  ``floor(k (S - w_0) / S)`` others are the interleaving of domains
+  ``1, 2, ...`` alone, recursively. Element ``k`` belongs to the first
+  domain whose count grows from ``k`` to ``k + 1``. Every window of ``S``
+  consecutive elements holds exactly ``w_d`` of domain ``d``, and any
+  window of ``n`` elements within one of ``n w_d / S`` rounded up or down
+  (for the first domain; the later ones are nested, within a few).
+  """
+  total = int(sum(weights))
+  before, after = k, k + 1  # positions k and k + 1 among the remaining domains
+  for d, w in enumerate(weights):
+    rest = total - w
+    before_rest, after_rest = before * rest // total, after * rest // total
+    if after - after_rest != before - before_rest:
+      return d
+    before, after, total = before_rest, after_rest, rest
+  raise AssertionError(f"no domain for element {k} of weights {tuple(weights)}")
+
+
+class DynamicMixIterator:
+  """Training batches drawn with domain proportions that may change each step.
+
+  The sampler of the ``sample`` form of the online mixers
+  (``--apply_weights``): before drawing the batch of step ``t`` the trainer
+  calls :meth:`set_proportions` with the method's current proportions.
+
+  **Draw.** Rows come from the same per-domain streams as
+  :func:`make_train_iterator` (shuffled by seed and domain name, repeated,
+  sharded across hosts alike); which domain supplies each of a batch's rows
+  follows the interleaving of :func:`interleave_domain` for the current
+  integer weights (:func:`integer_weights`). The position in that
+  interleaving runs on across batches while the weights stay the same: a
+  run whose proportions never change gets exactly the batches of
+  :func:`make_train_iterator` (same rows, same order). When the weights
+  change, a new segment of the interleaving starts at a phase drawn from
+  ``(seed, batch number)``, uniform over the interleaving's period; a
+  domain's expected rows per batch are then exactly ``b p_d`` (``b`` the
+  local batch), and every draw is within one or two rows of it (no rounding
+  bias towards the first domains, which a restart at phase 0 would have).
+
+  **Determinism.** The counts of every batch depend only on the seed, the
+  batch number and the proportions passed in, so a resumed run (same
+  proportions, restored from the checkpointed method state) draws the same
+  batches, and every host of a multi-host run draws the same domain counts
+  from its own disjoint rows (``shard_index``/``shard_count``, as in
+  :func:`make_train_iterator`): the global batch holds ``shard_count`` times
+  the local counts.
+
+  **State.** :meth:`get_state` is a JSON-safe dict (per-domain stream
+  positions, the integer weights, the interleaving position and the batch
+  number); :meth:`set_state` on an iterator built with the same arguments
+  restores it exactly.
+
+  Args:
+    packed, batch_size, seed, shard_index, shard_count: as
+      :func:`make_train_iterator`.
+    proportions: the starting proportions (``"natural"``, ``"uniform"`` or a
+      mapping, :func:`resolve_proportions`).
+
+  Yields:
+    ``{"tokens": (B / shard_count, L + 1) int32, "domain_id": (B /
+    shard_count,) int32}``.
+  """
+
+  def __init__(self, packed: PackedDomains, batch_size: int, *,
+               proportions: Mapping[str, float] | str, seed: int,
+               shard_index: int = 0, shard_count: int = 1):
+    _check_batch_and_seed(batch_size, seed)
+    self._local_batch = _check_shard(batch_size, shard_index, shard_count, packed)
+    self._names = list(packed.names)
+    self._seed = seed
+    start = resolve_proportions(packed, proportions)
+    self._domains = [iter(ds) for ds in
+                     _domain_datasets(packed, seed, shard_index, shard_count)]
+    self._weights = integer_weights([start[n] for n in self._names])
+    self._index = 0     # position in the current segment's interleaving
+    self._batches = 0   # batches drawn so far
+
+  @property
+  def weights(self) -> tuple[int, ...]:
+    """The integer interleaving weights in use (domain order)."""
+    return self._weights
+
+  def set_proportions(self, proportions) -> None:
+    """Sets the proportions of the next batches: ``(D,)`` in domain order, or
+    a mapping from every domain name (normalised; zeros allowed).
+
+    Raises:
+      ValueError: a wrong length or unknown/missing names, or proportions
+        that are not finite, non-negative and not all zero.
+    """
+    if isinstance(proportions, Mapping):
+      if set(proportions) != set(self._names):
+        raise ValueError(f"proportions name {sorted(proportions)}; the domains are "
+                         f"{self._names}")
+      proportions = [proportions[n] for n in self._names]
+    p = np.asarray(proportions, np.float64).reshape(-1)
+    if p.shape[0] != len(self._names):
+      raise ValueError(f"{p.shape[0]} proportions for {len(self._names)} domains "
+                       f"{self._names}")
+    weights = integer_weights(p)
+    if weights != self._weights:
+      self._weights = weights
+      period = sum(weights)
+      # A phase uniform over the period: unbiased counts (class docstring).
+      state = np.random.SeedSequence([self._seed, self._batches, _PHASE_TAG]).generate_state(
+          2, np.uint64)
+      self._index = (int(state[0]) << 64 | int(state[1])) % period
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = [next(self._domains[interleave_domain(self._index + j, self._weights)])
+            for j in range(self._local_batch)]
+    self._index += self._local_batch
+    self._batches += 1
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"domains": [it.get_state() for it in self._domains],
+            "weights": list(self._weights), "index": self._index,
+            "batches": self._batches}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if len(state["domains"]) != len(self._domains):
+      raise ValueError(f"the saved sampler state has {len(state['domains'])} domains, "
+                       f"this corpus {len(self._domains)} ({self._names})")
+    for it, s in zip(self._domains, state["domains"]):
+      it.set_state(s)
+    self._weights = tuple(int(w) for w in state["weights"])
+    self._index = int(state["index"])
+    self._batches = int(state["batches"])
 
 
 def iterator_state_to_json(state: Mapping[str, Any]) -> str:

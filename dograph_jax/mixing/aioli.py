@@ -255,18 +255,37 @@ def aioli(num_domains: int, *, step_size=1.0, sweep_rounds=2, sweep_steps=10,
             keep(logits, state.logits), keep(weights, state.weights),
             state.num_estimates + ok.astype(jnp.int32))
 
+  def phase(step):
+    """``(in_prior, round, local step, sub-round, in_sweep)`` of ``step``."""
+    dyn_step = step.astype(jnp.int32) - prior_steps
+    in_prior = dyn_step < 0
+    dyn_step = jnp.maximum(dyn_step, 0)
+    local = dyn_step % round_steps                       # s in [0, round_steps)
+    in_sweep = ~in_prior & (local < sweep_rounds * num_domains * sweep_steps)
+    return in_prior, dyn_step // round_steps, local, local // sweep_steps, in_sweep
+
+  def mixture_at(weights_D, step):
+    """``((D,) mixture trained on at ``step``, favoured domain, in_sweep)``:
+    the prior, a sweep's skewed mixture, or ``weights_D`` (the proportions)."""
+    in_prior, round_idx, _, sub_round, in_sweep = phase(jnp.asarray(step))
+    favoured = sweep_domain(round_idx, sub_round)
+    mixture = jnp.where(in_prior, prior_D,
+                        jnp.where(in_sweep, skewed_mixture(num_domains, favoured, skew),
+                                  weights_D))
+    return mixture, favoured, in_sweep
+
+  def proportions(state: AioliState, step):
+    # The sample form's mixture of `step`, from the state after step - 1:
+    # the same as update's but at the step that ends a sweep, whose new
+    # proportions need that step's probe losses (used from the next step on).
+    return mixture_at(state.weights, step)[0]
+
   def update(state: AioliState, inputs: MixingInputs):
     if inputs.probe_losses is None:
       raise ValueError("aioli needs inputs.probe_losses (needs={'probe_losses'})")
     probe_D = inputs.probe_losses.astype(jnp.float32)
     sweep_len = sweep_rounds * num_domains * sweep_steps
-    dyn_step = inputs.step.astype(jnp.int32) - prior_steps
-    in_prior = dyn_step < 0
-    dyn_step = jnp.maximum(dyn_step, 0)
-    round_idx = dyn_step // round_steps
-    local = dyn_step % round_steps                       # s in [0, round_steps)
-    sub_round = local // sweep_steps
-    in_sweep = ~in_prior & (local < sweep_len)
+    in_prior, round_idx, local, sub_round, _ = phase(inputs.step)
     at_boundary = ~in_prior & (local % sweep_steps == 0) & (local <= sweep_len)
 
     # Close the sub-round that just ended: its loss drop goes to the column
@@ -289,9 +308,7 @@ def aioli(num_domains: int, *, step_size=1.0, sweep_rounds=2, sweep_steps=10,
     graph, ema_graph, logits, weights, num_estimates = jax.tree.map(
         lambda n, o: jnp.where(finished, n, o), new, old)
 
-    favoured = sweep_domain(round_idx, sub_round)
-    mixture = jnp.where(in_prior, prior_D,
-                        jnp.where(in_sweep, skewed_mixture(num_domains, favoured, skew), weights))
+    mixture, favoured, in_sweep = mixture_at(weights, inputs.step)
     sample_weights = domain_to_sample_weights(mixture, inputs.domain_id)
     state = AioliState(
         weights=weights, weights_sum=state.weights_sum + weights, count=state.count + 1,
@@ -300,4 +317,5 @@ def aioli(num_domains: int, *, step_size=1.0, sweep_rounds=2, sweep_steps=10,
         logits=logits, num_estimates=num_estimates)
     return sample_weights, state
 
-  return OnlineMixer(init, update, frozenset({"probe_losses"}))
+  return OnlineMixer(init, update, frozenset({"probe_losses"}), proportions=proportions,
+                     form="sample")

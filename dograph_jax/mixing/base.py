@@ -57,11 +57,42 @@ class MixingInputs(NamedTuple):
 
 
 class OnlineMixer(NamedTuple):
-  """``init() -> state``; ``update(state, inputs) -> (sample_weights_B, state)``."""
+  """``init() -> state``; ``update(state, inputs) -> (sample_weights_B, state)``.
+
+  Two ways to apply a mixer's domain weights (``--apply_weights``):
+
+  * ``reweight``: the batch is drawn at the run's fixed proportions and the
+    step descends ``sum_i w_i l_i`` with ``update``'s sample weights;
+  * ``sample``: the batch of step ``t`` is *drawn* with
+    ``proportions(state, t)`` (the state after step ``t - 1``) by the
+    trainer's dynamic sampler (``dograph_jax.data.DynamicMixIterator``), and
+    the step descends the plain batch mean; ``update`` still runs (it learns
+    from the step's losses), its sample weights are not used.
+
+  ``form`` is the one the method's paper uses (the default of
+  ``--apply_weights paper``); ``per_sample`` mixers (weights per row, not per
+  domain) can only reweight.
+  """
   init: Callable[[], Any]
   update: Callable[[Any, MixingInputs], tuple[jax.Array, Any]]
   needs: frozenset = frozenset()   # optional MixingInputs fields the trainer must fill
   head_sketch_dim: int = 0         # head_grads: 0 exact (F = V * d_model), K > 0 sketched (F = K)
+  # (state, step) -> (D,) proportions to draw step `step`'s batch with (sample form);
+  # None: ``state.weights``, the weights of the last update. All zeros: the
+  # run's own fixed proportions (a mixer that has not learnt any yet).
+  proportions: Callable[[Any, jax.Array], jax.Array] | None = None
+  form: str = "reweight"           # the paper's form: "reweight" | "sample" | "per_sample"
+
+
+FORMS = ("reweight", "sample", "per_sample")
+
+
+def sampling_proportions(mixer: OnlineMixer, state, step) -> jax.Array:
+  """``(D,)`` float32 proportions for drawing step ``step``'s batch in the
+  sample form: the mixer's ``proportions`` hook, else ``state.weights``."""
+  if mixer.proportions is not None:
+    return mixer.proportions(state, step)
+  return state.weights
 
 
 NEEDS = frozenset({"token_losses", "ref_token_losses", "domain_gram", "probe_losses",

@@ -149,4 +149,4 @@ def loss_reweighting(num_domains: int, *, strategy: str = "linupper", delta=1.0,
     share_D = mean_sample_weights(w_B, inputs.domain_id, num_domains)
     return w_B, LossReweightingState(share_D, state.weights_sum + share_D, state.count + 1)
 
-  return OnlineMixer(init, update)
+  return OnlineMixer(init, update, form="per_sample")

@@ -226,5 +226,11 @@ def rnb(num_domains: int, target: tuple | None = None, round_steps: int = 50,
                        "the output layer")
     return init_state(width)
 
+  def proportions(state: RnBState, step):
+    # The round's proportions; zeros (= the run's own sampling proportions)
+    # until the first round has ended, as the in-batch form trains at the
+    # batch mean then.
+    return jnp.where(state.rounds > 0, state.weights, 0.0)
+
   return OnlineMixer(init=init, update=update, needs=frozenset({"head_grads"}),
-                     head_sketch_dim=sketch_dim)
+                     head_sketch_dim=sketch_dim, proportions=proportions, form="sample")

@@ -14,11 +14,14 @@ the same command to retry it). Options that are not ``--config`` overrides
 (``--model``, ``--steps``, ``--batch_size``, ...) are shared by all runs.
 
 Writes to ``--results_dir`` (default ``experiments/results/<name>``):
-``table.md`` (the command, then per corpus a table of average and
-worst-domain validation perplexity, mean ± std over seeds, per-domain means,
-and wall-clock vs Uniform), ``study.json`` (every run's summary and the
-aggregates) and ``study.png`` (average and worst-domain perplexity of every
-configuration with error bars, one panel per corpus).
+``table.md`` (the command, then per corpus a table of average, worst-domain
+and natural-mixture validation perplexity, mean ± std over seeds, per-domain
+means, and wall-clock vs Uniform, then the seed-paired differences to
+``uniform``), ``study.json`` (every run's summary and the aggregates) and
+``study.png`` (average, worst-domain and natural-mixture perplexity of every
+configuration with error bars, one panel per corpus). The natural-mixture
+perplexity is recomputed from each run's ``val_loss`` and ``token_shares``;
+runs written before ``token_shares`` existed show "n/a" for it.
 """
 
 from __future__ import annotations
@@ -153,7 +156,9 @@ def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequ
            f"Budget: `{base.model.name}`, {base.optim.steps} steps x batch {base.optim.batch_size} x "
            f"{base.optim.seq_len} tokens; seeds {list(seeds)}; mean ± std (population) over seeds "
            "of the average (exp of the mean per-domain loss, every domain counting "
-           "equally) and worst-domain validation perplexity.", "",
+           "equally), worst-domain and natural-mixture (exp of the per-domain loss "
+           "weighted by the corpus's token shares: the corpus as a whole) validation "
+           "perplexity.", "",
            "Configurations (overrides of the `pretrain.py` defaults):", ""]
   lines += [f"- `{label}`: `{text}`" for label, text in configs.items()]
   for corpus, r in result["corpora"].items():
@@ -162,13 +167,15 @@ def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequ
     paired = paired_differences(r["runs"])
     if paired:
       lines += ["Paired by seed against `uniform` (same initialisation and data order): "
-                "mean ± std over seeds of the difference in average / worst-domain PPL "
-                "(negative = better than Uniform), and the seeds on which the "
-                "configuration's average PPL is lower.", "",
-                "| configuration | Δ avg PPL | Δ worst PPL | seeds better on avg |",
-                "|---|---|---|---|"]
+                "mean ± std over seeds of the difference in average / worst-domain / "
+                "natural-mixture PPL (negative = better than Uniform), and the seeds on "
+                "which the configuration's average PPL is lower.", "",
+                "| configuration | Δ avg PPL | Δ worst PPL | Δ natural PPL | "
+                "seeds better on avg |",
+                "|---|---|---|---|---|"]
       lines += [f"| {label} | {d['average_mean']:+.3f} ± {d['average_std']:.3f} | "
-                f"{d['worst_mean']:+.3f} ± {d['worst_std']:.3f} | {d['better']}/{d['seeds']} |"
+                f"{d['worst_mean']:+.3f} ± {d['worst_std']:.3f} | {_natural_delta(d)} | "
+                f"{d['better']}/{d['seeds']} |"
                 for label, d in paired.items()]
   failed = result["failures"]
   if failed:
@@ -176,16 +183,30 @@ def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequ
   return "\n".join(lines) + "\n"
 
 
+def _natural_delta(d: dict) -> str:
+  """The paired natural-mixture cell: ``mean ± std``, "n/a" without any seed
+  pair that has it, and the pair count where only some have."""
+  if not d.get("natural_seeds"):
+    return "n/a"
+  cell = f"{d['natural_mean']:+.3f} ± {d['natural_std']:.3f}"
+  return cell if d["natural_seeds"] == d["seeds"] else f"{cell} ({d['natural_seeds']} seeds)"
+
+
 def paired_differences(runs: dict[str, list[dict]], baseline: str = "uniform") -> dict:
   """Per configuration, the seed-paired difference to ``baseline`` of the
-  average and worst-domain perplexity (mean and population std over the seeds
-  both have)."""
+  average, worst-domain and natural-mixture perplexity (mean and population
+  std over the seeds both have).
+
+  The natural-mixture difference is over the seeds where both runs have
+  ``token_shares`` (``natural_seeds`` of them; ``natural_mean`` and
+  ``natural_std`` are ``None`` where there are none)."""
   import numpy as np
 
   from dograph_jax.train import reporting
 
   def by_seed(summaries):
-    return {s["seed"]: reporting.perplexities(s["val_loss"]) for s in summaries}
+    return {s["seed"]: {**reporting.perplexities(s["val_loss"]),
+                        "natural": reporting.run_natural(s)} for s in summaries}
 
   base = by_seed(runs.get(baseline, []))
   out = {}
@@ -198,10 +219,18 @@ def paired_differences(runs: dict[str, list[dict]], baseline: str = "uniform") -
       continue
     avg = np.asarray([mine[s]["average"] - base[s]["average"] for s in seeds])
     worst = np.asarray([mine[s]["worst"] - base[s]["worst"] for s in seeds])
+    natural = np.asarray([mine[s]["natural"] - base[s]["natural"] for s in seeds
+                          if mine[s]["natural"] is not None and base[s]["natural"] is not None])
     out[label] = {"seeds": len(seeds), "better": int(np.sum(avg < 0)),
                   "average_mean": float(avg.mean()), "average_std": float(avg.std()),
-                  "worst_mean": float(worst.mean()), "worst_std": float(worst.std())}
+                  "worst_mean": float(worst.mean()), "worst_std": float(worst.std()),
+                  "natural_seeds": len(natural),
+                  "natural_mean": float(natural.mean()) if len(natural) else None,
+                  "natural_std": float(natural.std()) if len(natural) else None}
   return out
+
+
+_PLOT_NAMES = {"average": "average", "natural": "natural-mixture", "worst": "worst-domain"}
 
 
 def write_plot(result: dict, path: Path) -> Path:
@@ -216,13 +245,18 @@ def write_plot(result: dict, path: Path) -> Path:
     agg = r["aggregate"]
     labels = list(agg)
     y = np.arange(len(labels))
-    for key, offset, color in (("average", -0.18, "C0"), ("worst", 0.18, "C3")):
-      ax.errorbar([agg[l][f"{key}_mean"] for l in labels], y + offset,
-                  xerr=[agg[l][f"{key}_std"] for l in labels], fmt="o", color=color,
-                  capsize=3, label=f"{key} val PPL")
-    if "uniform" in agg:
-      ax.axvline(agg["uniform"]["average_mean"], color="C0", lw=0.8, ls="--")
-      ax.axvline(agg["uniform"]["worst_mean"], color="C3", lw=0.8, ls="--")
+    for key, offset, color in (("average", -0.22, "C0"), ("natural", 0.0, "C2"),
+                               ("worst", 0.22, "C3")):
+      # configurations without the figure (natural: runs without token_shares)
+      # get no marker
+      have = [j for j, l in enumerate(labels) if agg[l].get(f"{key}_mean") is not None]
+      if not have:
+        continue
+      ax.errorbar([agg[labels[j]][f"{key}_mean"] for j in have], y[have] + offset,
+                  xerr=[agg[labels[j]][f"{key}_std"] for j in have], fmt="o", color=color,
+                  capsize=3, label=f"{_PLOT_NAMES[key]} val PPL")
+      if agg.get("uniform", {}).get(f"{key}_mean") is not None:
+        ax.axvline(agg["uniform"][f"{key}_mean"], color=color, lw=0.8, ls="--")
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="validation perplexity (mean ± std over seeds)", title=corpus)

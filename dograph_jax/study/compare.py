@@ -24,9 +24,13 @@ of the first seed: online weights, offline proxies' weights, final
 mixtures).
 
 Table columns: average validation perplexity (``exp`` of the mean over
-domains of the per-domain token loss) and worst-domain perplexity, mean ±
-std over seeds; per-domain perplexity (means); wall-clock time relative to
-Uniform (mean over seeds, proxy runs included).
+domains of the per-domain token loss), worst-domain perplexity and
+natural-mixture perplexity (``exp`` of the token-share-weighted mean of the
+per-domain loss: the corpus as a whole; recomputed from each run's
+``val_loss`` and ``token_shares``, "n/a" for runs written before
+``token_shares`` existed), mean ± std over seeds; per-domain perplexity
+(means); wall-clock time relative to Uniform (mean over seeds, proxy runs
+included).
 """
 
 from __future__ import annotations
@@ -71,7 +75,15 @@ def run_one(base: TrainConfig, method: str, seed: int, out_dir: Path,
 
 
 def aggregate(summaries: dict[str, list[dict]], baseline: str = "uniform") -> dict[str, dict]:
-  """Mean/std over seeds of each method's average/worst/per-domain PPL and cost."""
+  """Mean/std over seeds of each method's average/worst/natural-mixture/per-domain
+  PPL and cost.
+
+  The natural-mixture PPL (``reporting.perplexities``) is recomputed from each
+  run's ``val_loss`` and ``token_shares``. ``natural_mean``/``natural_std`` are
+  ``None`` (shown "n/a") unless every run of the method has it: a mean over
+  only some seeds would not be comparable with the other columns.
+  ``natural_runs`` counts the runs that have it.
+  """
   base_wall = (float(np.mean([s["wall_s"] for s in summaries[baseline]]))
                if summaries.get(baseline) else None)
   out = {}
@@ -81,6 +93,9 @@ def aggregate(summaries: dict[str, list[dict]], baseline: str = "uniform") -> di
     ppl = [reporting.perplexities(r["val_loss"]) for r in runs]
     average = np.asarray([p["average"] for p in ppl])
     worst = np.asarray([p["worst"] for p in ppl])
+    natural = [reporting.run_natural(r) for r in runs]
+    have = [v for v in natural if v is not None]
+    complete = len(have) == len(runs)
     names = list(runs[0]["val_loss"])
     per_domain = {n: np.asarray([p["per_domain"][n] for p in ppl]) for n in names}
     wall = float(np.mean([r["wall_s"] for r in runs]))
@@ -94,6 +109,9 @@ def aggregate(summaries: dict[str, list[dict]], baseline: str = "uniform") -> di
         "seeds": [r.get("seed") for r in runs], "runs": len(runs),
         "average_mean": float(average.mean()), "average_std": float(average.std(ddof=0)),
         "worst_mean": float(worst.mean()), "worst_std": float(worst.std(ddof=0)),
+        "natural_mean": float(np.mean(have)) if complete else None,
+        "natural_std": float(np.std(have, ddof=0)) if complete else None,
+        "natural_runs": len(have),
         "worst_domains": [p["worst_domain"] for p in ppl],
         "per_domain_mean": {n: float(v.mean()) for n, v in per_domain.items()},
         "per_domain_std": {n: float(v.std(ddof=0)) for n, v in per_domain.items()},
@@ -120,6 +138,10 @@ def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = No
   diverged``), a method none of whose runs finished still gets a row, and a
   list under the table names every such run with the last line of its error.
   ``method_names``: the row order (default: the finished methods').
+  The natural-mixture PPL column (after the worst-domain one) is there when
+  the aggregates come from :func:`aggregate` (aggregates of before it have no
+  ``natural_mean`` key and keep their old columns); a method whose runs lack
+  ``token_shares`` shows "n/a".
   """
   failures = failures or {}
   lost: dict[str, list[tuple[str, str]]] = {}
@@ -135,7 +157,9 @@ def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = No
   for a in agg.values():
     tasks += [t for t in a.get("eval_mean", {}) if t not in tasks]
   eval_head = [*tasks, "eval mean"] if tasks else []
-  head = ["method", "runs", "avg val PPL", "worst-domain PPL", *names, *eval_head,
+  natural = any("natural_mean" in a for a in agg.values())
+  nat_head = ["natural-mix PPL"] if natural else []
+  head = ["method", "runs", "avg val PPL", "worst-domain PPL", *nat_head, *names, *eval_head,
           "wall vs uniform"]
   lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for method in order:
@@ -146,12 +170,14 @@ def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = No
       runs = f"{runs}/{len(bad) + (a['runs'] if a else 0)}, " + ", ".join(
           f"{kinds.count(k)} {k}" for k in ("diverged", "failed") if k in kinds)
     if a is None:
-      lines.append("| " + " | ".join([method, runs, "-", "-", *("-" for _ in names),
+      lines.append("| " + " | ".join([method, runs, "-", "-", *("-" for _ in nat_head),
+                                       *("-" for _ in names),
                                        *("-" for _ in eval_head), "-"]) + " |")
       continue
     rel = f"{a['wall_vs_uniform']:.2f}x" if a["wall_vs_uniform"] else "-"
     row = [method, runs, f"{a['average_mean']:.3f} ± {a['average_std']:.3f}",
            f"{a['worst_mean']:.3f} ± {a['worst_std']:.3f}",
+           *([natural_cell(a)] if natural else []),
            *(f"{a['per_domain_mean'][n]:.3f}" for n in names),
            *_eval_cells(a, tasks), rel]
     lines.append("| " + " | ".join(row) + " |")
@@ -163,6 +189,15 @@ def table(agg: dict[str, dict], title: str, failures: dict[str, str] | None = No
         last = next((x.strip() for x in reversed(trace.strip().splitlines()) if x.strip()), "")
         lines.append(f"- {method} seed {seed}: {failure_kind(trace)}: {last}")
   return "\n".join(lines) + "\n"
+
+
+def natural_cell(a: dict) -> str:
+  """The natural-mixture PPL of one aggregate: ``mean ± std``, or ``n/a``
+  where some runs have no ``token_shares`` (with how many do, if any)."""
+  if a.get("natural_mean") is None:
+    k = a.get("natural_runs", 0)
+    return f"n/a ({k}/{a['runs']} runs)" if k else "n/a"
+  return f"{a['natural_mean']:.3f} ± {a['natural_std']:.3f}"
 
 
 def _eval_cells(a: dict, tasks: Sequence[str]) -> list[str]:

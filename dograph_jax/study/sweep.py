@@ -18,7 +18,9 @@ every run. Each run starts from the same initial parameters and data
 position; its hyperparameters are written into the optimizer state
 (``optax.inject_hyperparams``), so the jitted train step is traced and
 compiled once for the whole sweep. Prints a table of validation perplexity
-per setting and writes ``sweep.json`` in ``--out_dir``.
+per setting (average over domains, natural mixture — the per-domain loss
+weighted by the domains' shares of the validation split's tokens — and worst
+domain) and writes ``sweep.json`` in ``--out_dir``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
   train_step = training.make_train_step(graphdef, tx, cfg, probe_tokens=data.probe_tokens)
   eval_step = training.make_eval_step(graphdef)
   start_position = data.train_iter.get_state()
+  # The natural mixture's weights: the evaluated domains' shares of the
+  # validation split's tokens (as every run's summary.json).
+  shares = data.token_shares
   _, sampling_defaults = methods.parse_method_args(method, {}) if method == "temperature" \
       else (None, {})
   results = []
@@ -118,8 +123,14 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
     loss = float(metrics["loss"])
     val = single_run.evaluate(eval_step, state.params, data.eval_batches)
     p = reporting.perplexities(val) if all(map(math.isfinite, val.values())) else {}
+    try:
+      natural = reporting.perplexities(val, shares)["natural"] if p else math.inf
+    except ValueError:  # no finite validation loss to weigh
+      natural = None
     results.append({"setting": setting, "final_train_loss": loss, "val_loss": val,
-                    "average_ppl": p.get("average", math.inf), "worst_ppl": p.get("worst", math.inf)})
+                    "token_shares": shares,
+                    "average_ppl": p.get("average", math.inf), "worst_ppl": p.get("worst", math.inf),
+                    "natural_ppl": natural})
     log.info("%s: average val ppl %.3f", setting, results[-1]["average_ppl"])
   return results, train_step
 
@@ -149,11 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   out = Path(cfg.run.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "sweep.json").write_text(json.dumps(results, indent=2))
-  print(f"{'setting':<40} {'train loss':>10} {'avg val ppl':>12} {'worst':>9}")
+  print(f"{'setting':<40} {'train loss':>10} {'avg val ppl':>12} {'natural':>9} {'worst':>9}")
   for r in results:
     setting = ", ".join(f"{k}={v:g}" for k, v in r["setting"].items())
+    natural = "n/a" if r["natural_ppl"] is None else f"{r['natural_ppl']:.3f}"
     print(f"{setting:<40} {r['final_train_loss']:10.4f} {r['average_ppl']:12.3f} "
-          f"{r['worst_ppl']:9.3f}")
+          f"{natural:>9} {r['worst_ppl']:9.3f}")
   print(f"train step compiled {len(train_step.traces)} time(s) for {len(results)} runs")
   return 0
 

@@ -49,7 +49,7 @@ import tyro
 
 from dograph_jax.transform import STATIC_ARGS, dograph_transform
 from dograph_jax.transform_stages.options import default_sketch_dim
-from dograph_jax.train.methods import METHODS, parse_method_args
+from dograph_jax.train.methods import APPLY_WEIGHTS, METHODS, parse_method_args
 from dograph_jax.train.tracking import SINKS
 
 _TRANSFORM = inspect.signature(dograph_transform).parameters
@@ -170,6 +170,7 @@ class RunConfig:
 class TrainConfig:
   method: Literal[METHODS] = "dograph"  # dograph | uniform | stratified | temperature | loss_based | doremi | doge | regmix | mixing_law | group_dro | aioli | rnb (| doremi_proxy | doge_proxy | rnb_rounds): dograph_jax/train/methods.py
   method_args: dict[str, str] = field(default_factory=dict)  # an online or offline baseline's hyperparameters, e.g. --method_args strategy mid temperature 0.5 (its factory's keywords, typed by their defaults)
+  apply_weights: Literal[APPLY_WEIGHTS] = "paper"  # how an online mixer's domain weights act: paper (each method's published form: Aioli, R&B, ADO, ODM sample; Group DRO, DoReMi/DoGE proxies reweight) | sample (each batch drawn with them, plain mean) | reweight (in-batch loss weights on batches drawn at --sampling/--proportions)
   sketch: Literal["factored", "reference"] = "factored"  # DoGraph's per-sample gradients: factored (one pass, no per-sample gradients) | reference (vmap(grad), any loss)
   update: Literal["bookkeeping", "second_backward"] = "bookkeeping"  # factored path's update: from stored tensors | a second backward pass
   data: DataConfig = DataConfig()
@@ -191,6 +192,7 @@ class TrainConfig:
     if self.dograph.sketch_dim is not None and self.dograph.sketch_dim < 1:
       raise ValueError(f"--sketch_dim must be >= 1, got {self.dograph.sketch_dim}")
     _check_choice("method", self.method, METHODS)
+    _check_choice("apply_weights", self.apply_weights, APPLY_WEIGHTS)
     for (sec, name), choices in _CHOICES.items():  # tyro checks the command line, this the API
       _check_choice(_flag(sec, name), getattr(getattr(self, sec), name), choices)
     parse_method_args(self.method, self.method_args)  # checks --method_args early

@@ -40,6 +40,7 @@ from flax import nnx
 
 import dograph_jax as dg
 from dograph_jax.mixing import MixingInputs, domain_counts
+from dograph_jax.mixing.base import sampling_proportions
 from dograph_jax.mixing.rnb import domain_head_grads
 from dograph_jax.models import apply, sequence_loss, taps, token_losses
 from dograph_jax.train import methods
@@ -169,15 +170,28 @@ class MixerMethod:
   layer's per-sample gradients ``d_logits^T h`` (R&B).
   """
 
-  def __init__(self, graphdef, method: str, method_args, *, probe_tokens=None,
-               ref_params=None):
-    self.graphdef, self.method = graphdef, method
+  def __init__(self, graphdef, method: str, method_args, *, apply_weights: str = "paper",
+               probe_tokens=None, ref_params=None):
+    self.graphdef, self.method, self.apply_weights = graphdef, method, apply_weights
     self.static, self.traced = methods.parse_method_args(method, method_args)
     self.probe_tokens = None if probe_tokens is None else jnp.asarray(probe_tokens, jnp.int32)
     self.ref_params = ref_params
 
   def _mixer(self, human_domains: int, hparams):
     return methods.build_mixer(self.method, human_domains, self.static, hparams)
+
+  def form(self, human_domains: int) -> str:
+    """How the weights act (``methods.weights_form``): ``sample`` draws the
+    batch with :meth:`proportions` and steps on the batch mean; ``reweight``
+    and ``per_sample`` weight the batch's losses."""
+    paper = self._mixer(human_domains, self.traced).form
+    return methods.weights_form(self.method, self.apply_weights, paper)
+
+  def proportions(self, state: MixerState, step: jax.Array) -> jax.Array:
+    """``(D,)`` proportions to draw step ``step``'s batch with (sample form),
+    from the state after step ``step - 1``; all zeros: the run's own."""
+    mixer = self._mixer(state.mixer.weights.shape[0], state.hparams)
+    return sampling_proportions(mixer, state.mixer, step).astype(jnp.float32)
 
   def init(self, params, human_domains):
     if human_domains < 1:
@@ -233,6 +247,10 @@ class MixerMethod:
       fields["probe_losses"] = jax.vmap(
           lambda rows: _sequence_losses(graphdef, params, rows)[0].mean())(self.probe_tokens)
     weights_B, mixer_state = mixer.update(state.mixer, MixingInputs(**fields))
+    if self.form(human_domains) == "sample":
+      # The batch was drawn with the mixer's proportions: its plain mean is
+      # the step (the mixer still learnt from its losses above).
+      weights_B = jnp.full_like(losses_B, 1.0 / losses_B.shape[0])
     grads = vjp(jax.lax.stop_gradient(weights_B).astype(losses_B.dtype))[0]
     return MethodOutput(losses_B, grads, state._replace(mixer=mixer_state), {})
 
@@ -278,6 +296,6 @@ def make_method(cfg, graphdef, *, probe_tokens=None, ref_params=None) -> Method:
                          sketch_dim=cfg.dograph.resolved_sketch_dim(cfg.sketch), seed=cfg.run.seed,
                          normalize_blocks=cfg.dograph.normalize_blocks)
   if cls is MixerMethod:
-    return MixerMethod(graphdef, cfg.method, cfg.method_args, probe_tokens=probe_tokens,
-                       ref_params=ref_params)
+    return MixerMethod(graphdef, cfg.method, cfg.method_args, apply_weights=cfg.apply_weights,
+                       probe_tokens=probe_tokens, ref_params=ref_params)
   return cls(graphdef)

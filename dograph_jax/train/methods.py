@@ -63,6 +63,37 @@ OFFLINE_ARGS = {"temperature": ("dograph_jax.mixing.temperature", "temperature_p
 PIPELINE_ONLY = {"temperature": ("budget",)}
 
 
+# --apply_weights: how an online mixer's domain weights act on training.
+APPLY_WEIGHTS = ("paper", "sample", "reweight")
+
+
+def weights_form(method: str, apply_weights: str, paper_form: str) -> str:
+  """``"sample"``, ``"reweight"`` or ``"per_sample"``: how ``method``'s mixer
+  (whose paper uses ``paper_form``, its ``OnlineMixer.form``) applies its
+  weights under ``--apply_weights``.
+
+  ``paper`` is the published form: Aioli, R&B, ADO and ODM draw the batch
+  with their proportions (``sample``); Group DRO and the DoReMi/DoGE proxies
+  weight the losses of a batch drawn at the run's proportions
+  (``reweight``); loss-based reweighting weights single rows
+  (``per_sample``, in the batch only).
+
+  Raises:
+    ValueError: an unknown choice, or ``sample`` for a per-sample mixer.
+  """
+  if apply_weights not in APPLY_WEIGHTS:
+    raise ValueError(f"--apply_weights must be one of {APPLY_WEIGHTS}, got {apply_weights!r}")
+  if apply_weights == "paper":
+    return paper_form
+  if paper_form == "per_sample":
+    if apply_weights == "sample":
+      raise ValueError(f"--apply_weights sample: method {method!r} weights single rows, not "
+                       "domains, so there are no proportions to sample with; it reweights "
+                       "in the batch (--apply_weights paper)")
+    return paper_form
+  return apply_weights
+
+
 def kind(method: str) -> str:
   """``"plain"``, ``"dograph"``, ``"online"`` or ``"offline"``."""
   if method == "uniform":

@@ -216,7 +216,8 @@ def run(cfg: TrainConfig) -> dict:
            f"run(s), batch {cfg.optim.batch_size} x {cfg.optim.seq_len}")
   if not main:
     return summary
-  text = reporting.summary_table(title, final["val_loss"], final["steps_per_s"])
+  text = reporting.summary_table(title, final["val_loss"], final["steps_per_s"],
+                                 shares=final.get("token_shares"))
   (out_dir / "summary.txt").write_text(text + "\n")
   (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
   print(text)

@@ -2,35 +2,112 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger("reporting")
 
-def perplexities(domain_loss: dict[str, float]) -> dict[str, float]:
+
+def natural_weights(names, shares: Mapping[str, float]) -> dict[str, float]:
+  """The corpus's token shares of the domains ``names``, renormalised to sum to 1.
+
+  ``shares``: ``{domain: share}`` (a run's ``token_shares``: each domain's
+  fraction of the corpus's tokens). Domains of ``shares`` not in ``names``
+  (e.g. a training domain without validation rows) are dropped before the
+  renormalisation, so the weights describe the mixture of what was evaluated.
+
+  Raises:
+    ValueError: a domain of ``names`` has no share, or its share is not a
+      positive finite number.
+  """
+  names = list(names)
+  missing = [n for n in names if n not in shares]
+  if missing:
+    raise ValueError(f"token shares miss the evaluated domain(s) {missing} (shares given for "
+                     f"{sorted(shares)}): the natural-mixture perplexity needs every one")
+  values, bad = {}, {}
+  for n in names:
+    try:
+      values[n] = float(shares[n])
+    except (TypeError, ValueError):
+      values[n] = math.nan
+    if not (math.isfinite(values[n]) and values[n] > 0):
+      bad[n] = shares[n]
+  if bad:
+    raise ValueError(f"token shares must be positive and finite numbers; got {bad}")
+  total = math.fsum(values.values())
+  return {n: v / total for n, v in values.items()}
+
+
+def perplexities(domain_loss: dict[str, float],
+                 shares: Mapping[str, float] | None = None) -> dict:
   """Per-domain perplexity and the aggregates of the summary.
 
-  ``average`` is ``exp(mean over domains of the domain's mean token loss)``:
-  every domain counts equally, whatever its size (the geometric mean of the
-  domain perplexities); ``worst`` is the largest domain perplexity.
+  With ``loss_d`` the mean token loss of domain ``d`` on its validation rows
+  (nats/token) and ``D`` the evaluated domains:
+
+  * ``average`` = ``exp(mean_d loss_d)``: every domain counts equally,
+    whatever its size (the geometric mean of the domain perplexities);
+  * ``worst`` = ``max_d exp(loss_d)``, the largest domain perplexity, and
+    ``worst_domain`` its name;
+  * ``natural`` (only when ``shares`` is given) = ``exp(sum_d s_d loss_d)``
+    with ``s_d`` the corpus's token shares renormalised over ``D``
+    (:func:`natural_weights`): the perplexity of the corpus as a whole, its
+    big domains counting as much as they weigh. A method that lifts the small
+    domains by giving up the big ones shows it here.
+
+  Raises:
+    ValueError: ``shares`` misses an evaluated domain or has a share that is
+      not positive and finite.
   """
   ppl = {name: math.exp(loss) for name, loss in domain_loss.items()}
-  return {"per_domain": ppl,
-          "average": math.exp(float(np.mean(list(domain_loss.values())))),
-          "worst_domain": max(ppl, key=ppl.get),
-          "worst": max(ppl.values())}
+  out = {"per_domain": ppl,
+         "average": math.exp(float(np.mean(list(domain_loss.values())))),
+         "worst_domain": max(ppl, key=ppl.get),
+         "worst": max(ppl.values())}
+  if shares is not None:
+    w = natural_weights(domain_loss, shares)
+    out["natural"] = math.exp(math.fsum(w[n] * float(loss) for n, loss in domain_loss.items()))
+  return out
 
 
-def summary_table(title: str, domain_loss: dict[str, float], steps_per_s: float) -> str:
-  p = perplexities(domain_loss)
-  width = max(12, *(len(n) for n in domain_loss))
+def run_natural(summary: Mapping) -> float | None:
+  """The natural-mixture perplexity of a finished run, recomputed from its
+  ``summary.json`` (``val_loss`` and ``token_shares``) rather than read from
+  a stored number, so runs of every version are treated alike.
+
+  ``None`` where it cannot be computed: a run from before ``token_shares``
+  existed, or shares that do not cover its evaluated domains (logged).
+  """
+  shares = summary.get("token_shares")
+  if not shares:
+    return None
+  try:
+    return perplexities(summary["val_loss"], shares)["natural"]
+  except ValueError as e:
+    log.warning("natural-mixture perplexity left out: %s", e)
+    return None
+
+
+def summary_table(title: str, domain_loss: dict[str, float], steps_per_s: float,
+                  shares: Mapping[str, float] | None = None) -> str:
+  """The end-of-run table: loss and perplexity per domain, then the average,
+  the natural mixture (when ``shares``, the token shares, are given; see
+  :func:`perplexities`) and the worst domain."""
+  p = perplexities(domain_loss, shares)
+  width = max(15 if "natural" in p else 12, *(len(n) for n in domain_loss))
   lines = [title, f"{'domain':<{width}}  {'val loss':>9}  {'val ppl':>9}",
            "-" * (width + 22)]
   for name, loss in domain_loss.items():
     lines.append(f"{name:<{width}}  {loss:9.4f}  {p['per_domain'][name]:9.3f}")
   lines.append("-" * (width + 22))
   lines.append(f"{'average':<{width}}  {'':>9}  {p['average']:9.3f}")
+  if "natural" in p:
+    lines.append(f"{'natural mixture':<{width}}  {'':>9}  {p['natural']:9.3f}")
   lines.append(f"{'worst':<{width}}  {p['worst_domain']:>9}  {p['worst']:9.3f}")
   lines.append(f"steps/s: {steps_per_s:.2f}")
   return "\n".join(lines)

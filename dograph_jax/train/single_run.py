@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from dograph_jax import agreement, sharding
-from dograph_jax.data import (load_tokenizer, make_eval_batches, make_train_iterator,
+from dograph_jax.data import (DynamicMixIterator, load_tokenizer, make_eval_batches, make_train_iterator,
                               pack_domains_cached, read_split, resolve_proportions,
                               train_bpe_tokenizer, write_synthetic_corpus)
 from dograph_jax.models import count_params
@@ -54,6 +54,11 @@ class RunData:
   probe_tokens: np.ndarray | None = None  # (D, P, L + 1) Aioli's held-out rows
   val_missing: list[str] = dataclasses.field(default_factory=list)  # training domains without validation rows
   tokenizer: Any = None     # the run's tokenizer (saved into the run directory)
+  # Each evaluated domain's share of the validation split's tokens: the
+  # weights of the natural-mixture perplexity. From the validation split, so
+  # that every labelling of a corpus (e.g. its coarse-label version, whose
+  # hidden source has no training label) weighs the same domains alike.
+  token_shares: dict = dataclasses.field(default_factory=dict)
 
 
 def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
@@ -87,7 +92,7 @@ def load_data(cfg: TrainConfig) -> RunData:
   packed_val = pack_domains_cached(val_docs, tokenizer, cfg.optim.seq_len, cache)
   resolved = resolve_proportions(packed, dict(cfg.data.proportions) or cfg.data.sampling)
   probe = None
-  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer_needs(cfg, packed):
+  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer(cfg, packed).needs:
     packed, probe = _hold_out_probe(packed, cfg.offline.probe_rows)
   log.info("domains: %s", ", ".join(
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
@@ -108,10 +113,15 @@ def load_data(cfg: TrainConfig) -> RunData:
                 "validation loss is not measured and the average perplexity is over "
                 "the other %d domain(s) (summary.json: val_missing)",
                 ", ".join(missing), len(packed.names) - len(missing))
+  evaluated = [n for n in packed_val.names if n in eval_batches]
+  val_tokens = dict(zip(packed_val.names, packed_val.tokens_per_domain))
+  total = sum(val_tokens[n] for n in evaluated)
   return RunData(
+      token_shares={n: val_tokens[n] / total for n in evaluated},
       names=list(packed.names),
-      train_iter=make_train_iterator(packed, cfg.optim.batch_size, proportions=resolved,
-                                     seed=cfg.run.seed, **distributed.host_data_shard()),
+      train_iter=(DynamicMixIterator if samples(cfg, len(packed.names)) else make_train_iterator)(
+          packed, cfg.optim.batch_size, proportions=resolved, seed=cfg.run.seed,
+          **distributed.host_data_shard()),
       eval_batches=eval_batches,
       vocab_size=len(tokenizer),
       proportions=resolved,
@@ -121,9 +131,19 @@ def load_data(cfg: TrainConfig) -> RunData:
       tokenizer=tokenizer)
 
 
-def _mixer_needs(cfg: TrainConfig, packed) -> frozenset:
+def _mixer(cfg: TrainConfig, packed):
   static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
-  return methods.build_mixer(cfg.method, len(packed.names), static, traced).needs
+  return methods.build_mixer(cfg.method, len(packed.names), static, traced)
+
+
+def samples(cfg: TrainConfig, num_domains: int) -> bool:
+  """Whether the run draws each batch with its method's current proportions
+  (an online mixer in the ``sample`` form, ``--apply_weights``)."""
+  if methods.kind(cfg.method) != "online":
+    return False
+  static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
+  mixer = methods.build_mixer(cfg.method, num_domains, static, traced)
+  return methods.weights_form(cfg.method, cfg.apply_weights, mixer.form) == "sample"
 
 
 def _hold_out_probe(packed, rows: int):
@@ -240,7 +260,7 @@ _BATCH_ONLY = {"warm_start", "buffer_size"}
 
 def _unread_options(cfg: TrainConfig) -> set[str]:
   if cfg.method != "dograph":
-    return _DOGRAPH_ONLY
+    return _DOGRAPH_ONLY | ({"apply_weights"} if methods.kind(cfg.method) != "online" else set())
   return _PERSISTENT_ONLY if cfg.dograph.domains == "batch" else _BATCH_ONLY
 
 
@@ -315,6 +335,12 @@ def train_run(cfg: TrainConfig) -> dict:
              mesh.devices.flat[0].platform, jax.process_count())
   train_step = training.make_train_step(graphdef, tx, cfg, probe_tokens=data.probe_tokens,
                                         **step_shardings)
+  # The sample form: each batch is drawn with the method's proportions of
+  # that step, read from the state after the previous step (a small
+  # device-to-host copy per step; the step before it must have finished).
+  proportions_of = (training.make_proportions_fn(cfg) if isinstance(data.train_iter, DynamicMixIterator)
+                    else None)
+  base_proportions = np.asarray([data.proportions[n] for n in data.names])
   eval_step = training.make_eval_step(graphdef, mesh)
 
   checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
@@ -399,6 +425,10 @@ def train_run(cfg: TrainConfig) -> dict:
   pending = None  # (step, metrics) of the step whose results are not fetched yet
   try:
     for step in range(start, cfg.optim.steps):
+      if proportions_of is not None:
+        p = np.asarray(jax.device_get(proportions_of(state.method, state.step)), np.float64)
+        # All zeros: the method has none yet (e.g. R&B's first round).
+        data.train_iter.set_proportions(p if p.sum() > 0 else base_proportions)
       batch = put_train(next(data.train_iter))
       state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
       done = step + 1
@@ -436,7 +466,8 @@ def train_run(cfg: TrainConfig) -> dict:
              "steps": cfg.optim.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
              "wall_s": wall_before + time.perf_counter() - wall0,  # whole run, resumes included
              "tokens_per_s": steps_run * cfg.optim.batch_size * cfg.optim.seq_len / elapsed if elapsed else 0.0,
-             "val_loss": final, **reporting.perplexities(final),
+             "val_loss": final, "token_shares": data.token_shares,
+             **reporting.perplexities(final, data.token_shares),
              "val_missing": data.val_missing,  # left out of the averages (warned)
              # the failure policy's counts over the whole run (resumes included)
              "nonfinite_samples": sum(int(r.get("nonfinite", 0)) for r in tracker.records),
@@ -451,7 +482,7 @@ def train_run(cfg: TrainConfig) -> dict:
            f"{cfg.model.name}, {cfg.optim.steps} steps, batch {cfg.optim.batch_size} x {cfg.optim.seq_len}")
   if not distributed.is_main_process():
     return summary
-  text = reporting.summary_table(title, final, summary["steps_per_s"])
+  text = reporting.summary_table(title, final, summary["steps_per_s"], shares=data.token_shares)
   (out_dir / "summary.txt").write_text(text + "\n")
   (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
   if cfg.run.plots:

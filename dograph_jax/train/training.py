@@ -212,6 +212,14 @@ def make_train_step(graphdef, tx: Optimizer, cfg: TrainConfig, *, state_sharding
   return jitted
 
 
+def make_proportions_fn(cfg: TrainConfig) -> Callable:
+  """Jitted ``(method state, step) -> (D,)`` proportions with which an online
+  mixer in the sample form wants step ``step``'s batch drawn (replicated
+  values; all zeros: the run's own proportions)."""
+  method = make_method(cfg, None)
+  return jax.jit(method.proportions)
+
+
 def make_eval_step(graphdef, mesh=None) -> Callable:
   """Jitted ``(params, tokens (B, T+1)) -> per-sequence mean loss (B,)``
   (replicated over ``mesh`` if given, so that every host can read it)."""
