@@ -102,7 +102,7 @@ class DoGraphState(NamedTuple):
   applied_weights: jax.Array  # (M,) float32, last weights used in the update
   counts: jax.Array           # (M,) int32, last batch's kept samples per domain
   assignments: jax.Array | None   # (B,) int32, last domain of each sample; None if batch_size is None
-  coefficients: jax.Array | None  # (B,) float32, last a_i; None if batch_size is None
+  coefficients: jax.Array | None  # (B,) float32, last a_i (applied if in_batch); None if batch_size is None
   kept: jax.Array | None      # (B,) bool, samples the last update used; None if batch_size is None
   nonfinite: jax.Array        # () int32, samples dropped in the last update
   nonfinite_total: jax.Array  # () int32, samples dropped since init
@@ -210,6 +210,7 @@ def dograph_transform(
     solver_steps: int = 200,
     solver_backend: str = "auto",
     block_budget: int = DEFAULT_BLOCK_BUDGET,
+    in_batch: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """DoGraph: reduce per-sample gradients to a domain-weighted update.
 
@@ -296,6 +297,12 @@ def dograph_transform(
     solver_steps: iteration budget of the iterative weight solvers.
     solver_backend: ``"auto"``, ``"jaxopt"`` or ``"optax"``.
     block_budget: largest random block of the dense sketch.
+    in_batch: True (the paper): the update is ``sum_i a_i g_i``. False: the
+      update is the plain mean of the kept samples' gradients, while the
+      domains, weights and ``a_i`` are computed (and kept in the state) as
+      before -- for a trainer that applies the weights by *sampling* its
+      batches with them (``--apply_weights sample``), where weighting the
+      batch as well would count them twice.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update(updates, state,
@@ -345,7 +352,11 @@ def dograph_transform(
     domains, part = mode.step(state.domains, x.z, x.kept, x.losses, state.count, seed_key, opts)
     w = mode.weights(domains, part, state.weights, state.count, opts)
     a_B = mode.coefficients(domains, part, w.applied, x.kept, opts)
-    out = x.reduce(a_B)
+    if in_batch:
+      out = x.reduce(a_B)
+    else:  # the weights act through the sampler: the plain mean of the kept samples
+      kept = x.kept.astype(jnp.float32)
+      out = x.reduce(kept / jnp.maximum(jnp.sum(kept), 1.0))
     dropped = jnp.sum(~x.kept).astype(jnp.int32)
     new_state = DoGraphState(
         count=optax.safe_increment(state.count), key=key,

@@ -44,3 +44,13 @@ def test_bad_config_fails_before_any_run():
     ablate.parse_configs(["x:no_such_option=1"])
   with pytest.raises(ValueError, match="LABEL"):
     ablate.parse_configs(["method=uniform"])
+  with pytest.raises(ValueError, match="key=value;key=value"):
+    ablate.parse_configs(["x:method=temperature,method_args=T"])
+
+
+def test_method_args_in_a_config_row():
+  (label, text), = ablate.parse_configs(
+      ["ado:method=ado,method_args=update_interval=100;start_step=200"]).items()
+  assert label == "ado"
+  assert ablate.parse_overrides(text) == {
+      "method": "ado", "method_args": {"update_interval": "100", "start_step": "200"}}

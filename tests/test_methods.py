@@ -316,6 +316,7 @@ def test_weights_form_resolves_each_papers_form():
   assert forms == {"aioli": True, "rnb_rounds": True, "group_dro": False,
                    "doremi_proxy": False, "doge_proxy": False, "loss_based": False,
                    "uniform": False, "dograph": False}
+  assert single_run.samples(config.make_config(method="dograph", apply_weights="sample"), 3)
 
 
 def test_sample_form_steps_on_the_batch_mean_and_the_mixer_still_learns(corpus, tmp_path):
@@ -340,5 +341,22 @@ def test_sample_form_steps_on_the_batch_mean_and_the_mixer_still_learns(corpus, 
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.allclose(np.asarray(sample.state.mixer.weights), 1 / len(data.names))
   # What the sampler is given: the mixer's weights after the step.
-  p = training.make_proportions_fn(cfg)(sample.state, state.step + 1)
+  base = np.full(len(data.names), 1.0 / len(data.names))
+  p = training.make_proportions_fn(cfg, base)(sample.state, state.step + 1)
   np.testing.assert_array_equal(np.asarray(p), np.asarray(sample.state.mixer.weights))
+
+
+def test_dograph_sample_ratio_is_the_running_mean_coefficient_per_group():
+  state = method_lib.DoGraphSampling(ratio=jnp.asarray([1.0, 2.0, 1.0], jnp.float32))
+  # 4 rows: groups 0, 0, 1, 2; row 3 (group 2) dropped by the transform.
+  a = jnp.asarray([0.5, 0.2, 0.3, 0.0])
+  kept = jnp.asarray([True, True, True, False])
+  new = method_lib._running_ratio(state, a, kept, jnp.asarray([0, 0, 1, 2]), 0.9)
+  # B_kept a_i = 3 a_i: group 0 rows 1.5, 0.6 (mean 1.05), group 1: 0.9; group 2 has no kept row.
+  np.testing.assert_allclose(new.ratio, [0.9 * 1.0 + 0.1 * 1.05, 0.9 * 2.0 + 0.1 * 0.9, 1.0],
+                             rtol=1e-6)
+  m = method_lib.DoGraphMethod(None, sketch="factored", update="bookkeeping", sketch_dim=8,
+                               seed=0, normalize_blocks=False, samples=True)
+  q = m.proportions(new, 0, jnp.asarray([0.5, 0.25, 0.25]))
+  want = np.array([0.5 * 1.005, 0.25 * 1.89, 0.25 * 1.0])
+  np.testing.assert_allclose(q, want / want.sum(), rtol=1e-6)

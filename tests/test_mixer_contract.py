@@ -73,6 +73,13 @@ MIXERS = [
     # round_steps=1: every step ends a round, so lambda acts from step 1.
     MixerCase("rnb", mixing.rnb, dict(round_steps=1, sketch_dim=4), dict(lam=(1.0, 4.0))),
     MixerCase("rnb_exact", mixing.rnb, dict(round_steps=1, sketch_dim=0), dict(lam=(1.0, 4.0))),
+    MixerCase("odm", mixing.odm, {}, dict(alpha=(0.9, 0.3))),
+    # Short fit schedule and a 2-point start grid: the fit compiles small.
+    MixerCase("ado", mixing.ado,
+              dict(update_interval=2, start_step=2, ignore_steps=0, subsample=1,
+                   savgol_window=3, max_points=8, max_iter=20,
+                   init_grid=((1.0, 1.0, 0.3), (3.0, 0.6, 0.5))),
+              dict(gamma1=(0.1, 0.5), gamma2=(0.1, 0.5), s=(0.5, 1.0), delta_min=(0.01, 0.3))),
 ]
 
 IDS = [case.name for case in MIXERS]

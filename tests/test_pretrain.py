@@ -54,7 +54,8 @@ def _final_params(cfg):
     ("dograph", {"model": "llama-mini"}),                         # the LLaMA family
     ("loss_based", {"model": "llama-mini"}),
     # the sample form: proportions change every step of Aioli's sweep (steps 0-4)
-    ("aioli", {"method_args": {"sweep_rounds": "1", "sweep_steps": "1", "round_steps": "7"}})])
+    ("aioli", {"method_args": {"sweep_rounds": "1", "sweep_steps": "1", "round_steps": "7"}}),
+    ("dograph", {"apply_weights": "sample"})])
 def test_resume_is_exact(corpus, tmp_path, method, extra):
   straight = _cfg(corpus, tmp_path / "straight", method=method, **extra)
   pretrain.train(straight)

@@ -307,3 +307,22 @@ def test_update_dtype_follows_gradients():
   update, state = _run(_literal(4, 32), grads, params)
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(update))
   assert state.centroids.dtype == jnp.float32 and state.weights.dtype == jnp.float32
+
+
+def test_in_batch_false_steps_on_the_mean_and_keeps_the_weights():
+  """in_batch=False (a trainer that samples with the weights): the update is
+  the plain mean gradient (jax.grad oracle); state and a_i are unchanged."""
+  params, batch = _params(), _batch()
+  losses, grads = _per_sample(params, batch)
+  results = {}
+  for in_batch in (True, False):
+    tx = dg.dograph_transform(4, 64, batch_size=B, in_batch=in_batch)
+    results[in_batch] = jax.jit(lambda g, s, l: tx.update(g, s, params, losses=l))(
+        grads, tx.init(params), losses)
+  mean = jax.grad(lambda p: jnp.mean(jax.vmap(_loss, in_axes=(None, 0))(p, batch)))(params)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7),
+               results[False][0], mean)
+  jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)),
+               results[False][1], results[True][1])
+  a = np.asarray(results[True][1].coefficients)
+  assert np.ptp(a) > 0  # the in-batch update differs from the mean

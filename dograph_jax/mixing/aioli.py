@@ -36,18 +36,25 @@ from the step number with ``jnp.where``, never from Python control flow, so
 one trace serves every step and every numeric hyperparameter may be a traced
 scalar.
 
-**In-batch form.** The repository re-samples its training data with the
-mixture (``set_proportions``). Here the mixture acts as in-batch loss weights
+**Sampled (the paper's form) or in-batch.** The repository re-samples its
+training data with the mixture (``set_proportions``); so does the trainer
+by default (``--apply_weights paper``, ``form="sample"``): before step ``t``
+it asks ``proportions(state, t)`` -- the prior, the sweep's skewed mixture
+or ``p``, by the phase of step ``t`` -- and draws the batch with it
+(:class:`~dograph_jax.data.DynamicMixIterator`), stepping on the batch
+mean. One lag differs from the repository: the step that ends a sweep
+trains on the old ``p`` (its new ``p`` needs that step's probe losses) and
+the next step on the new one. ``--apply_weights reweight`` applies the
+mixture as in-batch loss weights instead
 (:func:`~dograph_jax.mixing.base.domain_to_sample_weights`,
 ``w_i = m_{d(i)} / n_{d(i)}``): the weighted batch loss is
 ``sum_d m_d mean_{i in d} l_i``, whose expectation (given every domain is in
 the batch) is ``sum_d m_d E[l | d]``, the expected loss of a batch *sampled*
-with mixture ``m``. Both forms therefore follow the same expected gradient;
-they differ in batch noise (a domain weighted ``m_d`` is still represented by
-its ``n_d`` sampled rows), and a domain absent from a batch cannot be
-weighted at all (its share goes to the present domains). Sampling
-domain-stratified batches (``--proportions uniform``) keeps every domain
-present, which the sub-rounds' estimates rely on.
+with mixture ``m``. Both forms follow the same expected gradient; they
+differ in batch noise (in-batch, a domain weighted ``m_d`` is still
+represented by its ``n_d`` sampled rows, and one favoured in a sweep puts
+most of the gradient on those few rows), and in-batch a domain absent from
+a batch cannot be weighted at all (its share goes to the present domains).
 
 **Probe losses.** ``inputs.probe_losses`` are the held-out per-domain losses
 of the parameters *before* this step's update; only those at sub-round

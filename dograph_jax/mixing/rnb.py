@@ -31,13 +31,17 @@ and output-gradient), formed for all samples at once by
 
 Choices where the method leaves room (or where we had to choose):
 
-* **Proportions become in-batch weights.** R&B changes the *sampling*
-  distribution. Our sampler's mixture is fixed for a run (grain's ``mix``),
-  so ``p`` is applied as levanter-style domain weights on the naturally
-  sampled batch (:func:`~dograph_jax.mixing.base.domain_to_sample_weights`:
-  ``sum_c p_c mean_{i in c} grad l_i``), the same gradient in expectation as
-  sampling at ``p`` — as the DoReMi and DoGE proxies here do. Until the first
-  round has ended the step is the plain batch mean (natural proportions).
+* **Proportions are sampled (the paper's form) or weighted.** R&B changes
+  the *sampling* distribution: by default (``--apply_weights paper``, the
+  mixer's ``form="sample"``) the trainer draws each batch with the round's
+  ``p`` (:class:`~dograph_jax.data.DynamicMixIterator`, ``proportions``
+  hook below) and steps on the batch mean. ``--apply_weights reweight``
+  keeps the form of the versions before the sampler: ``p`` as levanter-style
+  domain weights on a batch drawn at the run's proportions
+  (:func:`~dograph_jax.mixing.base.domain_to_sample_weights`:
+  ``sum_c p_c mean_{i in c} grad l_i``), the same gradient in expectation.
+  Until the first round has ended the step is the plain batch mean at the
+  run's proportions in both forms.
 * **Never NaN weights.** A round whose sums are not finite (a diverged
   sample) leaves the proportions and ``G`` as they were.
 * **A cluster absent from a round** has ``|S_i| = 0``: its row and column of

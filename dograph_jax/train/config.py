@@ -54,7 +54,8 @@ from dograph_jax.train.tracking import SINKS
 
 _TRANSFORM = inspect.signature(dograph_transform).parameters
 # Filled in by the trainer (the run's seed and batch size), not options.
-TRAINER_FILLED = ("seed", "batch_size")
+# in_batch: False when the run samples with DoGraph's weights (--apply_weights sample).
+TRAINER_FILLED = ("seed", "batch_size", "in_batch")
 
 
 def _default(name: str) -> Any:
@@ -126,11 +127,13 @@ class DoGraphConfig:
     kind = "kronecker" if sketch == "factored" else self.sketch_kind
     return self.sketch_dim or default_sketch_dim(kind)
 
-  def transform_kwargs(self, *, seed: int, batch_size: int, sketch: str) -> dict:
+  def transform_kwargs(self, *, seed: int, batch_size: int, sketch: str,
+                       in_batch: bool = True) -> dict:
     """Keyword arguments of ``dograph_transform`` for a run (``sketch``:
-    ``TrainConfig.sketch``, which fixes the map and so the default ``K``)."""
+    ``TrainConfig.sketch``, which fixes the map and so the default ``K``;
+    ``in_batch``: False when the trainer samples with the weights)."""
     return {**dataclasses.asdict(self), "seed": seed, "batch_size": batch_size,
-            "sketch_dim": self.resolved_sketch_dim(sketch)}
+            "sketch_dim": self.resolved_sketch_dim(sketch), "in_batch": in_batch}
 
 
 # DoGraph's hyperparameters that change no shape: traced (sweepable without

@@ -61,6 +61,7 @@ class Report(NamedTuple):
   loss: jax.Array     # () the training loss logged and checked (NaN: nothing left to train on)
   skip: jax.Array     # () bool, leave the step out (clip, AdamW and params do not move)
   metrics: dict       # method-specific metrics of the step
+  state: PyTree       # the method's state after the step
 
 
 class Method(Protocol):
@@ -72,8 +73,13 @@ class Method(Protocol):
   def grads(self, params: PyTree, state: PyTree, batch: dict, step: jax.Array) -> MethodOutput:
     """Losses and the gradient material of ``batch`` (``tokens`` (B, T + 1), ``domain_id`` (B,))."""
 
-  def report(self, out: MethodOutput, head_state: Any) -> Report:
-    """The step's loss, skip flag and metrics; ``head_state``: DoGraph's state, or None."""
+  def report(self, out: MethodOutput, head_state: Any, batch: dict) -> Report:
+    """The step's loss, skip flag, metrics and the method's new state;
+    ``head_state``: DoGraph's state, or None."""
+
+  # Optional, for a method that applies its weights by sampling
+  # (``--apply_weights sample``):
+  # def proportions(self, state, step, base_D) -> (D,) proportions of the batch of ``step``.
 
 
 def _sequence_losses(graphdef, params, tokens_BxT1):
@@ -100,8 +106,8 @@ class PlainMethod:
     (_, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
     return MethodOutput(losses, grads, state, {})
 
-  def report(self, out, head_state):
-    return Report(jnp.mean(out.losses), jnp.zeros((), bool), {})
+  def report(self, out, head_state, batch):
+    return Report(jnp.mean(out.losses), jnp.zeros((), bool), {}, out.state)
 
 
 class DoGraphMethod:
@@ -114,12 +120,17 @@ class DoGraphMethod:
   """
 
   def __init__(self, graphdef, *, sketch: str, update: str, sketch_dim: int, seed: int,
-               normalize_blocks: bool):
+               normalize_blocks: bool, samples: bool = False, decay: float = 0.9):
     self.graphdef, self.sketch, self.update = graphdef, sketch, update
     self.sketch_dim, self.seed, self.normalize_blocks = sketch_dim, seed, normalize_blocks
+    self.samples, self.decay = samples, decay
 
   def init(self, params, human_domains):
-    return ()
+    if not self.samples:
+      return ()
+    if human_domains < 1:
+      raise ValueError("DoGraph's sample form needs the corpus's sampling groups (human_domains >= 1)")
+    return DoGraphSampling(ratio=jnp.ones((human_domains,), jnp.float32))
 
   def grads(self, params, state, batch, step):
     tokens = batch["tokens"]
@@ -134,7 +145,7 @@ class DoGraphMethod:
     losses, grads = dg.per_sample_loss_and_grads(loss_one, params, tokens)
     return MethodOutput(losses, grads, state, {"losses": losses})
 
-  def report(self, out, head_state):
+  def report(self, out, head_state, batch):
     # The samples the transform kept (it drops those with a non-finite loss
     # or gradient, or a sketch beyond dg.MAX_SKETCH_ENTRY).
     kept_B = head_state.kept
@@ -149,7 +160,40 @@ class DoGraphMethod:
                    coefficients=head_state.coefficients)
     if head_state.frequencies is not None:
       metrics["frequencies"] = head_state.frequencies
-    return Report(loss, skip, metrics)
+    state = out.state
+    if self.samples:
+      state = _running_ratio(out.state, head_state.coefficients, kept_B, batch["domain_id"],
+                             self.decay)
+      metrics["sampling_ratio"] = state.ratio
+    return Report(loss, skip, metrics, state)
+
+  def proportions(self, state: DoGraphSampling, step, base_D):
+    """``(D,)`` sampling proportions ``base_d * ratio_d`` (normalised): each
+    sampling group drawn as much more or less than at the run's proportions
+    as DoGraph's coefficients weigh its rows on average."""
+    q = jnp.asarray(base_D, jnp.float32) * state.ratio
+    return q / jnp.sum(q)
+
+
+class DoGraphSampling(NamedTuple):
+  """DoGraph's state in the sample form (``--apply_weights sample``)."""
+  ratio: jax.Array    # (D,) running mean coefficient of each sampling group's rows, x B (1: natural)
+
+
+def _running_ratio(state: DoGraphSampling, a_B, kept_B, domain_id, decay) -> DoGraphSampling:
+  """Moves each sampling group's ratio towards the batch's mean ``B a_i``
+  over its kept rows (``a_i`` DoGraph's in-batch coefficients, summing to 1:
+  ``B a_i = 1`` is the natural weight of a row). A group absent from the
+  batch keeps its ratio. The mean is per row, so it does not depend on how
+  many rows of the group the sampler drew."""
+  num = state.ratio.shape[0]
+  kept = kept_B.astype(jnp.float32)
+  rows = jnp.zeros((num,), jnp.float32).at[domain_id].add(kept)
+  mass = jnp.zeros((num,), jnp.float32).at[domain_id].add(a_B * kept) * jnp.sum(kept)
+  batch_ratio = mass / jnp.maximum(rows, 1.0)
+  ok = (rows > 0) & jnp.isfinite(batch_ratio)
+  return DoGraphSampling(jnp.where(ok, decay * state.ratio + (1.0 - decay) * batch_ratio,
+                                   state.ratio))
 
 
 class MixerState(NamedTuple):
@@ -187,11 +231,13 @@ class MixerMethod:
     paper = self._mixer(human_domains, self.traced).form
     return methods.weights_form(self.method, self.apply_weights, paper)
 
-  def proportions(self, state: MixerState, step: jax.Array) -> jax.Array:
+  def proportions(self, state: MixerState, step: jax.Array, base_D) -> jax.Array:
     """``(D,)`` proportions to draw step ``step``'s batch with (sample form),
-    from the state after step ``step - 1``; all zeros: the run's own."""
+    from the state after step ``step - 1``; ``base_D``, the run's own, while
+    the mixer has none (all zeros)."""
     mixer = self._mixer(state.mixer.weights.shape[0], state.hparams)
-    return sampling_proportions(mixer, state.mixer, step).astype(jnp.float32)
+    p = sampling_proportions(mixer, state.mixer, step).astype(jnp.float32)
+    return jnp.where(jnp.sum(p) > 0, p, jnp.asarray(base_D, jnp.float32))
 
   def init(self, params, human_domains):
     if human_domains < 1:
@@ -254,8 +300,9 @@ class MixerMethod:
     grads = vjp(jax.lax.stop_gradient(weights_B).astype(losses_B.dtype))[0]
     return MethodOutput(losses_B, grads, state._replace(mixer=mixer_state), {})
 
-  def report(self, out, head_state):
-    return Report(jnp.mean(out.losses), jnp.zeros((), bool), {"weights": out.state.mixer.weights})
+  def report(self, out, head_state, batch):
+    return Report(jnp.mean(out.losses), jnp.zeros((), bool), {"weights": out.state.mixer.weights},
+                  out.state)
 
 
 def _head_width(params) -> int:
@@ -294,7 +341,8 @@ def make_method(cfg, graphdef, *, probe_tokens=None, ref_params=None) -> Method:
   if cls is DoGraphMethod:
     return DoGraphMethod(graphdef, sketch=cfg.sketch, update=cfg.update,
                          sketch_dim=cfg.dograph.resolved_sketch_dim(cfg.sketch), seed=cfg.run.seed,
-                         normalize_blocks=cfg.dograph.normalize_blocks)
+                         normalize_blocks=cfg.dograph.normalize_blocks,
+                         samples=cfg.apply_weights == "sample", decay=cfg.dograph.decay)
   if cls is MixerMethod:
     return MixerMethod(graphdef, cfg.method, cfg.method_args, apply_weights=cfg.apply_weights,
                        probe_tokens=probe_tokens, ref_params=ref_params)

@@ -9,7 +9,8 @@ Three kinds:
   losses (and, where it asks, reference losses, the per-domain gradient Gram
   matrix or held-out probe losses) into per-sample loss weights:
   ``loss_based`` (Sow et al. 2025), ``group_dro`` (Sagawa et al. 2020),
-  ``aioli`` (Chen et al. 2025), the proxy runs ``doremi_proxy`` and
+  ``aioli`` (Chen et al. 2025), ``ado`` (Jiang et al. 2025), ``odm``
+  (Albalak et al. 2023), the proxy runs ``doremi_proxy`` and
   ``doge_proxy``, and ``rnb_rounds`` (R&B's round rule, on clusters).
 * ``offline`` — a pipeline of proxy runs that ends in sampling proportions
   for a final plain run: ``stratified``, ``temperature``, ``doremi``,
@@ -44,12 +45,14 @@ ONLINE = {
     "doremi_proxy": ("dograph_jax.mixing.doremi", "doremi"),
     "doge_proxy": ("dograph_jax.mixing.doge", "doge"),
     "rnb_rounds": ("dograph_jax.mixing.rnb", "rnb"),
+    "ado": ("dograph_jax.mixing.ado", "ado"),
+    "odm": ("dograph_jax.mixing.odm", "odm"),
 }
 OFFLINE = ("stratified", "temperature", "doremi", "doge", "regmix", "mixing_law", "rnb")
 METHODS = ("uniform", "dograph", *ONLINE, *OFFLINE)
 # The paper's Table 2 order, then the extra baselines: what compare.py runs.
 COMPARED = ("uniform", "stratified", "loss_based", "doremi", "doge", "regmix", "mixing_law",
-            "group_dro", "aioli", "temperature", "rnb", "dograph")
+            "group_dro", "aioli", "temperature", "rnb", "ado", "odm", "dograph")
 
 
 # Offline methods whose proxy run is an online mixer: their --method_args go to it.

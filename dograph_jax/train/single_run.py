@@ -138,7 +138,10 @@ def _mixer(cfg: TrainConfig, packed):
 
 def samples(cfg: TrainConfig, num_domains: int) -> bool:
   """Whether the run draws each batch with its method's current proportions
-  (an online mixer in the ``sample`` form, ``--apply_weights``)."""
+  (an online mixer in the ``sample`` form, or DoGraph with ``--apply_weights
+  sample``; DoGraph's ``paper`` form weights the batch)."""
+  if cfg.method == "dograph":
+    return cfg.apply_weights == "sample"
   if methods.kind(cfg.method) != "online":
     return False
   static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
@@ -231,6 +234,8 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
     record["weights"] = [float(w) for w in m["weights"]]
   if "frequencies" in m:
     record["frequencies"] = [float(p) for p in m["frequencies"]]
+  if "sampling_ratio" in m:  # DoGraph's sample form: each group's running mean B a_i
+    record["sampling_ratio"] = {n: float(r) for n, r in zip(names, m["sampling_ratio"])}
   if "coefficients" in m:  # each human domain's share of the update (sum of a_i)
     a = np.asarray(m["coefficients"])
     record["update_share"] = {n: float(a[domain == i].sum()) for i, n in enumerate(names)}
@@ -338,9 +343,9 @@ def train_run(cfg: TrainConfig) -> dict:
   # The sample form: each batch is drawn with the method's proportions of
   # that step, read from the state after the previous step (a small
   # device-to-host copy per step; the step before it must have finished).
-  proportions_of = (training.make_proportions_fn(cfg) if isinstance(data.train_iter, DynamicMixIterator)
-                    else None)
   base_proportions = np.asarray([data.proportions[n] for n in data.names])
+  proportions_of = (training.make_proportions_fn(cfg, base_proportions)
+                    if isinstance(data.train_iter, DynamicMixIterator) else None)
   eval_step = training.make_eval_step(graphdef, mesh)
 
   checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
@@ -426,9 +431,8 @@ def train_run(cfg: TrainConfig) -> dict:
   try:
     for step in range(start, cfg.optim.steps):
       if proportions_of is not None:
-        p = np.asarray(jax.device_get(proportions_of(state.method, state.step)), np.float64)
-        # All zeros: the method has none yet (e.g. R&B's first round).
-        data.train_iter.set_proportions(p if p.sum() > 0 else base_proportions)
+        data.train_iter.set_proportions(
+            np.asarray(jax.device_get(proportions_of(state.method, state.step)), np.float64))
       batch = put_train(next(data.train_iter))
       state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
       done = step + 1

@@ -91,7 +91,8 @@ def make_optimizer(cfg: TrainConfig) -> Optimizer:
     # its own list (dg.STATIC_ARGS), every other (float) argument is traced.
     head = optax.inject_hyperparams(dg.dograph_transform, static_args=dg.STATIC_ARGS)(
         **cfg.dograph.transform_kwargs(seed=cfg.run.seed, batch_size=cfg.optim.batch_size,
-                                       sketch=cfg.sketch))
+                                       sketch=cfg.sketch,
+                                       in_batch=cfg.apply_weights != "sample"))
   return Optimizer(head, tail)
 
 
@@ -187,7 +188,7 @@ def make_train_step(graphdef, tx: Optimizer, cfg: TrainConfig, *, state_sharding
     updates, head = out.grads, opt.head
     if tx.head is not None:  # DoGraph reduces the batch axis
       updates, head = tx.head.update(updates, opt.head, params, **out.update_args)
-    report = method.report(out, dograph_state(OptState(head, opt.tail)))
+    report = method.report(out, dograph_state(OptState(head, opt.tail)), batch)
     updates, tail = tx.tail.update(updates, opt.tail, params, skip=report.skip)
     # Parameters move only if the tail applied the update; DoGraph's own
     # state (centroids, counts) keeps a skipped step but not a non-finite one.
@@ -200,7 +201,7 @@ def make_train_step(graphdef, tx: Optimizer, cfg: TrainConfig, *, state_sharding
                "lr": hyper["learning_rate"] * warmup_cosine(state.step, warmup, total),
                **report.metrics}
     return TrainState(step=state.step + 1, params=params, opt_state=OptState(head, tail),
-                      method=out.state), metrics
+                      method=report.state), metrics
 
   shardings = {}
   if state_sharding is not None:
@@ -212,12 +213,14 @@ def make_train_step(graphdef, tx: Optimizer, cfg: TrainConfig, *, state_sharding
   return jitted
 
 
-def make_proportions_fn(cfg: TrainConfig) -> Callable:
-  """Jitted ``(method state, step) -> (D,)`` proportions with which an online
-  mixer in the sample form wants step ``step``'s batch drawn (replicated
-  values; all zeros: the run's own proportions)."""
+def make_proportions_fn(cfg: TrainConfig, base_D) -> Callable:
+  """Jitted ``(method state, step) -> (D,)`` proportions with which a method
+  in the sample form (``--apply_weights sample``: an online mixer, or
+  DoGraph) wants step ``step``'s batch drawn; ``base_D``: the run's own
+  proportions (domain order)."""
   method = make_method(cfg, None)
-  return jax.jit(method.proportions)
+  base_D = jnp.asarray(base_D, jnp.float32)
+  return jax.jit(lambda state, step: method.proportions(state, step, base_D))
 
 
 def make_eval_step(graphdef, mesh=None) -> Callable:

@@ -70,6 +70,7 @@ class DoGraphOptions:
   solver_steps: int
   solver_backend: str
   block_budget: int
+  in_batch: bool
 
   def __post_init__(self):
     _validate(self)
