@@ -360,3 +360,23 @@ def test_dograph_sample_ratio_is_the_running_mean_coefficient_per_group():
   q = m.proportions(new, 0, jnp.asarray([0.5, 0.25, 0.25]))
   want = np.array([0.5 * 1.005, 0.25 * 1.89, 0.25 * 1.0])
   np.testing.assert_allclose(q, want / want.sum(), rtol=1e-6)
+
+
+def test_batch_drawer_draws_with_the_states_proportions(corpus, tmp_path):
+  """What both the trainer and sweep.py use: in the sample form the batch of
+  a step follows the proportions of the state it is given."""
+  cfg = _cfg(corpus, tmp_path, method="group_dro", apply_weights="sample")
+  data = single_run.load_data(cfg)
+  _, _, params = training.build_model(cfg, data.vocab_size)
+  state = training.init_train_state(params, training.make_optimizer(cfg), cfg, len(data.names))
+  draw = single_run.batch_drawer(cfg, data)
+  weights = np.zeros(len(data.names), np.float32)
+  weights[[1, 3]] = [0.25, 0.75]
+  state = state._replace(method=state.method._replace(
+      mixer=state.method.mixer._replace(weights=jnp.asarray(weights))))
+  ids = np.concatenate([draw(state)["domain_id"] for _ in range(8)])
+  assert set(ids.tolist()) == {1, 3}
+  assert abs((ids == 3).mean() - 0.75) < 0.1
+  plain = single_run.batch_drawer(config.replace(cfg, apply_weights="reweight"),
+                                  single_run.load_data(config.replace(cfg, apply_weights="reweight")))
+  assert len(set(np.concatenate([plain(state)["domain_id"] for _ in range(4)]).tolist())) > 2

@@ -38,6 +38,22 @@ number plotted) into ``--out``:
 ``cost``        DoGraph's step time and wall-clock against Uniform from the same
     runs (paired by seed), and the step ratios of ``benchmarks/bench_step.py
     --json``, in one table.
+``dynamics``    why DoGraph's gain over Uniform fades, from the runs' logs.
+    *The gap*: at every evaluation step the average validation PPL
+    ``exp(mean_d val_loss_d)`` of each label (mean ± std over seeds) and the
+    seed-paired difference DoGraph − Uniform (mean ± std, seeds better);
+    plotted as the ratio DoGraph / Uniform and as both curves. *The
+    weights* (each ``--dograph`` label, comma-separated), averaged over the
+    training records in ``(s - --window, s]`` for each ``s`` in ``--at``, then
+    mean ± std over seeds: the departure ``sum_k p_k |w_k / p_k - 1|`` of the
+    applied weights ``w`` from the running frequencies ``p`` (clusters with
+    ``p_k > 0``) and ``max_k w_k / p_k``; the clusters alive (``p_k >= 1 / (4
+    M)``); the effective batch size fraction ``ESS / B`` of the persistent
+    mode's coefficients ``a_i ∝ r_{c(i)}``, ``r_k = min(w_k / p_k,
+    max_ratio)`` (0 where ``p_k = 0``), ``n_k`` the batch rows of cluster
+    ``k``: ``ESS = (sum_k n_k r_k)^2 / sum_k n_k r_k^2``, ``B = sum_k n_k``
+    (1 for ``--apply_weights sample`` runs, whose update is the plain mean;
+    there also the spread max / min of the groups' ``sampling_ratio``).
 
 The run directories are ``ablate.py``'s layout ``RUNS/<corpus>/<label>/seed<k>``;
 ``--uniform``, ``--dograph`` and ``--stratified`` name the labels. Examples
@@ -49,6 +65,9 @@ The run directories are ``ablate.py``'s layout ``RUNS/<corpus>/<label>/seed<k>``
         --out experiments/results/analysis_objectives
     python experiments/analyses.py domains --runs runs/analyses \\
         --out experiments/results/analysis_domains
+    python experiments/analyses.py dynamics --runs runs/mixing_1000 \\
+        --uniform uniform --dograph dograph,dograph_sample --at 400,1000 \\
+        --window 100 --out experiments/results/analysis_dynamics
 """
 
 from __future__ import annotations

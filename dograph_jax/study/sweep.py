@@ -26,6 +26,7 @@ domain) and writes ``sweep.json`` in ``--out_dir``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -118,8 +119,10 @@ def run_sweep(cfg: TrainConfig, grid: dict[str, list[float]]):
       train_iter = single_run.load_data(config.replace(cfg, proportions=proportions)).train_iter
     else:
       train_iter.set_state(start_position)
+    # The sample form draws each batch with the method's proportions of the step.
+    draw = single_run.batch_drawer(cfg, dataclasses.replace(data, train_iter=train_iter))
     for step in range(cfg.optim.steps):
-      state, metrics = train_step(state, next(train_iter))
+      state, metrics = train_step(state, draw(state))
     loss = float(metrics["loss"])
     val = single_run.evaluate(eval_step, state.params, data.eval_batches)
     p = reporting.perplexities(val) if all(map(math.isfinite, val.values())) else {}

@@ -162,6 +162,26 @@ def _hold_out_probe(packed, rows: int):
   return kept, probe
 
 
+def batch_drawer(cfg: TrainConfig, data: RunData):
+  """``draw(state) -> batch``: the next training batch of ``data.train_iter``.
+
+  In the sample form (``data.train_iter`` a ``DynamicMixIterator``) the
+  sampler first gets the method's proportions for step ``state.step``,
+  computed from ``state`` (the state after the previous step): a small
+  device-to-host copy per step, which waits for the previous step to finish.
+  """
+  if not isinstance(data.train_iter, DynamicMixIterator):
+    return lambda state: next(data.train_iter)
+  base = np.asarray([data.proportions[n] for n in data.names])
+  proportions_of = training.make_proportions_fn(cfg, base)
+
+  def draw(state):
+    p = jax.device_get(proportions_of(state.method, state.step))
+    data.train_iter.set_proportions(np.asarray(p, np.float64))
+    return next(data.train_iter)
+  return draw
+
+
 def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[training.TrainState, dict, TrainConfig]:
   """``(train state, checkpoint meta, run config)`` of the run in ``run_dir``
   at checkpoint ``step`` (default: the last complete one), restored through
@@ -343,9 +363,7 @@ def train_run(cfg: TrainConfig) -> dict:
   # The sample form: each batch is drawn with the method's proportions of
   # that step, read from the state after the previous step (a small
   # device-to-host copy per step; the step before it must have finished).
-  base_proportions = np.asarray([data.proportions[n] for n in data.names])
-  proportions_of = (training.make_proportions_fn(cfg, base_proportions)
-                    if isinstance(data.train_iter, DynamicMixIterator) else None)
+  draw = batch_drawer(cfg, data)
   eval_step = training.make_eval_step(graphdef, mesh)
 
   checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
@@ -430,10 +448,7 @@ def train_run(cfg: TrainConfig) -> dict:
   pending = None  # (step, metrics) of the step whose results are not fetched yet
   try:
     for step in range(start, cfg.optim.steps):
-      if proportions_of is not None:
-        data.train_iter.set_proportions(
-            np.asarray(jax.device_get(proportions_of(state.method, state.step)), np.float64))
-      batch = put_train(next(data.train_iter))
+      batch = put_train(draw(state))
       state, metrics = train_step(state, batch)  # dispatched, runs asynchronously
       done = step + 1
       # Fetch the previous step's metrics while this one runs (nanodo-style),
