@@ -211,3 +211,117 @@ def test_steady_speed_uses_the_last_session_of_a_resumed_run():
   assert analyses.steady_steps_per_s(records) == pytest.approx(4.0)
   assert analyses.steady_steps_per_s(records[:2]) == pytest.approx(2.0)
   assert analyses.steady_steps_per_s([{"step": 4, "loss": 1.0}]) is None
+
+
+# ---------------------------------------------------------------------------
+# dynamics: fake run directories with hand-written logs (no training).
+
+def _fake_run(runs, corpus, label, seed, records, apply_weights="paper", finished=True):
+  run = runs / corpus / label / f"seed{seed}"
+  run.mkdir(parents=True)
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  (run / "config.json").write_text(json.dumps({
+      "method": "uniform" if label == "uniform" else "dograph", "apply_weights": apply_weights,
+      "dograph": {"max_ratio": 1.5, "num_domains": 3}, "optim": {"batch_size": 8}}))
+  if finished:
+    (run / "summary.json").write_text("{}")
+
+
+def _val(step, ppl):
+  """An evaluation record whose average PPL exp(mean_d val_loss_d) is ``ppl``:
+  two domains at ppl / 2 and 2 ppl (their mean PPL, 1.25 ppl, would differ)."""
+  return {"step": step, "val_loss": {"a": math.log(ppl / 2), "b": math.log(2 * ppl)}}
+
+
+# The hand case: w / p = (2, 0.4, —) with p_3 = 0 (a cluster reseeded this step).
+HAND = {"weights": [0.5, 0.3, 0.2], "frequencies": [0.25, 0.75, 0.0], "cluster_sizes": [2, 5, 1]}
+FLAT = {"weights": [0.5, 0.5, 0.0], "frequencies": [0.5, 0.5, 0.0], "cluster_sizes": [4, 4, 0]}
+
+
+def test_weight_stats_by_hand():
+  s = analyses.weight_stats(HAND["weights"], HAND["frequencies"], HAND["cluster_sizes"], 1.5)
+  # departure: 0.25 |2 - 1| + 0.75 |0.4 - 1| = 0.25 + 0.45 (the p = 0 cluster left out)
+  assert s["departure"] == pytest.approx(0.7, abs=1e-12)
+  assert s["max_ratio"] == pytest.approx(2.0)  # uncapped
+  assert s["alive"] == 2  # 1 / (4 M) = 1/12: 0.25 and 0.75 pass, 0 does not
+  # r = (min(2, 1.5), 0.4, 0), n = (2, 5, 1): ESS = (3 + 2)^2 / (4.5 + 0.8), B = 8 (the
+  # reseeded cluster's row counts in B with a zero coefficient).
+  assert s["ess_fraction"] == pytest.approx(25 / 5.3 / 8, abs=1e-12)
+  assert "sampling_spread" not in s
+  flat = analyses.weight_stats(FLAT["weights"], FLAT["frequencies"], FLAT["cluster_sizes"], 1.5)
+  assert (flat["departure"], flat["max_ratio"], flat["ess_fraction"]) == (0.0, 1.0, 1.0)
+  assert flat["alive"] == 2
+  # The threshold is inclusive: p = 1 / (4 M) = 1/8 with M = 2 is alive.
+  assert analyses.weight_stats([0.5, 0.5], [0.125, 0.875], [1, 7], 4.0)["alive"] == 2
+  # Sample form: the update is the plain mean whatever w / p; the groups' spread.
+  s = analyses.weight_stats(HAND["weights"], HAND["frequencies"], HAND["cluster_sizes"], 1.5,
+                            sample=True, sampling_ratio={"x": 0.5, "y": 2.0, "z": 1.0})
+  assert (s["ess_fraction"], s["sampling_spread"]) == (1.0, 4.0)
+  assert s["departure"] == pytest.approx(0.7)
+
+
+def test_dynamics_gap_weights_and_skips(tmp_path, capsys):
+  runs = tmp_path / "runs"
+  # Uniform: PPL 20 / 30 at step 100 and 10 / 12 at step 200 (seed 0 resumed: its
+  # first step-100 evaluation, 99, is superseded by the later one).
+  _fake_run(runs, "c", "uniform", 0, [_val(100, 99.0), _val(100, 20.0), _val(200, 10.0)])
+  _fake_run(runs, "c", "uniform", 1, [_val(100, 30.0), _val(200, 12.0)])
+  # DoGraph: 16 / 27, then 10 (a tie: not better) / 11. Training records at 50 (outside the window
+  # (50, 100]: a wild one that would show), 75 and 100.
+  wild = {"step": 50, "weights": [1.0, 0.0, 0.0], "frequencies": [0.01, 0.01, 0.98],
+          "cluster_sizes": [8, 0, 0]}
+  _fake_run(runs, "c", "dograph", 0, [wild, {"step": 75, **HAND}, {"step": 100, **FLAT},
+                                      _val(100, 16.0), _val(200, 10.0)])
+  _fake_run(runs, "c", "dograph", 1, [wild, {"step": 75, **FLAT}, {"step": 100, **FLAT},
+                                      _val(100, 27.0), _val(200, 11.0)])
+  _fake_run(runs, "c", "dograph", 2, [_val(100, 1.0)], finished=False)  # still running
+  _fake_run(runs, "c", "dograph_sample", 0,
+            [{"step": 100, **HAND, "sampling_ratio": {"x": 0.5, "y": 2.0}}, _val(100, 19.0)],
+            apply_weights="sample")
+  _fake_run(runs, "d", "dograph", 0, [_val(100, 5.0)])  # no Uniform: corpus left out
+  out = tmp_path / "out"
+  argv = ["dynamics", "--runs", str(runs), "--uniform", "uniform", "--dograph",
+          "dograph,dograph_sample,absent", "--at", "100,400", "--window", "50", "--out", str(out)]
+  assert analyses.main(argv) == 0
+  logged = capsys.readouterr().err  # main's logging goes to stderr
+  assert "c: no finished 'absent' runs; left out" in logged
+  assert "d: needs finished 'uniform' runs" in logged
+  data = json.loads((out / "analysis.json").read_text())
+  assert list(data["corpora"]) == ["c"]
+  c = data["corpora"]["c"]
+  assert set(c["curves"]) == {"uniform", "dograph", "dograph_sample"}
+  u = c["curves"]["uniform"]
+  assert u["steps"] == [100, 200] and u["seeds"] == [0, 1]
+  np.testing.assert_allclose(u["mean"], [25.0, 11.0])
+  np.testing.assert_allclose(u["std"], [5.0, 1.0])
+  p = c["paired"]["dograph"]
+  assert p["seeds"] == [0, 1] and p["steps"] == [100, 200]  # the unfinished seed 2 ignored
+  np.testing.assert_allclose(p["diff_mean"], [-3.5, -0.5], atol=1e-12)  # (-4, -3), (0, -1)
+  np.testing.assert_allclose(p["diff_std"], [0.5, 0.5])
+  assert p["better"] == [2, 1]
+  np.testing.assert_allclose(p["ratio_mean"], [0.85, (1 + 11 / 12) / 2])
+  assert c["paired"]["dograph_sample"]["steps"] == [100]
+  assert c["paired"]["dograph_sample"]["diff_mean"] == pytest.approx([-1.0])
+
+  w = c["weights"]["dograph"]["at"]
+  assert w["100"]["records"] == [2, 2]
+  assert w["100"]["departure"] == pytest.approx([0.175, 0.175])  # seeds 0.35, 0
+  assert w["100"]["max_ratio"] == pytest.approx([1.25, 0.25])  # seeds (2 + 1) / 2, 1
+  assert w["100"]["alive"] == pytest.approx([2.0, 0.0])
+  ess0 = (25 / 5.3 / 8 + 1) / 2
+  assert w["100"]["ess_fraction"] == pytest.approx([(ess0 + 1) / 2, (1 - ess0) / 2])
+  assert w["400"]["records"] == [0, 0] and w["400"]["departure"] is None  # nothing logged
+  s = c["weights"]["dograph_sample"]
+  assert s["apply_weights"] == "sample"
+  assert s["at"]["100"]["ess_fraction"] == [1.0, 0.0]
+  assert s["at"]["100"]["sampling_spread"] == [4.0, 0.0]
+
+  text = (out / "table.md").read_text()
+  assert text.splitlines()[2] == ("Command: `python experiments/analyses.py " + " ".join(argv)
+                                  + "`")
+  assert ("| step | uniform PPL (2 seeds) | dograph PPL (2 seeds) | dograph_sample PPL (1 seeds) "
+          "| Δ dograph − uniform (2 seeds) |") in text
+  assert "| 100 | 25.00 ± 5.00 | 21.50 ± 5.50 | 19.00 ± 0.00 | -3.50 ± 0.50 (2/2) |" in text
+  assert "| 200 | 11.00 ± 1.00 | 10.50 ± 0.50 | — | -0.50 ± 0.50 (1/2) |" in text
+  assert "| ESS/B | " in text and "| sampling_ratio max/min | 4.000 ± 0.000 | — |" in text
+  assert (out / "gap.png").stat().st_size > 0

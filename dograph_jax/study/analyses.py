@@ -752,6 +752,250 @@ def write_cost(data: dict, out: Path, command: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# 6. Dynamics: why the gain over Uniform fades.
+
+def eval_ppl(records: list[dict]) -> dict[int, float]:
+  """``{step: exp(mean_d val_loss_d)}`` of a run's evaluation records (the
+  average validation PPL of ``summary.json``). A resumed run may log a step
+  twice; its later record (the session that went on) wins."""
+  return {int(r["step"]): math.exp(float(np.mean(list(r["val_loss"].values()))))
+          for r in records if r.get("val_loss")}
+
+
+def weight_stats(weights_M, frequencies_M, sizes_M, max_ratio: float,
+                 sample: bool = False, sampling_ratio: dict | None = None) -> dict:
+  """What DoGraph's weights do at one logged step (definitions in the module
+  docstring): ``departure`` (frequency-weighted mean ``|w_k / p_k - 1|``),
+  ``max_ratio`` (``max_k w_k / p_k``, uncapped), ``alive`` (clusters with
+  ``p_k >= 1 / (4 M)``), ``ess_fraction`` (``ESS / B`` of the coefficients
+  ``a_i ∝ min(w_k / p_k, max_ratio)``; 1 in the sample form, whose update is
+  the plain mean) and, given ``sampling_ratio``, ``sampling_spread`` (max /
+  min over its groups)."""
+  w = np.asarray(weights_M, float)
+  p = np.asarray(frequencies_M, float)
+  n = np.asarray(sizes_M, float)
+  seen = p > 0
+  ratio = np.where(seen, w / np.where(seen, p, 1.0), 0.0)
+  out = {"departure": float(np.sum(p[seen] * np.abs(ratio[seen] - 1.0))),
+         "max_ratio": float(ratio[seen].max()) if seen.any() else math.nan,
+         "alive": int(np.sum(p >= 1.0 / (4 * len(p))))}
+  r = np.minimum(ratio, max_ratio)  # 0 where p_k = 0, as the trainer's coefficients
+  batch, s1, s2 = n.sum(), np.sum(n * r), np.sum(n * r * r)
+  if sample:
+    out["ess_fraction"] = 1.0
+  elif batch <= 0:
+    out["ess_fraction"] = math.nan
+  else:
+    # Every ratio 0: the trainer falls back to the plain mean (ESS = B).
+    out["ess_fraction"] = float(s1 * s1 / s2 / batch) if s1 > 0 else 1.0
+  if sampling_ratio:
+    v = np.asarray(list(sampling_ratio.values()), float)
+    out["sampling_spread"] = float(v.max() / v.min()) if v.min() > 0 else math.inf
+  return out
+
+
+def window_weight_stats(records: list[dict], step: int, window: int, max_ratio: float,
+                        sample: bool) -> dict:
+  """:func:`weight_stats` averaged over the training records with a step in
+  ``(step - window, step]`` that log ``weights``, ``frequencies`` and
+  ``cluster_sizes``; ``records``: how many (0: every statistic ``None``)."""
+  picked = [r for r in records if step - window < r["step"] <= step
+            and all(k in r for k in ("weights", "frequencies", "cluster_sizes"))]
+  stats = [weight_stats(r["weights"], r["frequencies"], r["cluster_sizes"], max_ratio, sample,
+                        r.get("sampling_ratio")) for r in picked]
+  keys = ["departure", "max_ratio", "alive", "ess_fraction"] + (
+      ["sampling_spread"] if any("sampling_spread" in s for s in stats) else [])
+  out = {"records": len(picked)}
+  for k in keys:
+    v = [s[k] for s in stats if k in s]
+    out[k] = float(np.mean(v)) if v else None
+  return out
+
+
+def _seed_mean_std(values) -> list | None:
+  """``[mean, std]`` over the seeds that have a value; ``None`` if none."""
+  v = [x for x in values if x is not None and not math.isnan(x)]
+  return list(_mean_std(v)) if v else None
+
+
+def _config(run: Path) -> dict:
+  return json.loads((run / "config.json").read_text())
+
+
+def dynamics(runs_dir: Path, uniform: str, dograph: Sequence[str], at: Sequence[int],
+             window: int) -> dict:
+  found = find_runs(runs_dir)
+  result = {}
+  for corpus, by_label in found.items():
+    present = []
+    for label in dograph:
+      if label in by_label:
+        present.append(label)
+      else:
+        log.warning("%s: no finished %r runs; left out", corpus, label)
+    if uniform not in by_label or not present:
+      log.warning("%s: needs finished %r runs and one of %s; corpus left out", corpus,
+                  uniform, ", ".join(map(repr, dograph)))
+      continue
+    records = {label: {seed: read_metrics(run) for seed, run in sorted(by_label[label].items())}
+               for label in [uniform, *present]}
+    ppl = {label: {seed: eval_ppl(r) for seed, r in seeds.items()}
+           for label, seeds in records.items()}
+    curves = {}
+    for label, seeds in ppl.items():
+      # Steps every seed of the label evaluated at, so each mean is over the same seeds.
+      steps = sorted(set.intersection(*(set(s) for s in seeds.values())))
+      values = np.asarray([[seeds[s][t] for t in steps] for s in seeds], float)
+      curves[label] = {"seeds": sorted(seeds), "steps": steps,
+                       "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+                       "per_seed": {str(s): [seeds[s][t] for t in steps] for s in seeds}}
+    paired = {}
+    for label in present:
+      seeds = sorted(set(ppl[label]) & set(ppl[uniform]))
+      if not seeds:
+        log.warning("%s: %r and %r share no seed; no paired difference", corpus, label, uniform)
+        continue
+      steps = sorted(set.intersection(*(set(ppl[label][s]) & set(ppl[uniform][s])
+                                        for s in seeds)))
+      diff = np.asarray([[ppl[label][s][t] - ppl[uniform][s][t] for t in steps] for s in seeds])
+      ratio = np.asarray([[ppl[label][s][t] / ppl[uniform][s][t] for t in steps] for s in seeds])
+      paired[label] = {"seeds": seeds, "steps": steps,
+                       "diff_mean": diff.mean(0).tolist(), "diff_std": diff.std(0).tolist(),
+                       "better": (diff < 0).sum(0).tolist(),
+                       "ratio_mean": ratio.mean(0).tolist(), "ratio_std": ratio.std(0).tolist()}
+    weight = {}
+    for label in present:
+      per_seed = {}
+      for seed, run in sorted(by_label[label].items()):
+        cfg = _config(run)
+        opts = cfg.get("dograph", {})
+        sample = cfg.get("apply_weights") == "sample"
+        cap = math.inf if opts.get("max_ratio") is None else float(opts["max_ratio"])
+        per_seed[str(seed)] = {
+            "apply_weights": cfg.get("apply_weights"), "max_ratio": opts.get("max_ratio"),
+            "num_domains": opts.get("num_domains"),
+            "batch_size": cfg.get("optim", {}).get("batch_size"),
+            "at": {str(s): window_weight_stats(records[label][seed], s, window,
+                                               cap, sample)
+                   for s in at}}
+      summary = {}
+      for s in at:
+        stats = [v["at"][str(s)] for v in per_seed.values()]
+        keys = list(dict.fromkeys(k for x in stats for k in x if k != "records"))
+        summary[str(s)] = {k: _seed_mean_std(x.get(k) for x in stats) for k in keys}
+        summary[str(s)]["records"] = [x["records"] for x in stats]
+      first = next(iter(per_seed.values()))
+      weight[label] = {"apply_weights": first["apply_weights"],
+                       "max_ratio": first["max_ratio"], "num_domains": first["num_domains"],
+                       "at": summary, "per_seed": per_seed}
+    result[corpus] = {"curves": curves, "paired": paired, "weights": weight}
+  if not result:
+    raise FileNotFoundError(f"{runs_dir}: no corpus has finished {uniform!r} runs and "
+                            f"finished runs of one of {', '.join(map(repr, dograph))}")
+  return {"corpora": result, "uniform": uniform, "dograph": list(dograph), "at": list(at),
+          "window": window}
+
+
+def _cell(x: list | None, digits: int = 3) -> str:
+  return _pm(*x, digits) if x else "—"
+
+
+def write_dynamics(data: dict, out: Path, command: str) -> None:
+  plt = _plt()
+  out.mkdir(parents=True, exist_ok=True)
+  uniform, at, window = data["uniform"], data["at"], data["window"]
+  body = ["PPL: the average validation PPL `exp(mean_d val_loss_d)` at each evaluation step, "
+          "mean ± std over seeds; Δ: DoGraph − Uniform paired by seed, mean ± std (seeds "
+          "where DoGraph is lower / seeds); ratio: DoGraph / Uniform, paired.", "",
+          f"Weights: averaged over the training records in `(s - {window}, s]`, then mean ± "
+          "std over seeds. departure = `sum_k p_k |w_k/p_k - 1|` (w: applied weights, p: "
+          "running frequencies, clusters with p_k > 0); max w/p uncapped; alive = clusters "
+          "with `p_k >= 1/(4M)`; ESS/B of the coefficients `a_i ∝ min(w_k/p_k, max_ratio)` "
+          "over the batch's cluster sizes n_k (1 for the sample form, whose update is the "
+          "plain mean); sampling spread = max/min of the groups' `sampling_ratio` (sample "
+          "form).", ""]
+  corpora = data["corpora"]
+  for corpus, r in corpora.items():
+    curves, paired = r["curves"], r["paired"]
+    labels = [uniform, *[l for l in data["dograph"] if l in curves]]
+    body += [f"### {corpus}", "", "Where the gap opens and closes:", ""]
+    # The seed counts in the header: a label's PPL is over its finished seeds, a
+    # paired column only over the seeds both labels have finished.
+    head = ["step"] + [f"{l} PPL ({len(curves[l]['seeds'])} seeds)" for l in labels]
+    for l in labels[1:]:
+      if l in paired:
+        n = len(paired[l]["seeds"])
+        head += [f"Δ {l} − {uniform} ({n} seeds)", f"{l} / {uniform}"]
+    body += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    steps = sorted({t for c in curves.values() for t in c["steps"]})
+    for t in steps:
+      row = [str(t)]
+      for l in labels:
+        c = curves[l]
+        row.append(_pm(c["mean"][c["steps"].index(t)], c["std"][c["steps"].index(t)], 2)
+                   if t in c["steps"] else "—")
+      for l in labels[1:]:
+        if l not in paired:
+          continue
+        p = paired[l]
+        if t not in p["steps"]:
+          row += ["—", "—"]
+          continue
+        k = p["steps"].index(t)
+        row += [f"{p['diff_mean'][k]:+.2f} ± {p['diff_std'][k]:.2f} "
+                f"({p['better'][k]}/{len(p['seeds'])})",
+                _pm(p["ratio_mean"][k], p["ratio_std"][k], 3)]
+      body.append("| " + " | ".join(row) + " |")
+    for l, p in paired.items():
+      if p["steps"]:
+        k = int(np.argmin(p["diff_mean"]))
+        body.append(f"\n{l}: largest mean gain {p['diff_mean'][k]:+.2f} PPL at step "
+                    f"{p['steps'][k]}; at step {p['steps'][-1]}: {p['diff_mean'][-1]:+.2f} "
+                    f"({p['better'][-1]}/{len(p['seeds'])} seeds better).")
+    body.append("")
+    for l, w in r["weights"].items():
+      body += [f"What {l}'s weights do (apply_weights = {w['apply_weights']}, max_ratio = "
+               f"{w['max_ratio']}, M = {w['num_domains']}):", "",
+               "| quantity | " + " | ".join(f"step {s}" for s in at) + " |",
+               "|---|" + "---|" * len(at)]
+      names = {"departure": "departure Σ p\\|w/p − 1\\|", "max_ratio": "max w/p",
+               "alive": f"clusters alive (of {w['num_domains']})", "ess_fraction": "ESS/B",
+               "sampling_spread": "sampling_ratio max/min"}
+      for k, name in names.items():
+        if any(k in w["at"][str(s)] for s in at):
+          body.append(f"| {name} | " + " | ".join(_cell(w["at"][str(s)].get(k))
+                                                  for s in at) + " |")
+      body.append("| training records per seed | " + " | ".join(
+          ", ".join(map(str, w["at"][str(s)]["records"])) for s in at) + " |")
+      body.append("")
+  # One row per corpus, its two panels side by side.
+  fig, axes = plt.subplots(len(corpora), 2, figsize=(12, 4.2 * len(corpora)), squeeze=False)
+  for j, (corpus, r) in enumerate(corpora.items()):
+    ax = axes[j, 0]
+    for l, p in r["paired"].items():
+      mean, std = np.asarray(p["ratio_mean"]), np.asarray(p["ratio_std"])
+      line, = ax.plot(p["steps"], mean, marker="o", ms=3, label=f"{l} / {uniform}")
+      ax.fill_between(p["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.set(xlabel="step", ylabel=f"val PPL ratio to {uniform} (paired, mean ± std)",
+           title=f"{corpus}: where the gap opens and closes")
+    ax.legend(fontsize=8)
+    ax = axes[j, 1]
+    for l, c in r["curves"].items():
+      mean, std = np.asarray(c["mean"]), np.asarray(c["std"])
+      line, = ax.plot(c["steps"], mean, marker="o", ms=3, label=f"{l} ({len(c['seeds'])} seeds)")
+      ax.fill_between(c["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="average val PPL (mean ± std over seeds)",
+           title=f"{corpus}: validation PPL")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "gap.png", dpi=120)
+  plt.close(fig)
+  _write(out, command, "Dynamics: why DoGraph's gain over Uniform fades", body, data)
+
+
+# ---------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -783,6 +1027,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--window", type=int, default=200, help="last steps averaged")
   p = sub.add_parser("cost", parents=[common, runs])
   p.add_argument("--bench", default="", help="benchmarks/bench_step.py --json output")
+  p = sub.add_parser("dynamics", parents=[common, runs])
+  p.add_argument("--at", default="400,1000",
+                 help="comma-separated steps at which the weights are summarised")
+  p.add_argument("--window", type=int, default=100,
+                 help="the weights at step s: training records in (s - window, s]")
   args = parser.parse_args(argv)
   out = Path(args.out)
   command = "python experiments/analyses.py " + " ".join(shlex.quote(a) for a in argv)
@@ -799,6 +1048,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   elif args.analysis == "weights":
     write_weights(weights(Path(args.runs), args.dograph, args.uniform, args.stratified,
                           args.window), out, command)
+  elif args.analysis == "dynamics":
+    try:
+      at = [int(x) for x in args.at.split(",") if x.strip()]
+    except ValueError:
+      parser.error(f"--at {args.at!r}: comma-separated steps")
+    if not at or min(at) < 1 or args.window < 1:
+      parser.error("--at needs steps >= 1 and --window must be at least 1")
+    labels = [x for x in args.dograph.split(",") if x]
+    write_dynamics(dynamics(Path(args.runs), args.uniform, labels, at, args.window), out,
+                   command)
   else:
     write_cost(cost(Path(args.runs), args.dograph, args.uniform, bench), out, command)
   print((out / "table.md").read_text())
