@@ -27,7 +27,7 @@ from dograph_jax.transform import (MAX_SKETCH_ENTRY, STATIC_ARGS, DoGraphState,
                                    anchored_weights, dograph_transform, frequency_coefficients,
                                    projection_key, sample_coefficients, usable_sketches)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "DoGraphState", "DomainStats", "FactoredGrads", "KMeansResult", "MAX_SKETCH_ENTRY",

@@ -144,6 +144,55 @@ def test_bad_records_and_files_counted_by_reason(tmp_path, caplog):
   assert len(summary) == 1 and "skipped 15" in summary[0].getMessage()
 
 
+def test_empty_files_are_named_and_counted(tmp_path, caplog):
+  train = tmp_path / "train"
+  _write_lines(train / "good.jsonl", [_plain("kept", "A")])
+  empty = [train / "a.jsonl", train / "b.json.gz", train / "sub" / "c.parquet"]
+  for path in empty:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+  with caplog.at_level(logging.INFO, logger="dograph_jax.data.corpus"):
+    docs, skips = read_split(tmp_path, "train")
+  assert docs == {"A": ["kept"]}
+  # One count per file, under its own reason (a 0-byte parquet was counted
+  # as corrupt before, a 0-byte JSON lines file not at all).
+  assert skips.as_dict() == {"empty_file": 3} and "empty_file" in SKIP_REASONS
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  for path in empty:
+    assert any(str(path) in w and "0 bytes" in w for w in warnings), path
+
+
+def test_parquet_without_expected_columns_names_file_and_columns(tmp_path):
+  (tmp_path / "train").mkdir()
+  path = tmp_path / "train" / "other.parquet"
+  pq.write_table(pa.table({"content": ["a", "b"], "source": ["x", "y"]}), path)
+  with pytest.raises(ValueError) as e:
+    read_split(tmp_path, "train")
+  message = str(e.value)
+  for part in (str(path), "'content'", "'source'", "'text'",
+               "'meta.redpajama_set_name'", "'domain'"):
+    assert part in message, (part, message)
+  # The domain field asked for is the one named.
+  with pytest.raises(ValueError, match="'source.name'"):
+    read_split(tmp_path, "train", domain_field="source.name",
+               text_field="body")
+
+
+def test_parquet_without_domain_column_warns_with_its_columns(tmp_path, caplog):
+  train = tmp_path / "train"
+  _write_lines(train / "a.jsonl", [_plain("kept", "A")])
+  path = train / "b.parquet"
+  pq.write_table(pa.table({"text": ["t1", "t2"], "source": ["x", "y"]}), path)
+  with caplog.at_level(logging.WARNING, logger="dograph_jax.data.corpus"):
+    docs, skips = read_split(tmp_path, "train")
+  assert docs == {"A": ["kept"]}
+  assert skips.as_dict() == {"missing_domain": 2}  # counted per row, as before
+  warning, = [r.getMessage() for r in caplog.records
+              if str(path) in r.getMessage()]
+  assert "no domain column" in warning and "'source'" in warning, warning
+
+
 def test_truncated_gzip_keeps_what_was_read(tmp_path):
   records = [_plain(f"document number {i} " + "x" * 200, "A")
              for i in range(2000)]

@@ -293,9 +293,11 @@ def test_pretrain_train_across_two_processes_saves_resumes_and_refuses(tmp_path)
   np.testing.assert_allclose([x for _, x in got], [x for _, x in ref], rtol=1e-5)
   assert got[:2] == ref[:2]  # before the save: the same mesh, the same numbers
   # Process 0 wrote the run's files; process 1 only its checkpoint shards.
+  # (.lock: process 0's ownership of the run directory, released and emptied.)
   assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == [
-      "checkpoints", "config.json", "metrics.jsonl", "summary.json", "summary.txt",
+      ".lock", "checkpoints", "config.json", "metrics.jsonl", "summary.json", "summary.txt",
       "tokenizer"]
+  assert (run / ".lock").read_text() == ""
   # One process cannot continue what two wrote (each host's share of the data).
   with pytest.raises(ValueError, match="written by 2 process"):
     pretrain.train(config.replace(base, out_dir=str(run), resume=True, mesh=""))

@@ -186,7 +186,7 @@ def test_doremi_pipeline_reaches_the_data_and_resumes(corpus, tmp_path, caplog):
   shutil.rmtree(stages / "final")
   caplog.clear()
   with caplog.at_level("INFO", logger="offline"):
-    again = pretrain.train(cfg)
+    again = pretrain.train(config.replace(cfg, resume=True))  # without it: refused (a run is there)
   assert {s: (stages / s / "summary.json").stat().st_mtime_ns for s in stamps} == stamps
   assert "stage reference: finished before" in caplog.text
   assert again["mixture"] == mixture

@@ -33,7 +33,7 @@ from dograph_jax.data.pipeline import (DynamicMixIterator, PackedDomains,
                                        uniform_proportions)
 from dograph_jax.data.synthetic import DOMAIN_SHARES, write_synthetic_corpus
 from dograph_jax.data.tokenizer import (EOS_TOKEN, load_tokenizer,
-                                        train_bpe_tokenizer)
+                                        train_bpe_tokenizer, with_context)
 
 __all__ = [
     "AUTO_DOMAIN_FIELDS", "DOMAIN_SHARES", "DynamicMixIterator", "EOS_TOKEN",
@@ -43,6 +43,6 @@ __all__ = [
     "make_eval_batches", "make_train_dataset", "make_train_iterator",
     "natural_proportions", "pack_domains", "pack_domains_cached",
     "packing_cache_key", "read_split", "resolve_proportions",
-    "train_bpe_tokenizer", "uniform_proportions", "write_synthetic_corpus",
+    "train_bpe_tokenizer", "uniform_proportions", "with_context", "write_synthetic_corpus",
     "TRUE_DOMAIN_FIELD", "write_coarse_corpus",
 ]

@@ -22,7 +22,9 @@ The domain is read from a dotted path
 Bad input never stops reading: each bad record or file is skipped and counted
 under one reason of :data:`SKIP_REASONS`, and :func:`read_split` logs one
 summary line. Errors are raised only for problems a user must fix: a missing
-directory, a split without files, a domain with no usable document.
+directory, a split without files, a domain with no usable document, a parquet
+file with none of the expected columns (a wrong field name, most likely,
+which would otherwise skip every row of the file).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ SKIP_REASONS = {
     "missing_domain": "no domain field, or a null one",
     "bad_domain": "a domain that is not a non-empty string",
     "unreadable_file": "a file that could not be opened (counted per file)",
+    "empty_file": "a file of 0 bytes (counted per file)",
     "corrupt_file": "a file that could not be decoded to its end, e.g. a "
                     "truncated gzip stream or a damaged parquet file (counted "
                     "per file; the records read before the damage are kept)",
@@ -166,16 +169,37 @@ def _iter_json_lines(stream, skips: SkipCounts) -> Iterator[Any]:
       skips.add("invalid_json")
 
 
-def _iter_parquet_rows(f, columns: set[str]) -> Iterator[dict]:
+def _describe_fields(fields: Mapping[str, Sequence[str]]) -> str:
+  """``the text field 'text' and the domain field 'a' or 'b'``."""
+  return " and ".join(f"the {what} field " + " or ".join(map(repr, paths))
+                      for what, paths in fields.items())
+
+
+def _iter_parquet_rows(f, path: Path, columns: set[str],
+                       fields: Mapping[str, Sequence[str]] | None) -> Iterator[dict]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
   parquet = pq.ParquetFile(f)
-  present = [c for c in parquet.schema_arrow.names if c in columns]
+  names = parquet.schema_arrow.names
+  present = [c for c in names if c in columns]
+  expected = (_describe_fields(fields) if fields else
+              "a column of " + ", ".join(map(repr, sorted(columns))))
   if not present:
-    # None of the fields exists: every row lacks text (and domain).
-    for _ in range(parquet.metadata.num_rows):
-      yield {}
-    return
+    # Every row would be skipped (once counted as missing_domain, naming
+    # neither the file nor its columns): a wrong field name or a file of
+    # another dataset, which the user must fix.
+    raise ValueError(
+        f"parquet file {str(path)!r} has none of the expected columns: it has "
+        f"{names}, expected {expected} (a dotted field reads the column named "
+        "by its first part; choose the fields with domain_field / text_field)")
+  for what, paths in (fields or {}).items():
+    if not any(p.split(".")[0] in names for p in paths):
+      # Not an error (the file's other field is there), but every row will be
+      # skipped for this one: say which file, so the count can be traced.
+      logger.warning("parquet file %s has no %s column (expected %s; it has "
+                     "%s): each of its %d rows is skipped", path, what,
+                     " or ".join(map(repr, paths)), names,
+                     parquet.metadata.num_rows)
   for batch in parquet.iter_batches(batch_size=1024, columns=present):
     yield from batch.to_pylist()
 
@@ -194,19 +218,30 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
 
 
 def iter_file_records(path: str | os.PathLike, skips: SkipCounts, *,
-                      columns: set[str] | None = None) -> Iterator[Any]:
+                      columns: set[str] | None = None,
+                      fields: Mapping[str, Sequence[str]] | None = None,
+                      ) -> Iterator[Any]:
   """Raw records (usually dicts) of one data file, counting what is skipped.
 
   Args:
     path: a ``.jsonl``, ``.jsonl.gz``, ``.json.gz`` or ``.parquet`` file.
     skips: receives ``invalid_utf8``/``invalid_json`` per bad line and
-      ``unreadable_file``/``corrupt_file`` per bad file.
-    columns: top-level fields to read from parquet (all others are ignored).
+      ``unreadable_file``/``empty_file``/``corrupt_file`` per bad file.
+    columns: top-level fields to read from parquet (all others are ignored);
+      by default the first parts of the ``fields``' paths.
+    fields: what the columns are for, as dotted paths by role, e.g.
+      ``{"text": ["text"], "domain": ["meta.redpajama_set_name", "domain"]}``;
+      only used to name them in the error and warnings about parquet files.
 
   Yields:
     The parsed value of each line (JSON lines) or each row (parquet).
+
+  Raises:
+    ValueError: a parquet file has none of the ``columns``.
   """
   path = Path(path)
+  if columns is None and fields:
+    columns = {p.split(".")[0] for paths in fields.values() for p in paths}
   try:
     f = open(path, "rb")  # pylint: disable=consider-using-with
   except OSError as e:
@@ -214,9 +249,15 @@ def iter_file_records(path: str | os.PathLike, skips: SkipCounts, *,
     skips.add("unreadable_file")
     return
   with f:
+    if os.fstat(f.fileno()).st_size == 0:
+      # Often a failed download or copy; no format has a valid 0-byte file,
+      # and a silent skip would hide a missing domain or shard.
+      logger.warning("skipping %s: the file is empty (0 bytes)", path)
+      skips.add("empty_file")
+      return
     try:
       if path.name.endswith(".parquet"):
-        yield from _iter_parquet_rows(f, columns or set())
+        yield from _iter_parquet_rows(f, path, columns or set(), fields)
       elif path.name.endswith(".gz"):
         with gzip.GzipFile(fileobj=f, mode="rb") as gz:
           yield from _iter_json_lines(gz, skips)
@@ -245,6 +286,7 @@ def iter_documents(data_dir: str | os.PathLike, split: str, skips: SkipCounts,
 
   Raises:
     FileNotFoundError, ValueError: as :func:`list_split_files`.
+    ValueError: a parquet file has none of the text and domain columns.
   """
   files = list_split_files(data_dir, split)
   text_parts = _parse_field_path(text_field)
@@ -252,10 +294,11 @@ def iter_documents(data_dir: str | os.PathLike, split: str, skips: SkipCounts,
     domain_paths = [_parse_field_path(f) for f in AUTO_DOMAIN_FIELDS]
   else:
     domain_paths = [_parse_field_path(domain_field)]
-  columns = {text_parts[0]} | {p[0] for p in domain_paths}
+  fields = {"text": [text_field],
+            "domain": list(AUTO_DOMAIN_FIELDS if domain_field == "auto" else [domain_field])}
 
   for path in files:
-    for record in iter_file_records(path, skips, columns=columns):
+    for record in iter_file_records(path, skips, fields=fields):
       if not isinstance(record, dict):
         skips.add("not_an_object")
         continue
@@ -314,8 +357,9 @@ def read_split(data_dir: str | os.PathLike, split: str, *,
 
   Raises:
     FileNotFoundError: ``data_dir`` or its split folder does not exist.
-    ValueError: the split has no data files, no usable document at all, or a
-      domain whose every record was skipped.
+    ValueError: the split has no data files, no usable document at all, a
+      domain whose every record was skipped, or a parquet file with none of
+      the text and domain columns.
   """
   skips = SkipCounts()
   seen: set[str] = set()

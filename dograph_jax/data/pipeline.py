@@ -60,6 +60,9 @@ class PackedDomains:
   rows: list[np.ndarray]
   tokens_per_domain: list[int]
   seq_len: int
+  # What was packed: :func:`packing_cache_key` of the texts, names,
+  # tokenizer and seq_len ("" when not known, e.g. built by hand).
+  fingerprint: str = ""
 
   def __post_init__(self):
     if not (len(self.names) == len(self.rows) == len(self.tokens_per_domain)):
@@ -83,10 +86,11 @@ class PackedDomains:
     unknown = [n for n in names if n not in index]
     if unknown:
       raise KeyError(f"unknown domain(s) {unknown}; known: {self.names}")
+    picked = hashlib.sha256(f"{self.fingerprint}|subset={list(names)}".encode()).hexdigest()
     return PackedDomains(
         names=list(names), rows=[self.rows[index[n]] for n in names],
         tokens_per_domain=[self.tokens_per_domain[index[n]] for n in names],
-        seq_len=self.seq_len)
+        seq_len=self.seq_len, fingerprint=picked if self.fingerprint else "")
 
 
 def _eos_id(tokenizer) -> int:
@@ -139,7 +143,7 @@ def _token_stream(docs: Sequence[str], encode, eos: int) -> np.ndarray:
 
 
 def pack_domains(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
-                 seq_len: int) -> PackedDomains:
+                 seq_len: int, *, drop_short: bool = False) -> PackedDomains:
   """Tokenizes and packs each domain into rows of ``seq_len + 1`` tokens.
 
   Every document gets an eos appended; a domain's documents are concatenated
@@ -153,13 +157,15 @@ def pack_domains(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
       iteration order fixes the domain ids.
     tokenizer: a transformers tokenizer with an eos token.
     seq_len: ``L``, the model's context length.
+    drop_short: leave out, with a warning, a domain whose stream is shorter
+      than one row instead of raising (a validation split's small domain).
 
   Returns:
     The :class:`PackedDomains`.
 
   Raises:
-    ValueError: no domains, no eos token, or a domain whose stream is shorter
-      than one row (the message names it).
+    ValueError: no domains, no eos token, or (without ``drop_short``) a
+      domain whose stream is shorter than one row (the message names it).
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be positive, got {seq_len}")
@@ -172,6 +178,11 @@ def pack_domains(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
   for name, docs in docs_by_domain.items():
     stream_T = _token_stream(list(docs), encode, eos)
     n = stream_T.shape[0] // width
+    if n == 0 and drop_short:
+      logger.warning(
+          "domain %r has %d tokens in %d documents, fewer than one row of seq_len + 1 = %d: "
+          "left out", name, stream_T.shape[0], len(docs), width)
+      continue
     if n == 0:
       raise ValueError(
           f"domain {name!r} has {stream_T.shape[0]} tokens in "
@@ -229,12 +240,12 @@ def _load_packed(folder: Path, seq_len: int) -> PackedDomains:
           for i in range(len(meta["names"]))]
   return PackedDomains(names=list(meta["names"]), rows=rows,
                        tokens_per_domain=list(meta["tokens_per_domain"]),
-                       seq_len=seq_len)
+                       seq_len=seq_len, fingerprint=meta["key"])
 
 
 def pack_domains_cached(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
-                        seq_len: int, cache_dir: str | os.PathLike,
-                        ) -> PackedDomains:
+                        seq_len: int, cache_dir: str | os.PathLike, *,
+                        drop_short: bool = False) -> PackedDomains:
   """:func:`pack_domains`, memoised on disk.
 
   The packing is stored in ``cache_dir/packed-<key>/`` (``meta.json`` and one
@@ -248,6 +259,8 @@ def pack_domains_cached(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
   """
   cache_dir = Path(cache_dir)
   key = packing_cache_key(docs_by_domain, tokenizer, seq_len)
+  if drop_short:  # another result for the same texts: another entry
+    key = hashlib.sha256(f"{key}|drop_short".encode()).hexdigest()
   folder = cache_dir / f"packed-{key[:32]}"
   if folder.is_dir():
     try:
@@ -258,7 +271,8 @@ def pack_domains_cached(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
       logger.warning("packing cache %s is unusable (%s); rebuilding", folder, e)
       shutil.rmtree(folder, ignore_errors=True)
 
-  packed = pack_domains(docs_by_domain, tokenizer, seq_len)
+  packed = dataclasses.replace(pack_domains(docs_by_domain, tokenizer, seq_len,
+                                            drop_short=drop_short), fingerprint=key)
   cache_dir.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir))
   try:

@@ -76,8 +76,10 @@ def export_hf_gpt2(config: GPT2Config, params: Any, out_dir: str | os.PathLike, 
     config: the model's config.
     params: its parameters (int or string block keys; float32 is written).
     out_dir: directory to write (created; files of the same names replaced).
-    tokenizer: optional ``transformers`` tokenizer, saved beside the weights;
-      its eos/bos ids go into ``config.json``.
+    tokenizer: optional ``transformers`` tokenizer, saved beside the weights
+      with ``model_max_length`` set to the model's context (``n_positions``),
+      so that ``truncation=True`` stops there; its eos/bos ids go into
+      ``config.json``.
 
   Returns:
     ``out_dir`` as a Path.
@@ -88,7 +90,8 @@ def export_hf_gpt2(config: GPT2Config, params: Any, out_dir: str | os.PathLike, 
   expected = _abstract_params(GPT2, config)
   names = {path: ("transformer." + _hf_name(path), False) for path in expected}
   return _write_hf("export_hf_gpt2", expected, params, names,
-                   lambda ids: hf_gpt2_config(config, **ids), out_dir, tokenizer)
+                   lambda ids: hf_gpt2_config(config, **ids), out_dir, tokenizer,
+                   config.n_positions)
 
 
 def hf_llama_config(config: LlamaConfig, *, eos_token_id: int | None = None,
@@ -123,7 +126,7 @@ def export_hf_llama(config: LlamaConfig, params: Any, out_dir: str | os.PathLike
   :func:`export_hf_gpt2` for the arguments)."""
   return _write_hf("export_hf_llama", _abstract_params(Llama, config), params,
                    hf_llama_names(config), lambda ids: hf_llama_config(config, **ids),
-                   out_dir, tokenizer)
+                   out_dir, tokenizer, config.n_positions)
 
 
 def _abstract_params(model_class, config) -> dict:
@@ -132,11 +135,12 @@ def _abstract_params(model_class, config) -> dict:
 
 
 def _write_hf(who: str, expected: dict, params: Any, names: dict, config_json, out_dir,
-              tokenizer) -> pathlib.Path:
+              tokenizer, n_positions: int) -> pathlib.Path:
   """Checks ``params`` against the ``expected`` (path -> shape) of the config's
   model, writes them under HF's ``names`` (path -> (name, transposed?)) to
-  ``model.safetensors``, the tokenizer if given, and ``config_json(ids)``
-  (``ids``: the tokenizer's eos/bos ids, or none) to ``config.json``."""
+  ``model.safetensors``, the tokenizer if given (limited to the model's
+  context, ``n_positions``), and ``config_json(ids)`` (``ids``: the
+  tokenizer's eos/bos ids, or none) to ``config.json``."""
   params = nnx.restore_int_paths(params) if _has_str_keys(params) else params
   given = _flatten(params)
   if set(given) != set(expected):
@@ -156,7 +160,11 @@ def _write_hf(who: str, expected: dict, params: Any, names: dict, config_json, o
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   ids = {}
   if tokenizer is not None:
-    tokenizer.save_pretrained(str(out))
+    # A trained tokenizer has no context length of its own; without this,
+    # ``tokenizer(text, truncation=True)`` returns more ids than the model
+    # has positions. A copy: the caller's tokenizer is left as it was.
+    from dograph_jax.data.tokenizer import with_context
+    with_context(tokenizer, n_positions).save_pretrained(str(out))
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
   (out / "config.json").write_text(json.dumps(config_json(ids), indent=2) + "\n")
   return out

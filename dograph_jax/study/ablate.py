@@ -150,10 +150,9 @@ def run_one(base: TrainConfig, overrides: str, seed: int, directory: Path) -> di
   """The summary of one run; trains (or resumes) it unless it finished."""
   cfg = config.replace(base, **parse_overrides(overrides), seed=seed,
                             out_dir=str(directory), resume=True, halt_after=0)
-  done = directory / "summary.json"
-  if done.exists():
-    single_run.check_resumable(json.loads((directory / "config.json").read_text()), cfg)
-    return json.loads(done.read_text())
+  summary = single_run.finished_summary(directory, cfg)  # same settings and corpus, or refused
+  if summary is not None:
+    return summary
   log.info("training %s", directory)
   return pretrain.train(cfg)
 

@@ -65,11 +65,10 @@ def run_one(base: TrainConfig, method: str, seed: int, out_dir: Path,
   directory = run_dir(out_dir, method, seed)
   cfg = config.replace(base, method=method, seed=seed, out_dir=str(directory),
                        method_args=dict(method_args or {}), resume=True, halt_after=0)
-  done = directory / "summary.json"
-  if done.exists():
-    single_run.check_resumable(json.loads((directory / "config.json").read_text()), cfg)
+  summary = single_run.finished_summary(directory, cfg)  # same settings and corpus, or refused
+  if summary is not None:
     log.info("%s seed %d: finished before; reusing it", method, seed)
-    return json.loads(done.read_text())
+    return summary
   log.info("%s seed %d: training -> %s", method, seed, directory)
   return pretrain.train(cfg)
 

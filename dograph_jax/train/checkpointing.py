@@ -26,6 +26,10 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for (state, data, meta)."""
 
@@ -51,11 +55,36 @@ class Checkpointer:
     """Steps of the complete checkpoints (temporary directories excluded)."""
     return list(self._manager.all_steps())
 
+  def _failed(self, what: str, error: BaseException) -> CheckpointSaveError:
+    good = self.all_steps()
+    return CheckpointSaveError(
+        f"{what} in {self.directory} failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:300] if str(error) else 'no message'}); stopping. "
+        + (f"The last complete checkpoint, step {max(good)}, is intact: free space (or fix "
+           "the directory) and run again with --resume." if good else
+           "No checkpoint of this run is complete yet."))
+
+  def check(self) -> None:
+    """Raises :class:`CheckpointSaveError` if an asynchronous save has failed
+    (cheap: call it every step, so a failed save stops the run at once)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  (whatever the writer raised)
+      raise self._failed("an asynchronous checkpoint save", e) from e
+
   def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
-    """Start saving ``step`` (returns before the write finishes if async)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    """Start saving ``step`` (returns before the write finishes if async).
+
+    Raises:
+      CheckpointSaveError: this save, or an earlier asynchronous one, failed.
+    """
+    self.check()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(f"saving the checkpoint of step {step}", e) from e
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """Restore ``step`` into the structure/dtypes of ``abstract_state``."""
@@ -71,9 +100,21 @@ class Checkpointer:
         meta=ocp.args.JsonRestore())).meta
 
   def wait(self) -> None:
-    """Block until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    """Block until pending asynchronous saves are on disk.
+
+    Raises:
+      CheckpointSaveError: one of them failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed("finishing an asynchronous checkpoint save", e) from e
+    self.check()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves, then releases the manager (also when a save
+    failed: the error is raised after the manager is closed)."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,8 @@ class RunConfig:
   seed: int = 0  # model init, data order and DoGraph keys
   out_dir: str = "runs/default"  # run directory: config, metrics, TensorBoard, checkpoints, summary, plots
   resume: bool = False  # continue from the last complete checkpoint in out_dir (its config.json is the base: other options need not be repeated)
+  overwrite: bool = False  # start a new run in an out_dir that holds one: the old run is moved aside whole to <out_dir>.replaced-<time>
+  traceback: bool = False  # on an error, print the whole traceback (default: one paragraph with the fix)
   eval_every: int = 250  # steps between per-domain validation passes (0 = only at the end)
   eval_rows: int = 64  # validation sequences per domain (0 = all)
   log_every: int = 25  # steps between log lines / metric records
@@ -192,6 +195,12 @@ class TrainConfig:
     for section, name in (("offline", "proxy_steps"), ("optim", "warmup_steps")):
       if getattr(getattr(self, section), name) < 0:
         raise ValueError(f"--{name} must be >= 0, got {getattr(getattr(self, section), name)}")
+    for name, value, low, strict in (("lr", self.optim.lr, 0.0, True),
+                                     ("weight_decay", self.optim.weight_decay, 0.0, False),
+                                     ("clip_norm", self.optim.clip_norm, 0.0, True)):
+      if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise ValueError(f"--{name} must be a finite number {'>' if strict else '>='} {low}, "
+                         f"got {value}")
     if self.dograph.sketch_dim is not None and self.dograph.sketch_dim < 1:
       raise ValueError(f"--sketch_dim must be >= 1, got {self.dograph.sketch_dim}")
     _check_choice("method", self.method, METHODS)
@@ -380,6 +389,7 @@ def parse_config(argv: Sequence[str] | None = None, base: TrainConfig | None = N
     # what check_resumable allows (evaluation, logging, devices, ...).
     # Per-invocation options (stopping early) are not inherited from it.
     run_settings = {k: v for k, v in json.loads(saved.read_text()).items()}
-    run_settings.get("run", run_settings).pop("halt_after", None)
+    for per_invocation in ("halt_after", "overwrite", "traceback"):
+      run_settings.get("run", run_settings).pop(per_invocation, None)
     cfg = cli(from_dict(run_settings, base))
   return cfg

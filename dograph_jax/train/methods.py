@@ -171,6 +171,12 @@ def parse_method_args(method: str, args: Mapping[str, Any]) -> tuple[dict, dict]
                        f"it takes {sorted(params)}")
     given[name] = _convert(str(value) if not isinstance(value, (list, tuple)) else
                            ":".join(map(str, value)), params[name].default, method, name)
+    # Every integer hyperparameter of the mixers is a count (steps, rounds,
+    # rows) or a seed; the float ones are rates and weights: none is negative.
+    if isinstance(given[name], (int, float)) and not isinstance(given[name], bool) and (
+        given[name] < 0 or given[name] != given[name]):
+      raise ValueError(f"--method_args: {name}={value!r} for method {method!r} must be a "
+                       "non-negative number")
   static, traced = {}, {}
   for name, p in params.items():
     if p.default is None:  # optional, static (a tuple of floats: R&B's target)

@@ -108,10 +108,8 @@ class _Stages:
       base.update(steps=self.proxy_steps, warmup_steps=min(self.cfg.optim.warmup_steps, self.proxy_steps),
                   eval_every=0, save_every=0, keep_checkpoints=1, plots=False)
     stage_cfg = config.replace(self.cfg, **{**base, **overrides})
-    done = out_dir / "summary.json"
-    if done.exists():
-      single_run.check_resumable(json.loads((out_dir / "config.json").read_text()), stage_cfg)
-      summary = json.loads(done.read_text())
+    summary = single_run.finished_summary(out_dir, stage_cfg)  # same settings and corpus
+    if summary is not None:
       log.info("stage %s: finished before (%.1f s); reusing it", name, summary["wall_s"])
     else:
       log.info("stage %s: %s", name, {k: v for k, v in overrides.items() if v})
@@ -187,12 +185,23 @@ def mixture_for(cfg: TrainConfig, stages: _Stages) -> dict[str, float]:
 
 
 def run(cfg: TrainConfig) -> dict:
-  """Runs (or resumes) offline method ``cfg.method``; returns its summary."""
+  """Runs (or resumes) offline method ``cfg.method``; returns its summary.
+
+  The pipeline owns ``--out_dir`` (each stage its own ``stages/<name>``);
+  a new pipeline over an old run is refused unless ``--overwrite``, and
+  ``--resume`` reuses the finished stages."""
+  with single_run.owned_run_dir(cfg):
+    return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> dict:
   out_dir = Path(cfg.run.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   main = distributed.is_main_process()  # other hosts only train
+  saved = out_dir / "config.json"
+  if cfg.run.resume and saved.exists():  # compared before anything is rewritten
+    single_run.check_resumable(json.loads(saved.read_text()), cfg)
   if main:
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+    saved.write_text(json.dumps(config.to_dict(cfg), indent=2))
   stages = _Stages(cfg)
   t0 = time.perf_counter()
   extra = {}
@@ -209,6 +218,8 @@ def run(cfg: TrainConfig) -> dict:
   if main:
     (out_dir / "mixture.json").write_text(json.dumps(mixture, indent=2))
   summary = {**final, "method": cfg.method, "mixture": mixture, **extra,
+             # the corpus the pipeline was given (R&B's final run trains on its clusters)
+             "corpus": _load(cfg).corpus,
              "stages": dict(stages.cost), "wall_s": sum(stages.cost.values()),
              "orchestration_s": time.perf_counter() - t0}
   proxies = sum(1 for n in stages.cost if n not in ("final", "regroup"))

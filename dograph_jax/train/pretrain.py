@@ -15,6 +15,11 @@ text; ``dograph_jax/train/config.py``); ``--config FILE.yaml`` gives a base.
 The run directory holds ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
 ``config.json``, ``summary.txt``/``summary.json`` and PNG plots;
 ``--resume`` continues from the last complete checkpoint exactly.
+
+A mistake in the settings, the data or the run directory ends the run with
+one paragraph naming the problem and the fix (exit code 2); a run that fails
+on its way (non-finite loss, a checkpoint that cannot be written) with exit
+code 1. ``--traceback`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import jax
 
 from dograph_jax.train import distributed, methods, offline
 from dograph_jax.train.config import TrainConfig, parse_config
+from dograph_jax.train.checkpointing import CheckpointSaveError
+from dograph_jax.train.run_dir import RunDirectoryBusy
 from dograph_jax.train.single_run import NonFiniteLossError, train_run
 
 log = logging.getLogger("pretrain")
@@ -52,17 +59,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  cfg = parse_config(argv, description=__doc__.splitlines()[0])
-  distributed.maybe_initialize_distributed()  # several hosts only; before any JAX call
-  if jax.default_backend() == "cpu":  # no per-step page faults of XLA:CPU temporaries
-    from dograph_jax.train.allocator import tune_cpu_malloc
-    log.info("CPU allocator: %s", tune_cpu_malloc())
+  show_traceback = "--traceback" in (sys.argv[1:] if argv is None else argv)
   try:
+    cfg = parse_config(argv, description=__doc__.splitlines()[0])
+    distributed.maybe_initialize_distributed()  # several hosts only; before any JAX call
+    if jax.default_backend() == "cpu":  # no per-step page faults of XLA:CPU temporaries
+      from dograph_jax.train.allocator import tune_cpu_malloc
+      log.info("CPU allocator: %s", tune_cpu_malloc())
     train(cfg)
-  except NonFiniteLossError as e:
-    log.error("%s", e)
-    return 1
+  except USER_ERRORS + RUN_FAILURES as e:
+    if show_traceback:
+      raise
+    log.error("%s\n(%s; --traceback shows where it was raised)", e, type(e).__name__)
+    return 2 if isinstance(e, USER_ERRORS) else 1
   return 0
+
+
+# Errors that a person fixes in the settings, the data or the run directory
+# (exit code 2), and runs that failed on their way (exit code 1). Anything
+# else is a bug: its traceback is shown.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RunDirectoryBusy)
+RUN_FAILURES = (NonFiniteLossError, CheckpointSaveError)
 
 
 if __name__ == "__main__":

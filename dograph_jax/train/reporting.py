@@ -12,6 +12,15 @@ import numpy as np
 log = logging.getLogger("reporting")
 
 
+def perplexity(loss: float) -> float:
+  """``exp(loss)``, ``inf`` where it overflows (a diverged run's perplexity
+  is a result to report, not an error)."""
+  try:
+    return math.exp(loss)
+  except OverflowError:
+    return math.inf
+
+
 def natural_weights(names, shares: Mapping[str, float]) -> dict[str, float]:
   """The corpus's token shares of the domains ``names``, renormalised to sum to 1.
 
@@ -64,14 +73,14 @@ def perplexities(domain_loss: dict[str, float],
     ValueError: ``shares`` misses an evaluated domain or has a share that is
       not positive and finite.
   """
-  ppl = {name: math.exp(loss) for name, loss in domain_loss.items()}
+  ppl = {name: perplexity(loss) for name, loss in domain_loss.items()}
   out = {"per_domain": ppl,
-         "average": math.exp(float(np.mean(list(domain_loss.values())))),
+         "average": perplexity(float(np.mean(list(domain_loss.values())))),
          "worst_domain": max(ppl, key=ppl.get),
          "worst": max(ppl.values())}
   if shares is not None:
     w = natural_weights(domain_loss, shares)
-    out["natural"] = math.exp(math.fsum(w[n] * float(loss) for n, loss in domain_loss.items()))
+    out["natural"] = perplexity(math.fsum(w[n] * float(loss) for n, loss in domain_loss.items()))
   return out
 
 
@@ -113,62 +122,130 @@ def summary_table(title: str, domain_loss: dict[str, float], steps_per_s: float,
   return "\n".join(lines)
 
 
+def _palette(n: int) -> list:
+  """``n`` distinct colours, in the order the series are drawn.
+
+  matplotlib's default cycle has 10 colours, so an 11th series repeats the
+  first (two clusters looked like one). Up to 10: tab10; up to 20: tab20's
+  dark shades first, then its light ones (so 11 series get 10 hues and one
+  light blue, not five near-identical pairs); beyond: evenly spaced samples
+  of a continuous map (turbo), distinct even where neighbours are close.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  if n <= 10:
+    return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+  if n <= 20:
+    tab20 = matplotlib.colormaps["tab20"]
+    return [tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)][:n]]
+  turbo = matplotlib.colormaps["turbo"]
+  return [turbo(x) for x in np.linspace(0.05, 0.95, n)]
+
+
+def _legend_outside(ax, handles=None, labels=None):
+  """A legend to the right of the axes, never over the data: anchored just
+  outside the axes' right edge; the figure's constrained layout shrinks the
+  axes to make room. Long lists go in several columns (20 entries each)."""
+  if handles is None:
+    handles, labels = ax.get_legend_handles_labels()
+  return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                   borderaxespad=0.0, fontsize=7, ncol=1 + (len(handles) - 1) // 20)
+
+
+def _pyplot():
+  """pyplot on the Agg backend: files only, no display needed (runs are
+  headless, and a GUI backend would open windows)."""
+  # pylint: disable=g-import-not-at-top
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _loss_figure(records: list[dict], domain_names: list[str]):
+  """Validation loss per domain over the steps, with the training loss."""
+  plt = _pyplot()
+
+  evals = [r for r in records if "val_loss" in r]
+  train = [r for r in records if "loss" in r]
+  # Wider than the axes need: the legend sits on the right.
+  fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
+  if train:
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="0.7",
+            lw=1, label="train (batch mean)")
+  for name, color in zip(domain_names, _palette(len(domain_names))):
+    pts = [(r["step"], r["val_loss"][name]) for r in evals if name in r["val_loss"]]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=f"val {name}")
+  ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss per domain")
+  if ax.get_legend_handles_labels()[0]:
+    _legend_outside(ax)
+  return fig
+
+
+def _weights_figure(weighted: list[dict], weight_labels: list[str] | None):
+  """The domain weights over the steps, stacked; ``weighted`` are the records
+  with ``weights``."""
+  plt = _pyplot()
+
+  steps = [r["step"] for r in weighted]
+  w = np.asarray([r["weights"] for r in weighted]).T
+  labels = weight_labels or [f"domain {j}" for j in range(len(w))]
+  fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
+  polys = ax.stackplot(steps, w, labels=labels, colors=_palette(len(w)))
+  if len(set(steps)) > 1:  # no margin left and right of the bands
+    ax.set_xlim(min(steps), max(steps))
+  ax.set(xlabel="step", ylabel="weight", ylim=(0, 1),
+         title=("Weights of the human domains" if weight_labels else
+                "DoGraph weights of the model-centric domains"))
+  # Top of the legend = top of the stack, as the eye reads the bands.
+  _legend_outside(ax, polys[::-1], labels[::-1])
+  return fig
+
+
+def _heatmap_figure(contingency: np.ndarray, domain_names: list[str]):
+  """Each human domain's share of samples per cluster (rows sum to 1)."""
+  plt = _pyplot()
+
+  share = contingency / np.maximum(contingency.sum(1, keepdims=True), 1)
+  n_domains, n_clusters = share.shape
+  longest = max((len(n) for n in domain_names), default=0)
+  # Grows with the clusters (columns), the domains (rows) and the longest
+  # domain name (tick labels); never narrower than the title, which was cut
+  # at 3 clusters when the width followed the columns alone.
+  width = max(5.5, 2.0 + 0.08 * longest + 0.45 * n_clusters)
+  height = max(3.0, 1.6 + 0.4 * n_domains)
+  fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+  im = ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+  ax.set_yticks(range(n_domains), domain_names)
+  ax.set_xticks(range(n_clusters))
+  ax.set_xlabel("model-centric domain (cluster)")
+  ax.set_title("Share of each human domain's samples per cluster", fontsize=10)
+  fig.colorbar(im, ax=ax)
+  return fig
+
+
 def write_plots(records: list[dict], out_dir: Path, domain_names: list[str],
                 contingency: np.ndarray | None, weight_labels: list[str] | None = None,
                 ) -> list[Path]:
   """PNG plots: validation loss per domain, the domain weights over time
   (DoGraph's model-centric domains, or with ``weight_labels`` a baseline's
   weights of the human domains), and the cluster-versus-domain heatmap.
-  Returns the written paths."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  Returns the written paths.
 
-  written = []
-  evals = [r for r in records if "val_loss" in r]
-  train = [r for r in records if "loss" in r]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  if train:
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="0.7",
-            lw=1, label="train (batch mean)")
-  for name in domain_names:
-    pts = [(r["step"], r["val_loss"][name]) for r in evals if name in r["val_loss"]]
-    if pts:
-      ax.plot(*zip(*pts), marker="o", ms=3, label=f"val {name}")
-  ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss per domain")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  written.append(out_dir / "loss_per_domain.png")
-  fig.savefig(written[-1], dpi=120)
-  plt.close(fig)
-
+  Every series has its own colour (:func:`_palette`), legends sit outside the
+  axes, and the figures are laid out (and saved with ``bbox_inches="tight"``)
+  so that no title or label is cut.
+  """
+  plt = _pyplot()
+  figures = [("loss_per_domain.png", _loss_figure(records, domain_names))]
   weighted = [r for r in records if "weights" in r]
   if weighted:
-    steps = [r["step"] for r in weighted]
-    w = np.asarray([r["weights"] for r in weighted]).T
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    labels = weight_labels or [f"domain {j}" for j in range(len(w))]
-    ax.stackplot(steps, w, labels=labels)
-    ax.set(xlabel="step", ylabel="weight", ylim=(0, 1),
-           title=("Weights of the human domains" if weight_labels else
-                  "DoGraph weights of the model-centric domains"))
-    ax.legend(fontsize=6, ncol=2, loc="upper right")
-    fig.tight_layout()
-    written.append(out_dir / "domain_weights.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-
+    figures.append(("domain_weights.png", _weights_figure(weighted, weight_labels)))
   if contingency is not None and contingency.sum() > 0:
-    share = contingency / np.maximum(contingency.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * share.shape[1], 1.2 + 0.45 * share.shape[0]))
-    im = ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_yticks(range(len(domain_names)), domain_names)
-    ax.set_xticks(range(share.shape[1]))
-    ax.set(xlabel="model-centric domain (cluster)",
-           title="Share of each human domain's samples per cluster")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    written.append(out_dir / "clusters_vs_domains.png")
-    fig.savefig(written[-1], dpi=120)
+    figures.append(("clusters_vs_domains.png", _heatmap_figure(contingency, domain_names)))
+  written = []
+  for name, fig in figures:
+    written.append(out_dir / name)
+    fig.savefig(written[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
   return written

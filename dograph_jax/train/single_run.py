@@ -10,6 +10,7 @@ imports neither, so the import graph has no circle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,12 +24,12 @@ import jax
 import numpy as np
 
 from dograph_jax import agreement, sharding
-from dograph_jax.data import (DynamicMixIterator, load_tokenizer, make_eval_batches, make_train_iterator,
+from dograph_jax.data import (DynamicMixIterator, load_tokenizer, with_context, make_eval_batches, make_train_iterator,
                               pack_domains_cached, read_split, resolve_proportions,
                               train_bpe_tokenizer, write_synthetic_corpus)
 from dograph_jax.models import count_params
-from dograph_jax.train import distributed, methods, reporting, training
-from dograph_jax.train.checkpointing import Checkpointer
+from dograph_jax.train import distributed, methods, reporting, run_dir, training
+from dograph_jax.train.checkpointing import CheckpointSaveError, Checkpointer
 from dograph_jax.train.method import MixerState
 from dograph_jax.train import config
 from dograph_jax.train.config import TrainConfig
@@ -59,6 +60,10 @@ class RunData:
   # that every labelling of a corpus (e.g. its coarse-label version, whose
   # hidden source has no training label) weighs the same domains alike.
   token_shares: dict = dataclasses.field(default_factory=dict)
+  # What the run trains and is judged on (corpus_changes compares two):
+  # domain names, rows per domain, and the packing fingerprints of both
+  # splits (texts, tokenizer, seq_len).
+  corpus: dict = dataclasses.field(default_factory=dict)
 
 
 def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
@@ -89,8 +94,12 @@ def load_data(cfg: TrainConfig) -> RunData:
   tokenizer = _tokenizer(cfg, data_dir, train_docs)
   cache = data_dir / ".packed"
   packed = pack_domains_cached(train_docs, tokenizer, cfg.optim.seq_len, cache)
-  packed_val = pack_domains_cached(val_docs, tokenizer, cfg.optim.seq_len, cache)
+  # A validation domain too short for one row is left out with a warning,
+  # like a missing one (val_missing), not an error about training data.
+  packed_val = pack_domains_cached(val_docs, tokenizer, cfg.optim.seq_len, cache, drop_short=True)
   resolved = resolve_proportions(packed, dict(cfg.data.proportions) or cfg.data.sampling)
+  corpus = {"domains": list(packed.names), "rows": dict(zip(packed.names, packed.num_rows)),
+            "train": packed.fingerprint, "validation": packed_val.fingerprint}
   probe = None
   if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer(cfg, packed).needs:
     packed, probe = _hold_out_probe(packed, cfg.offline.probe_rows)
@@ -118,6 +127,7 @@ def load_data(cfg: TrainConfig) -> RunData:
   total = sum(val_tokens[n] for n in evaluated)
   return RunData(
       token_shares={n: val_tokens[n] / total for n in evaluated},
+      corpus=corpus,
       names=list(packed.names),
       train_iter=(DynamicMixIterator if samples(cfg, len(packed.names)) else make_train_iterator)(
           packed, cfg.optim.batch_size, proportions=resolved, seed=cfg.run.seed,
@@ -180,6 +190,57 @@ def batch_drawer(cfg: TrainConfig, data: RunData):
     data.train_iter.set_proportions(np.asarray(p, np.float64))
     return next(data.train_iter)
   return draw
+
+
+def _restore_newest_intact(checkpointer: Checkpointer, abstract, cfg: TrainConfig, data: RunData):
+  """``(step, state, data state, meta, corrupt steps)`` of the newest checkpoint
+  that restores, or None without any checkpoint.
+
+  Each checkpoint's settings and corpus are compared with the run's before
+  its state is read (a refusal names them: ``check_resumable``,
+  :func:`check_corpus`). One that cannot be read (a missing or truncated
+  file) is skipped for the next older one, with a warning naming both.
+
+  Raises:
+    ValueError: changed settings or corpus, a checkpoint older than 0.2, or
+      no readable checkpoint at all (the message lists each step's error).
+  """
+  steps = sorted(checkpointer.all_steps(), reverse=True)
+  if not steps:
+    return None
+  corrupt, errors = [], []
+  for step in steps:
+    try:
+      saved_meta = checkpointer.restore_meta(step)
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      corrupt.append(step)
+      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    saved_config = saved_meta["config"]
+    check_resumable(saved_config, cfg)  # before the restore: a clear message, not a shape error
+    check_corpus(saved_meta.get("corpus", {"domains": saved_meta.get("domains", data.names)}),
+                 data.corpus, f"--resume from {checkpointer.directory}")
+    if not any(s in saved_config for s in config.SECTIONS):
+      raise ValueError(
+          f"--resume: the checkpoint in {checkpointer.directory} was written before the "
+          "trainer's state became a typed TrainState (dograph_jax 0.2): its optimizer state "
+          "has another structure and cannot be resumed by this version. Its parameters "
+          "still evaluate and export (python -m dograph_jax.models.export); continue the "
+          "run with the version that wrote it, or start a new --out_dir.")
+    try:
+      state, data_state, meta = checkpointer.restore(step, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      corrupt.append(step)
+      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    if corrupt:
+      log.warning("--resume: checkpoint(s) %s in %s cannot be read (%s); resuming from step "
+                  "%d, the newest intact one (the unreadable ones are moved to "
+                  "corrupt_checkpoints/)", corrupt, checkpointer.directory, "; ".join(errors), step)
+    return step, state, data_state, meta, corrupt
+  raise ValueError(
+      f"--resume: no checkpoint in {checkpointer.directory} can be read ({'; '.join(errors)}). "
+      "Start a new --out_dir, or --overwrite to move this run aside and start again.")
 
 
 def load_run_state(run_dir: str | Path, step: int | None = None) -> tuple[training.TrainState, dict, TrainConfig]:
@@ -272,7 +333,7 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
 # Options that may change between a run and its resumption: they do not
 # affect the training trajectory (a different --mesh changes only the order
 # of floating-point sums).
-_RESUME_FREE = {"resume", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
+_RESUME_FREE = {"resume", "overwrite", "traceback", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
                 "save_every", "keep_checkpoints", "plots", "mesh", "trackers", "wandb_project"}
 
 
@@ -287,6 +348,54 @@ def _unread_options(cfg: TrainConfig) -> set[str]:
   if cfg.method != "dograph":
     return _DOGRAPH_ONLY | ({"apply_weights"} if methods.kind(cfg.method) != "online" else set())
   return _PERSISTENT_ONLY if cfg.dograph.domains == "batch" else _BATCH_ONLY
+
+
+def corpus_changes(saved: dict, now: dict) -> list[str]:
+  """The differences between two ``RunData.corpus`` records, each named
+  (``"domains (saved [...], now [...])"``); empty when they agree. A record
+  without a field (an older run) is not compared on it."""
+  changes = []
+  if "domains" in saved and saved["domains"] != now["domains"]:
+    added = [d for d in now["domains"] if d not in saved["domains"]]
+    gone = [d for d in saved["domains"] if d not in now["domains"]]
+    what = (f"added {added}" if added else "") + (", " if added and gone else "") + (
+        f"removed {gone}" if gone else "") or "reordered"
+    changes.append(f"domains {what} (saved {saved['domains']}, now {now['domains']})")
+  else:
+    for name, rows in saved.get("rows", {}).items():
+      if now["rows"].get(name) != rows:
+        changes.append(f"rows of domain {name!r} (saved {rows}, now {now['rows'].get(name)})")
+  for split in ("train", "validation"):
+    if saved.get(split) and now.get(split) and saved[split] != now[split]:
+      changes.append(f"the {split} split's texts or tokenizer (packing fingerprint saved "
+                     f"{saved[split][:12]}, now {now[split][:12]})")
+  return changes
+
+
+def check_corpus(saved: dict, now: dict, where: str) -> None:
+  """Raises ``ValueError`` naming every difference of the corpus records."""
+  changes = corpus_changes(saved, now)
+  if changes:
+    raise ValueError(f"{where}: the corpus changed since it was written: " + "; ".join(changes)
+                     + ". Continuing would train on other data (shifted domain ids, other "
+                     "rows). Restore the corpus, or start a new --out_dir.")
+
+
+def finished_summary(run_dir: str | Path, cfg: TrainConfig) -> dict | None:
+  """The summary of the finished run in ``run_dir`` if it is *this* run:
+  ``None`` if it has not finished; the same settings (``check_resumable``)
+  and the same corpus (the summary's ``corpus`` record against
+  ``load_data(cfg)``'s) are required, else ``ValueError`` names what differs.
+  What studies and offline pipelines reuse instead of retraining."""
+  run_dir = Path(run_dir)
+  done = run_dir / "summary.json"
+  if not done.exists() or not (run_dir / "config.json").exists():
+    return None
+  check_resumable(json.loads((run_dir / "config.json").read_text()), cfg)
+  summary = json.loads(done.read_text())
+  if "corpus" in summary:
+    check_corpus(summary["corpus"], load_data(cfg).corpus, f"finished run {run_dir}")
+  return summary
 
 
 def check_resumable(saved: dict, cfg: TrainConfig) -> None:
@@ -306,34 +415,58 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
         + "; resuming would not continue the same run. Use a new --out_dir.")
 
 
+@contextlib.contextmanager
+def owned_run_dir(cfg: TrainConfig):
+  """Holds the run directory's :class:`~dograph_jax.train.run_dir.RunLock`
+  (on the main process; other hosts write only their checkpoint shards),
+  after refusing a new run over an old one (``run_dir.prepare``)."""
+  out_dir = Path(cfg.run.out_dir)
+  if not distributed.is_main_process():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    yield
+    return
+  with run_dir.RunLock(out_dir):
+    run_dir.prepare(out_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+    yield
+
+
 def train_run(cfg: TrainConfig) -> dict:
   """Runs (or resumes) one training run; returns the summary dict.
 
-  An offline method (``stratified``, ``temperature``, ``doremi``, ``doge``,
-  ``regmix``, ``mixing_law``, ``rnb``) is a pipeline of such runs: ``pretrain.train`` runs it.
+  The run owns ``--out_dir`` while it runs (``run_dir.RunLock``); a new run
+  over an old one is refused unless ``--overwrite``. An offline method
+  (``stratified``, ``temperature``, ``doremi``, ``doge``, ``regmix``,
+  ``mixing_law``, ``rnb``) is a pipeline of such runs: ``pretrain.train`` runs it.
   """
   if methods.kind(cfg.method) == "offline":
     raise ValueError(f"method {cfg.method!r} is an offline pipeline of several runs: "
                      "use dograph_jax.train.pretrain.train (or offline.run)")
-  wall0 = time.perf_counter()
   if jax.process_count() > 1 and not cfg.run.mesh:
     raise ValueError("several processes need --mesh over all hosts' devices, e.g. "
                      f"data={jax.device_count()}")
+  with owned_run_dir(cfg):
+    return _train_run(cfg)
+
+
+def _train_run(cfg: TrainConfig) -> dict:
+  wall0 = time.perf_counter()
   mesh = sharding.make_mesh(cfg.run.mesh) if cfg.run.mesh else None  # a bad spec fails before any work
   out_dir = Path(cfg.run.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   saved = out_dir / "config.json"
   if cfg.run.resume and saved.exists():
     # Compared before anything is restored or rewritten: a refused resume
     # names the changed options and leaves the run directory as it was.
     check_resumable(json.loads(saved.read_text()), cfg)
+  # Data and model before config.json: a corpus that fails to load, or a
+  # model that cannot take --seq_len, leaves no run behind.
+  data = load_data(cfg)
+  model_cfg, graphdef, params = training.build_model(cfg, data.vocab_size)
   if distributed.is_main_process():  # other hosts write nothing but their checkpoint shards
     saved.write_text(json.dumps(config.to_dict(cfg), indent=2))
-  data = load_data(cfg)
   if distributed.is_main_process() and not (out_dir / "tokenizer" / "tokenizer.json").exists():
-    # beside the checkpoints, so evaluation and export find the run's own tokenizer
-    data.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-  model_cfg, graphdef, params = training.build_model(cfg, data.vocab_size)
+    # beside the checkpoints, so evaluation and export find the run's own
+    # tokenizer, which truncates at the model's context (model_max_length)
+    with_context(data.tokenizer, model_cfg.n_positions).save_pretrained(str(out_dir / "tokenizer"))
   log.info("model %s: %s parameters", cfg.model.name, f"{count_params(params):,}")
   tx = training.make_optimizer(cfg)
   ref_params = None
@@ -369,21 +502,19 @@ def train_run(cfg: TrainConfig) -> dict:
   checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
   start, wall_before = 0, 0.0  # wall_before: seconds spent on this run before a resume
   if cfg.run.resume:
-    step = checkpointer.latest_step()
-    if step is None:
+    found = _restore_newest_intact(checkpointer, training.abstract_like(state), cfg, data)
+    if found is None:
       log.info("--resume: no complete checkpoint in %s; starting from scratch",
                checkpointer.directory)
     else:
-      saved_config = checkpointer.restore_meta(step)["config"]
-      check_resumable(saved_config, cfg)  # before the restore: a clear message, not a shape error
-      if not any(s in saved_config for s in config.SECTIONS):
-        raise ValueError(
-            f"--resume: the checkpoint in {checkpointer.directory} was written before the "
-            "trainer's state became a typed TrainState (dograph_jax 0.2): its optimizer state "
-            "has another structure and cannot be resumed by this version. Its parameters "
-            "still evaluate and export (python -m dograph_jax.models.export); continue the "
-            "run with the version that wrote it, or start a new --out_dir.")
-      state, data_state, meta = checkpointer.restore(step, training.abstract_like(state))
+      step, state, data_state, meta, corrupt = found
+      if corrupt:  # out of orbax's way: the run will save these steps again
+        checkpointer.close()
+        aside = out_dir / "corrupt_checkpoints"
+        aside.mkdir(exist_ok=True)
+        for bad in corrupt:
+          (checkpointer.directory / str(bad)).rename(aside / f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
+        checkpointer = Checkpointer(out_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
       if meta.get("process_count", 1) != jax.process_count():
         raise ValueError(
             f"--resume: the checkpoint was written by {meta.get('process_count', 1)} "
@@ -405,6 +536,7 @@ def train_run(cfg: TrainConfig) -> dict:
     checkpointer.save(step, state, data.train_iter.get_state(),
                       {"config": config.to_dict(cfg), "step": step,
                        "vocab_size": data.vocab_size, "domains": data.names,
+                       "corpus": data.corpus,
                        "process_count": jax.process_count(),
                        "wall_s": wall_before + time.perf_counter() - wall0})
 
@@ -412,7 +544,7 @@ def train_run(cfg: TrainConfig) -> dict:
 
   def finish(done: int, metrics: dict) -> None:
     """Host-side work for a finished step: NaN check, progress, logs."""
-    nonlocal contingency
+    nonlocal contingency, first_done
     loss = float(metrics["loss"])
     kept_only = " over the samples DoGraph kept" if cfg.method == "dograph" else ""
     if not math.isfinite(loss):
@@ -423,6 +555,9 @@ def train_run(cfg: TrainConfig) -> dict:
       raise NonFiniteLossError(
           f"non-finite update at step {done} (finite loss {loss:.4g}); it was not applied; "
           f"stopping. Checkpoints in {checkpointer.directory} hold only steps before it.")
+    checkpointer.check()  # a failed asynchronous save stops the run now, not at the next save
+    if first_done is None:  # the speed in the summary starts after the compiled first step
+      first_done = (done, time.perf_counter())
     dropped = int(metrics.get("nonfinite", 0))
     skipped = bool(metrics["skipped"])
     if dropped:
@@ -445,7 +580,9 @@ def train_run(cfg: TrainConfig) -> dict:
       tracker.log(done, record)
 
   t0 = time.perf_counter()
+  first_done = None  # (step, time) when the first step of this process had finished
   pending = None  # (step, metrics) of the step whose results are not fetched yet
+  failed = False
   try:
     for step in range(start, cfg.optim.steps):
       batch = put_train(draw(state))
@@ -466,26 +603,38 @@ def train_run(cfg: TrainConfig) -> dict:
       if evaluating:
         val = evaluate(eval_step, state.params, data.eval_batches, put)
         tracker.log(done, {"val_loss": val,
-                           "val_ppl": {n: math.exp(v) for n, v in val.items()}})
+                           "val_ppl": {n: reporting.perplexity(v) for n, v in val.items()}})
       if saving:
         save(done)
       if halting:
         log.info("halting after step %d as asked (--halt_after %d)", done, cfg.run.halt_after)
         return {"halted_at": done}
+  except BaseException:
+    failed = True
+    raise
   finally:
     progress.close()
-    checkpointer.close()
     tracker.close()
+    try:
+      checkpointer.close()
+    except CheckpointSaveError:
+      if not failed:  # else the error on its way out already says it
+        raise
 
+  # Steady speed: from the end of this process's first step (which includes
+  # the compilation) to the end; the whole loop if only one step ran.
   elapsed = time.perf_counter() - t0
   steps_run = cfg.optim.steps - start
+  if first_done is not None and first_done[0] < cfg.optim.steps:
+    elapsed = time.perf_counter() - first_done[1]
+    steps_run = cfg.optim.steps - first_done[0]
   final = [r for r in tracker.records if "val_loss" in r][-1]["val_loss"]
   summary = {"method": cfg.method, "objective": cfg.dograph.objective, "model": cfg.model.name,
              "method_args": dict(cfg.method_args), "proportions": data.proportions,
              "steps": cfg.optim.steps, "steps_per_s": steps_run / elapsed if elapsed else 0.0,
              "wall_s": wall_before + time.perf_counter() - wall0,  # whole run, resumes included
              "tokens_per_s": steps_run * cfg.optim.batch_size * cfg.optim.seq_len / elapsed if elapsed else 0.0,
-             "val_loss": final, "token_shares": data.token_shares,
+             "val_loss": final, "token_shares": data.token_shares, "corpus": data.corpus,
              **reporting.perplexities(final, data.token_shares),
              "val_missing": data.val_missing,  # left out of the averages (warned)
              # the failure policy's counts over the whole run (resumes included)
