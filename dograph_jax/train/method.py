@@ -6,7 +6,7 @@ same for all of them:
 
     out = method.grads(params, method_state, batch, step)      # losses, gradient
     updates, head = optimizer.head.update(out.grads, ...)      # DoGraph only
-    report = method.report(out, head)                          # loss, skip, metrics
+    report = method.report(out, head, batch)                   # loss, skip, metrics, new state
     updates, tail = optimizer.tail.update(updates, ..., skip=report.skip)
 
 Implementations:
@@ -21,6 +21,12 @@ Implementations:
   :class:`~dograph_jax.mixing.OnlineMixer`: one forward pass with a ``vjp``,
   the mixer's per-sample weights ``w`` from the losses (and whatever else it
   ``needs``), the update ``vjp(w)`` — one backward pass.
+
+A method that applies its weights by *sampling* (``--apply_weights
+sample``: the online mixers whose papers sample, DoGraph on request) also
+has ``proportions(state, step, base_D)``: the trainer draws the batch of
+``step`` with them (``data.DynamicMixIterator``) and the method steps on the
+batch mean.
 
 A new method is one class with these three methods plus one line in
 :data:`CLASSES` (a new online mixer needs only its line in

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 22's study, one resumable command: every method at 1000 steps on the
+# real and synthetic corpora and their coarse-label versions, 3 seeds.
+#   bash experiments/results/mixing_1000/run.sh [LABELS]
+# Rerunning continues where it stopped (finished runs are read back, an
+# unfinished one resumes from its last checkpoint). LABELS (comma-separated)
+# restricts the main table to some rows (default: all of STUDIES["mixing_1000"]).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+
+# The corpora (each built once).
+[ -d data/local ] || python experiments/data/build_local_corpus.py --out data/local --budget_mb 8 --seed 0
+[ -d data/synthetic ] || python -c "from dograph_jax.data import write_synthetic_corpus as w; w('data/synthetic', seed=0)"
+[ -d data/local_licenses_in_python ] || python experiments/data/build_coarse_corpus.py \
+    --src data/local --out data/local_licenses_in_python --merge licenses=python --keep licenses=0.3 --seed 0
+[ -d data/synthetic_dna_in_prose ] || python experiments/data/build_coarse_corpus.py \
+    --src data/synthetic --out data/synthetic_dna_in_prose --merge dna=prose --keep dna=0.5 --seed 0
+
+BASE=(--seeds 0,1,2 --batch_size 32 --seq_len 64 --steps 1000 --warmup_steps 100
+      --eval_every 100 --eval_domains validation --save_every 250 --no_plots
+      --out_dir runs/mixing_1000)
+ALL=data/local,data/synthetic,data/local_licenses_in_python,data/synthetic_dna_in_prose
+COARSE=data/local_licenses_in_python,data/synthetic_dna_in_prose
+
+# 1. Every method at its defaults (the main table).
+python experiments/ablate.py --name mixing_1000 --data_dirs "$ALL" "${BASE[@]}" \
+    ${1:+--only "$1"} --results_dir experiments/results/mixing_1000
+# 2. The levers of issue 22 item 8: larger departures, with and without the sampler.
+python experiments/ablate.py --name mixing_1000_levers --data_dirs "$ALL" "${BASE[@]}" \
+    --results_dir experiments/results/mixing_1000_levers \
+    --config dograph_anchor1:method=dograph,anchor=1.0 \
+    --config dograph_sample_anchor1:method=dograph,apply_weights=sample,anchor=1.0
+# 3. The reference DoGraph cannot read: stratified over the true sources.
+python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE" "${BASE[@]}" \
+    --results_dir experiments/results/mixing_1000_true_labels
+# 4. Where the gap to Uniform opens and closes, what DoGraph's weights do.
+python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform uniform \
+    --dograph dograph,dograph_sample --at 400,1000 --window 100 \
+    --out experiments/results/analysis_dynamics
