@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,33 @@ def test_user_errors_exit_2_with_one_paragraph(corpus, tmp_path, capsys, root_ha
 def test_negative_method_args_are_refused():
   with pytest.raises(ValueError, match="burn_in=.*non-negative"):
     config.make_config(method="loss_based", method_args={"burn_in": "-5"})
+
+
+def test_a_sigkilled_run_is_not_silently_replaced(corpus, tmp_path):
+  """A training process killed mid-run: rerunning it without --resume is
+  refused (its checkpoints are not overwritten), --resume takes over its
+  stale lock and continues."""
+  out = tmp_path / "run"
+  args = ["--data_dir", str(corpus), "--vocab_size", "300", "--steps", "400", "--batch_size",
+          "4", "--seq_len", "16", "--method", "uniform", "--no_plots", "--save_every", "2",
+          "--eval_every", "0", "--out_dir", str(out)]
+  proc = subprocess.Popen([sys.executable, "-c",
+                           "import sys; from dograph_jax.train import pretrain; "
+                           "sys.exit(pretrain.main(sys.argv[1:]))", *args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "4").is_dir():  # two complete checkpoints
+      assert proc.poll() is None and time.monotonic() < deadline, "the run did not get going"
+      time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert run_dir.read_owner(out / run_dir.LOCK_NAME)["pid"] == proc.pid  # a stale lock
+  steps = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  cfg = config.from_dict(json.loads((out / "config.json").read_text()))  # the same run
+  with pytest.raises(FileExistsError, match="already holds a run"):
+    single_run.train_run(cfg)
+  assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == steps
+  summary = single_run.train_run(config.replace(cfg, resume=True, halt_after=2))
+  assert summary["halted_at"] >= 6
