@@ -5,6 +5,7 @@ each run's val_loss + token_shares ("n/a" for runs without them)."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,29 @@ def test_ablate_paired_report_and_plot(tmp_path):
   json.dumps(result)  # study.json: the aggregates stay serialisable (None for n/a)
   path = ablate.write_plot(result, tmp_path / "study.png")
   assert path.exists() and path.stat().st_size > 0
+
+
+def test_compare_plot_shows_the_three_figures(tmp_path, monkeypatch):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  saved = {}
+  monkeypatch.setattr(plt, "close", lambda fig=None: None)
+  real = plt.Figure.savefig
+
+  def keep(fig, path, *a, **k):
+    saved[Path(path).name] = fig
+    return real(fig, path, *a, **k)
+  monkeypatch.setattr(plt.Figure, "savefig", keep)
+  base = {"per_domain_mean": {"a": 10.0, "b": 30.0}, "per_domain_std": {"a": 1.0, "b": 2.0},
+          "average_mean": 17.3, "average_std": 0.5, "worst_mean": 30.0, "worst_std": 2.0,
+          "mixture": {"a": 0.5, "b": 0.5}}
+  agg = {"uniform": {**base, "natural_mean": 12.0, "natural_std": 0.1},
+         "old": {**base, "natural_mean": None, "natural_std": None}}
+  compare.write_plots(agg, tmp_path, seed=0)
+  ax = saved["per_domain_ppl.png"].axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == [
+      "a", "b", "[average]", "[natural]", "[worst]"]
+  heights = [[b.get_height() for b in c] for c in ax.containers if hasattr(c, "patches")]
+  assert heights[0] == [10.0, 30.0, 17.3, 12.0, 30.0]
+  assert heights[1][3] == 0.0  # a method without the figure draws no bar

@@ -19,6 +19,7 @@ from its last checkpoint, and a run that crashes is logged and recorded in
 
 Writes ``compare.md`` (the table), ``compare.json`` (every run's summary and
 the aggregates), ``per_domain_ppl.png`` (per-domain validation perplexity,
+then the average, natural-mixture and worst-domain figures,
 mean ± std over seeds) and ``weights.png`` (each method's weight trajectory
 of the first seed: online weights, offline proxies' weights, final
 mixtures).
@@ -246,16 +247,30 @@ def write_plots(agg: dict[str, dict], out_dir: Path, seed: int) -> list[Path]:
   written = []
   if not agg:
     return written
-  names = list(next(iter(agg.values()))["per_domain_mean"])
+  domains = list(next(iter(agg.values()))["per_domain_mean"])
+  # The three headline figures after the domains: equal-weight average,
+  # natural mixture (0 bar where a method lacks it) and worst domain.
+  figures = ["average", "natural", "worst"]
+  names = domains + [f"[{f}]" for f in figures]
+
+  def values(a, key):
+    if key in domains:
+      return a["per_domain_mean"][key], a["per_domain_std"][key]
+    f = key.strip("[]")
+    return a.get(f"{f}_mean") or 0.0, a.get(f"{f}_std") or 0.0
+
   fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(names) * len(agg) / 4), 4.5))
   width = 0.8 / len(agg)
   x = np.arange(len(names))
   for j, (method, a) in enumerate(agg.items()):
-    ax.bar(x + j * width, [a["per_domain_mean"][n] for n in names], width,
-           yerr=[a["per_domain_std"][n] for n in names], label=method, capsize=2)
+    mean_std = [values(a, n) for n in names]
+    ax.bar(x + j * width, [m for m, _ in mean_std], width, yerr=[s for _, s in mean_std],
+           label=method, capsize=2)
+  ax.axvline(len(domains) - 0.1, color="grey", lw=0.8)
   ax.set_xticks(x + 0.4 - width / 2, names)
   ax.set(ylabel="validation perplexity", yscale="log",
-         title="Per-domain validation perplexity (mean ± std over seeds)")
+         title="Per-domain, average, natural-mixture and worst validation perplexity "
+               "(mean ± std over seeds)")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   written.append(out_dir / "per_domain_ppl.png")
@@ -269,7 +284,7 @@ def write_plots(agg: dict[str, dict], out_dir: Path, seed: int) -> list[Path]:
     traj = _weight_records(run_dir(out_dir, method, seed))
     if traj is not None:
       steps, w = traj
-      labels = names if w.shape[1] == len(names) else [f"cluster {j}" for j in range(w.shape[1])]
+      labels = domains if w.shape[1] == len(domains) else [f"cluster {j}" for j in range(w.shape[1])]
       ax.stackplot(steps, w.T, labels=labels)
       ax.set(ylim=(0, 1), xlabel="step" + (" (proxy run)" if method in methods.PROXY else ""))
     elif a["mixture"]:
@@ -281,7 +296,7 @@ def write_plots(agg: dict[str, dict], out_dir: Path, seed: int) -> list[Path]:
     ax.axis("off")
   for ax in axes.flat:  # one legend: the domain names of the first trajectory
     handles, labels = ax.get_legend_handles_labels()
-    if handles and labels[0] == names[0]:
+    if handles and labels[0] == domains[0]:
       fig.legend(handles, labels, fontsize=8, loc="lower right")
       break
   fig.suptitle(f"Domain weights (seed {seed}): trajectories, or the final mixture")
