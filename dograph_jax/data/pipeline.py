@@ -236,7 +236,9 @@ def _load_packed(folder: Path, seq_len: int) -> PackedDomains:
   meta = json.loads((folder / "meta.json").read_text())
   if meta["seq_len"] != seq_len:
     raise ValueError("seq_len mismatch")
-  rows = [np.load(folder / f"domain_{i:04d}.npy", allow_pickle=False)
+  # Memory-mapped: a start-up reads only the pages the batches touch, and the
+  # rows are never copied into this process's memory as a whole.
+  rows = [np.load(folder / f"domain_{i:04d}.npy", allow_pickle=False, mmap_mode="r")
           for i in range(len(meta["names"]))]
   return PackedDomains(names=list(meta["names"]), rows=rows,
                        tokens_per_domain=list(meta["tokens_per_domain"]),

@@ -235,7 +235,8 @@ def run_tokenizer(run_dir: str | os.PathLike, run_config: dict, vocab_size: int)
   candidates = [run_dir / "tokenizer"]
   if run_config.get("tokenizer"):
     candidates.append(pathlib.Path(run_config["tokenizer"]))
-  candidates.append(pathlib.Path(run_config["data_dir"]) / f"tokenizer-bpe-{run_config['vocab_size']}")
+  cache_root = run_config.get("cache_dir") or run_config["data_dir"]
+  candidates.append(pathlib.Path(cache_root) / f"tokenizer-bpe-{run_config['vocab_size']}")
   for path in candidates:
     if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
       tokenizer = load_tokenizer(path)

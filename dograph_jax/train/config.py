@@ -73,6 +73,16 @@ class DataConfig:
   tokenizer: str = ""  # local tokenizer path; empty = train a byte-level BPE on the train split, cached beside the data
   vocab_size: int = 2048  # vocabulary of the trained tokenizer
   eval_domains: Literal["train", "validation"] = "train"  # validation domains reported: the training domains, or every domain of the validation split (a run on regrouped clusters)
+  text_field: str = "text"  # dotted path of the document text in each record
+  cache_dir: str = ""  # where the trained tokenizer and the packed tokens are cached (memory-mapped when read back); empty = beside the data (<data_dir>/.packed, <data_dir>/tokenizer-bpe-N)
+
+  def tokenizer_cache(self) -> Path:
+    """Folder of the byte-level BPE trained on the train split."""
+    return Path(self.cache_dir or self.data_dir) / f"tokenizer-bpe-{self.vocab_size}"
+
+  def packing_cache(self) -> Path:
+    """Folder of the packed token rows (``pack_domains_cached``)."""
+    return Path(self.cache_dir) / "packed" if self.cache_dir else Path(self.data_dir) / ".packed"
 
 
 @dataclass(frozen=True)

@@ -269,8 +269,9 @@ def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
     return folder, info, float(info["wall_s"])
   t0 = time.perf_counter()
   _load(cfg)  # generates the bundled corpus if absent and trains/caches its tokenizer
-  train, _ = read_split(cfg.data.data_dir, "train", domain_field=cfg.data.domain_field)
-  val, _ = read_split(cfg.data.data_dir, "validation", domain_field=cfg.data.domain_field)
+  fields = dict(domain_field=cfg.data.domain_field, text_field=cfg.data.text_field)
+  train, _ = read_split(cfg.data.data_dir, "train", **fields)
+  val, _ = read_split(cfg.data.data_dir, "validation", **fields)
   texts = [t for docs in train.values() for t in docs]
   human = [d for d, docs in train.items() for _ in docs]
   embed = regroup.make_embedder(cfg.offline.regroup_embedder, seed=cfg.run.seed)
@@ -321,7 +322,7 @@ def regroup_stage(cfg: TrainConfig, folder: Path) -> tuple[Path, dict, float]:
 def final_overrides(cfg: TrainConfig, regrouped: Path, info: dict) -> dict:
   """The R&B final run's settings: the clusters as domains, the human
   domains evaluated, the original tokenizer, the round rule with target q."""
-  tokenizer = cfg.data.tokenizer or str(Path(cfg.data.data_dir) / f"tokenizer-bpe-{cfg.data.vocab_size}")
+  tokenizer = cfg.data.tokenizer or str(cfg.data.tokenizer_cache())
   args = dict(cfg.method_args)
   args.setdefault("target", ":".join(repr(v) for v in info["target"].values()))
   return dict(method=FINAL_MIXER[cfg.method], method_args=args,

@@ -69,7 +69,7 @@ class RunData:
 def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
   if cfg.data.tokenizer:
     return load_tokenizer(cfg.data.tokenizer)
-  cached = data_dir / f"tokenizer-bpe-{cfg.data.vocab_size}"
+  cached = cfg.data.tokenizer_cache()
   if (cached / "tokenizer.json").exists():
     log.info("using the tokenizer cached in %s", cached)
     return load_tokenizer(cached)
@@ -89,10 +89,11 @@ def load_data(cfg: TrainConfig) -> RunData:
     shutil.rmtree(partial, ignore_errors=True)
     write_synthetic_corpus(partial, seed=0)
     partial.rename(data_dir)
-  train_docs, train_skips = read_split(data_dir, "train", domain_field=cfg.data.domain_field)
-  val_docs, val_skips = read_split(data_dir, "validation", domain_field=cfg.data.domain_field)
+  fields = dict(domain_field=cfg.data.domain_field, text_field=cfg.data.text_field)
+  train_docs, train_skips = read_split(data_dir, "train", **fields)
+  val_docs, val_skips = read_split(data_dir, "validation", **fields)
   tokenizer = _tokenizer(cfg, data_dir, train_docs)
-  cache = data_dir / ".packed"
+  cache = cfg.data.packing_cache()
   packed = pack_domains_cached(train_docs, tokenizer, cfg.optim.seq_len, cache)
   # A validation domain too short for one row is left out with a warning,
   # like a missing one (val_missing), not an error about training data.
@@ -333,7 +334,7 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
 # Options that may change between a run and its resumption: they do not
 # affect the training trajectory (a different --mesh changes only the order
 # of floating-point sums).
-_RESUME_FREE = {"resume", "overwrite", "traceback", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
+_RESUME_FREE = {"resume", "overwrite", "traceback", "cache_dir", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
                 "save_every", "keep_checkpoints", "plots", "mesh", "trackers", "wandb_project"}
 
 
