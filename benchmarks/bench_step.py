@@ -202,6 +202,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="K (default 256 CPU, 1024 GPU)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="compute dtype (default float32 CPU, bfloat16 GPU)")
+  parser.add_argument("--attention", default="xla", choices=("xla", "dot_product", "cudnn"),
+                      help="the models' attention (--attention of pretrain.py)")
+  parser.add_argument("--remat", default="none", choices=("none", "block", "dots"),
+                      help="rematerialisation of the blocks (--remat of pretrain.py)")
   parser.add_argument("--vocab_size", type=int, default=None,
                       help="vocabulary (default 2048 for mini, 50257 otherwise)")
   parser.add_argument("--candidates", default=",".join(c for c in CANDIDATES if c not in OPT_IN),
@@ -269,7 +273,8 @@ def resolve_defaults(args: argparse.Namespace, backend: str) -> None:
 def train_config(args: argparse.Namespace, name: str) -> TrainConfig:
   return config.make_config(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
                      sketch_dim=args.sketch_dim, num_domains=NUM_DOMAINS, dtype=args.dtype,
-                     vocab_size=args.vocab_size, seed=args.seed, **CANDIDATES[name][0])
+                     vocab_size=args.vocab_size, seed=args.seed, attention=args.attention,
+                     remat=args.remat, **CANDIDATES[name][0])
 
 
 # --------------------------------------------------------------------------
@@ -724,7 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     from dograph_jax.models import build as build_model, get_config, split_model
     cfg0 = train_config(args, "plain")
     model_cfg = get_config(cfg0.model.name, vocab_size=args.vocab_size,
-                           dtype=jnp.bfloat16 if cfg0.model.dtype == "bfloat16" else jnp.float32)
+                           dtype=jnp.bfloat16 if cfg0.model.dtype == "bfloat16" else jnp.float32,
+                           attention=cfg0.model.attention, remat=cfg0.model.remat)
     graphdef, params = split_model(nnx.eval_shape(lambda: build_model(model_cfg,
                                                                       nnx.Rngs(args.seed))))
   else:

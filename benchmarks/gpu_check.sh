@@ -16,7 +16,9 @@
 #      against the H200's dense bf16 peak.
 #   2. pretrain_dograph, pretrain_uniform: 200 steps of experiments/pretrain.py
 #      --model paper-small --batch_size 48 --seq_len 512 on the synthetic corpus.
-#   3. bench_f32: the same as 1 in float32, MFU against the dense TF32 peak.
+#   3. bench_fused: 1 with --attention dot_product --remat block (cuDNN flash
+#      attention where it applies, blocks recomputed in the backward pass).
+#   4. bench_f32: the same as 1 in float32, MFU against the dense TF32 peak.
 # Then summary.md (all parts' numbers and the ratios) is written and printed.
 #
 # --cpu_smoke: the same parts at tiny sizes on the CPU, nothing installed
@@ -97,6 +99,11 @@ for method in dograph uniform; do
     --out_dir "$OUT_DIR/run_$method"
 done
 
+# The paper-scale options (issue 24): fused attention (cuDNN flash attention
+# in bfloat16 on the GPU, XLA on the CPU) and rematerialised blocks.
+part bench_fused "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype bfloat16 \
+  --attention dot_product --remat block --json "$OUT_DIR/bench_fused.json"
+
 # Dense TF32 peak of an H200 (half its dense bf16 989 TFLOP/s).
 part bench_f32 "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype float32 \
   --peak_tflops 494.7 --json "$OUT_DIR/bench_f32.json"
@@ -110,7 +117,7 @@ print("| part | exit | seconds |\n|---|---|---|")
 for line in (out / "parts.txt").read_text().splitlines():
     name, rc, secs = line.split()
     print(f"| {name} | {rc} | {secs} |")
-for tag in ("bf16", "f32"):
+for tag in ("bf16", "fused", "f32"):
     f = out / f"bench_{tag}.json"
     if not f.exists():
         print(f"\nbench_{tag}: no result"); continue

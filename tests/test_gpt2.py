@@ -1,6 +1,7 @@
 """GPT-2: HuggingFace as the oracle, causality, parameter counts, per-sample
 gradients against a jax.grad loop, bfloat16 compute, and loader errors."""
 
+import dataclasses
 import functools
 import json
 import re
@@ -89,6 +90,12 @@ def test_matches_huggingface_gpt2(tmp_path):
   assert logits.dtype == np.float32
   print("max |logits - HF|:", np.abs(logits - ref_logits).max())
   assert np.abs(logits - ref_logits).max() <= 1e-4
+  # The same weights through jax.nn.dot_product_attention, blocks rematerialised.
+  fused, _ = split_model(nnx.eval_shape(lambda: GPT2(dataclasses.replace(
+      cfg, attention="dot_product", remat="block"), rngs=nnx.Rngs(0))))
+  fused_logits = np.asarray(jax.jit(functools.partial(apply, fused))(
+      params, jnp.asarray(ids, jnp.int32)))
+  assert np.abs(fused_logits - ref_logits).max() <= 1e-4
 
   ce = np.asarray(token_losses(jnp.asarray(logits[:, :-1]), jnp.asarray(ids[:, 1:])))
   np.testing.assert_allclose(ce, ref_ce, rtol=0, atol=1e-5)

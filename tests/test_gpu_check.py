@@ -18,7 +18,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
   parts = {line.split()[0]: int(line.split()[1])
            for line in (out / "parts.txt").read_text().splitlines()}
   assert parts == {"environment": 0, "bench_bf16": 0, "corpus": 0, "pretrain_dograph": 0,
-                   "pretrain_uniform": 0, "bench_f32": 0}, parts
+                   "pretrain_uniform": 0, "bench_fused": 0, "bench_f32": 0}, parts
   for tag in ("bf16", "f32"):
     result = json.loads((out / f"bench_{tag}.json").read_text())
     assert set(result["candidates"]) == {"plain", "factored"}

@@ -2,6 +2,7 @@
 (GQA, tied and untied heads, Llama 3 RoPE scaling, the full context), the
 factored engine on it against vmap(grad), and the trainer end to end."""
 
+import dataclasses
 import json
 
 import jax
@@ -53,6 +54,12 @@ def test_logits_match_transformers(tmp_path, tied, scaling):
   with torch.no_grad():
     want = hf(torch.tensor(tokens)).logits.numpy()
   got = np.asarray(model(jnp.asarray(tokens)))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # The same weights through jax.nn.dot_product_attention (K/V heads as they are).
+  _, params = split_model(model)
+  fused, _ = split_model(nnx.eval_shape(lambda: build(dataclasses.replace(
+      config, attention="dot_product"), nnx.Rngs(0))))
+  got = np.asarray(jax.jit(lambda p, t: nnx.merge(fused, p)(t))(params, jnp.asarray(tokens)))
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
   assert count_params(split_model(model)[1]) == param_count(config) == sum(
       p.numel() for p in hf.parameters())

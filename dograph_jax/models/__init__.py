@@ -6,6 +6,9 @@
 * the pure boundary :func:`split_model` / :func:`apply`, with the losses
   :func:`token_losses` and :func:`sequence_loss` (the per-sample loss);
 * :func:`count_params`, :func:`param_count`;
+* the config fields ``attention`` (:data:`ATTENTION`: ``"xla"``, the
+  default, ``"dot_product"``, ``"cudnn"``) and ``remat`` (:data:`REMAT`:
+  ``"none"``, the default, ``"block"``, ``"dots"``) of both families;
 * :func:`load_hf_gpt2`, :func:`load_hf_llama` — local HuggingFace checkpoints,
   without torch; :mod:`dograph_jax.models.export` writes GPT-2 and LLaMA back.
 """
@@ -16,8 +19,8 @@ from typing import Any
 from flax import nnx
 
 from dograph_jax.models import gpt2 as _gpt2
-from dograph_jax.models.gpt2 import (GPT2, GPT2Config, apply, count_params, sequence_loss,
-                                     split_model, token_losses)
+from dograph_jax.models.gpt2 import (ATTENTION, GPT2, REMAT, GPT2Config, apply, count_params,
+                                     sequence_loss, split_model, token_losses)
 from dograph_jax.models.hf import load_hf_gpt2
 from dograph_jax.models.hf_llama import load_hf_llama
 from dograph_jax.models.llama import LLAMA_CONFIGS, Llama, LlamaConfig, llama_param_count
@@ -59,7 +62,7 @@ def param_count(config) -> int:
 
 
 __all__ = [
-    "CONFIGS", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "apply", "build", "count_params",
-    "get_config", "load_hf_gpt2", "load_hf_llama", "param_count", "sequence_loss",
-    "split_model", "token_losses",
+    "ATTENTION", "CONFIGS", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "REMAT", "apply",
+    "build", "count_params", "get_config", "load_hf_gpt2", "load_hf_llama", "param_count",
+    "sequence_loss", "split_model", "token_losses",
 ]

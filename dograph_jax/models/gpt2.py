@@ -22,6 +22,21 @@ The boundary to JAX transformations is a pair of pure functions:
 so ``jax.grad``, ``jax.vmap`` and optax act on ``params`` like on any pytree;
 :func:`sequence_loss` is the per-sample loss DoGraph vmaps over.
 
+Two config fields trade speed and memory without changing the function (both
+models, :class:`GPT2Config` and ``LlamaConfig``; docs/method.md §7a):
+
+* ``attention``: ``"xla"`` (default) is the explicit einsum + float32 softmax
+  below, the reference; ``"dot_product"`` calls
+  ``jax.nn.dot_product_attention``: cuDNN's flash attention where it applies
+  (a CUDA GPU, bfloat16/float16 compute, head width a multiple of 8 up to
+  128, 256 on Hopper), which never stores the ``B H T S`` scores, and JAX's
+  XLA implementation elsewhere; ``"cudnn"`` insists on cuDNN (an error where
+  it does not apply). See :func:`causal_dot_product_attention`.
+* ``remat``: ``"none"`` (default), ``"block"`` (``nnx.remat`` of each block,
+  saving nothing but its input) or ``"dots"`` (saving the outputs of the
+  matmuls without batch dimensions, i.e. of the linear layers). See
+  :func:`call_block`; the factored engine's taps work through it.
+
 Shape legend: ``B`` batch, ``T`` sequence length, ``V`` vocabulary size,
 ``D`` model width (``d_model``), ``F`` MLP width (``d_ff``), ``H`` heads,
 ``K`` head width (``D / H``), ``S`` key positions (``= T``).
@@ -46,6 +61,147 @@ PyTree = Any
 _INIT_STD = 0.02
 
 
+# ------------------------------------------- attention and remat options --
+
+# The attention implementations (the config field `attention`):
+ATTENTION: dict[str, str] = {
+    "xla": "explicit einsum, float32 scores and softmax (the reference)",
+    "dot_product": "jax.nn.dot_product_attention: cuDNN flash attention where "
+                   "it applies, JAX's XLA implementation elsewhere",
+    "cudnn": "jax.nn.dot_product_attention(implementation='cudnn'); an error "
+             "where cuDNN flash attention does not apply",
+}
+# What each block keeps for the backward pass (the config field `remat`):
+REMAT: dict[str, Any] = {
+    "none": None,  # no checkpoint: every intermediate autodiff needs is kept
+    # only the block's input (and its parameters); the backward pass reruns
+    # the whole block forward
+    "block": jax.checkpoint_policies.nothing_saveable,
+    # also the outputs of dot_generals without batch dimensions: every linear
+    # layer's output (q/k/v/o, MLP); attention's batched einsums, softmax,
+    # norms and activations are recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_attention_and_remat(config: Any) -> None:
+  """Validate ``config.attention`` and ``config.remat`` (``ValueError``)."""
+  name = type(config).__name__
+  if config.attention not in ATTENTION:
+    raise ValueError(f"{name}.attention must be one of {sorted(ATTENTION)}, got "
+                     f"{config.attention!r}.")
+  if config.remat not in REMAT:
+    raise ValueError(f"{name}.remat must be one of {sorted(REMAT)}, got {config.remat!r}.")
+
+
+def cudnn_attention_applies(dtype: Any, head_dim: int) -> str | None:
+  """``None`` if cuDNN flash attention can run here, else the reason why not.
+
+  Its conditions (``jax._src.cudnn.fused_attention_stablehlo``, JAX 0.10):
+  a CUDA GPU of compute capability >= 8.0, float16/bfloat16 operands (no
+  float32), a head width that is a multiple of 8 and at most 128 (256 from
+  Hopper, 9.0, on). The default backend's first device decides.
+  """
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"compute dtype {jnp.dtype(dtype).name} (cuDNN takes bfloat16 or float16)"
+  if jax.default_backend() != "gpu":
+    return f"backend {jax.default_backend()!r} (cuDNN needs a CUDA GPU)"
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  if capability is None:
+    return "a GPU without a CUDA compute capability (not an NVIDIA GPU)"
+  major_minor = tuple(int(v) for v in str(capability).split(".")[:2])
+  if major_minor < (8, 0):
+    return f"compute capability {capability} (cuDNN flash attention needs >= 8.0)"
+  widest = 256 if major_minor >= (9, 0) else 128
+  if head_dim % 8 or head_dim > widest:
+    return f"head width {head_dim} (must be a multiple of 8, at most {widest})"
+  return None
+
+
+def causal_dot_product_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array,
+                                 v_BxSxGxK: jax.Array, attention: str) -> jax.Array:
+  """Causal softmax attention through ``jax.nn.dot_product_attention``.
+
+  ``G`` key/value heads (``G`` divides ``H``; ``G = H`` is plain multi-head
+  attention): query head ``h`` reads key/value head ``h // (H / G)``, as
+  HF's ``repeat_kv`` and :class:`dograph_jax.models.llama.Attention` do;
+  the key/value heads are passed as they are (no repeat), both
+  implementations take grouped queries natively. The scale is ``1 /
+  sqrt(K)``.
+
+  Numerics, as the ``"xla"`` reference (same function; differences are
+  rounding, ~1e-7 relative in float32):
+
+  * JAX's XLA implementation computes the scores ``q k^T`` in float32 for
+    float32 and bfloat16 operands alike (``preferred_element_type`` float32;
+    bfloat16 operands with the ``BF16_BF16_F32`` dot algorithm), masks them
+    with a large negative number (``-0.7 * finfo(float32).max`` instead of
+    ``-inf``: the same softmax, every row keeps its diagonal), takes the
+    softmax in float32, casts the probabilities to the compute dtype and
+    multiplies them with ``v`` in it — exactly the ``"xla"`` path's order of
+    casts. It stores the ``B H T S`` scores like the reference.
+  * cuDNN's flash attention (bfloat16/float16 only) accumulates ``q k^T`` in
+    float32, keeps the softmax statistics (row max and log-sum-exp) in
+    float32, casts the probabilities to the operand dtype for the product
+    with ``v`` (float32 accumulation) and never materialises the scores: the
+    backward pass recomputes them block by block from ``q``, ``k``, ``v``,
+    the output and the float32 log-sum-exp. The causal mask skips the upper
+    triangle's blocks.
+
+  The implementation is chosen here, at trace time: JAX's own
+  ``implementation=None`` does not choose (in JAX 0.10 it always runs XLA).
+
+  Args:
+    q_BxTxHxK, k_BxSxGxK, v_BxSxGxK: queries, keys, values, one dtype.
+    attention: ``"dot_product"`` (cuDNN when :func:`cudnn_attention_applies`
+      says so, else XLA) or ``"cudnn"`` (cuDNN or a ``ValueError``).
+
+  Returns:
+    ``out_BxTxHxK`` in the operands' dtype.
+  """
+  why_not = cudnn_attention_applies(q_BxTxHxK.dtype, q_BxTxHxK.shape[-1])
+  if attention == "cudnn" and why_not is not None:
+    raise ValueError(f"attention='cudnn': cuDNN flash attention does not apply to {why_not}; "
+                     "use attention='dot_product' (cuDNN where it applies, XLA elsewhere).")
+  implementation = "cudnn" if why_not is None else "xla"
+  return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=True,
+                                      implementation=implementation)
+
+
+def _call(block: nnx.Module, x: jax.Array) -> jax.Array:
+  return block(x)
+
+
+def call_block(block: nnx.Module, x_BxTxD: jax.Array, remat: str) -> jax.Array:
+  """``block(x_BxTxD)``, rematerialised as ``remat`` says (:data:`REMAT`).
+
+  ``"none"`` calls the block. Otherwise the call goes through
+  ``nnx.remat`` (``jax.checkpoint`` of the block's forward, with the
+  policy): the backward pass reruns the block's forward from its input and
+  whatever the policy saved, instead of reading every intermediate from
+  memory. ``nnx.remat`` lifts the block's state, so the factored engine's
+  taps (:mod:`dograph_jax.models.taps`) pass through it unchanged: the
+  perturbations ``nnx.capture`` puts on the block's layers are inputs of the
+  checkpointed function (their gradient, each layer's output-gradient
+  ``D``, flows out of its backward), and the values the layers ``sow``
+  (their inputs ``X``, the normalised ``xhat``) are its outputs. Outputs are
+  never recomputed, so under taps the engine still holds every ``X`` and
+  ``D`` it reads (it needs them); remat then saves what is not tapped —
+  attention's scores and probabilities, the MLP's pre-activation, the
+  norms' statistics.
+  """
+  if remat == "none":
+    return block(x_BxTxD)
+  # `prevent_cse` (the default) matters in a Python loop over blocks: it puts
+  # the recomputation behind an optimisation barrier, without which XLA's CSE
+  # merges it back into the forward pass and keeps the intermediates after
+  # all. XLA:CPU removes those barriers anyway (its `cse_barrier_expander`
+  # pass), so on the CPU remat changes the program but not its memory unless
+  # XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander (for compile-only
+  # memory estimates of a GPU run).
+  return nnx.remat(_call, policy=REMAT[remat])(block, x_BxTxD)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
   """Shape and numerics of a GPT-2 model."""
@@ -59,8 +215,11 @@ class GPT2Config:
   layer_norm_eps: float = 1e-5  # Epsilon inside every LayerNorm.
   dtype: Any = jnp.float32  # Compute dtype of activations; logits are float32.
   param_dtype: Any = jnp.float32  # Storage dtype of parameters (keep float32).
+  attention: str = "xla"  # "xla" | "dot_product" | "cudnn": see ATTENTION.
+  remat: str = "none"  # "none" | "block" | "dots": see REMAT.
 
   def __post_init__(self):
+    check_attention_and_remat(self)
     for name in ("vocab_size", "n_positions", "n_layer", "n_head", "d_model",
                  "d_ff"):
       value = getattr(self, name)
@@ -155,6 +314,7 @@ class CausalSelfAttention(nnx.Module):
     self.n_head = cfg.n_head
     self.head_dim = cfg.head_dim
     self.dtype = cfg.dtype
+    self.attention = cfg.attention
     self.c_attn = _linear(cfg, cfg.d_model, 3 * cfg.d_model, _INIT_STD, rngs)
     # GPT-2 scales the init of projections that write into the residual
     # stream by 1/sqrt(2 n_layer): there are 2 n_layer such writes, so the
@@ -169,6 +329,10 @@ class CausalSelfAttention(nnx.Module):
     q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (
         a.reshape(b, t, self.n_head, self.head_dim)
         for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
+    if self.attention != "xla":
+      out_BxTxHxK = causal_dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK,
+                                                 self.attention)
+      return self.c_proj(out_BxTxHxK.reshape(b, t, d))
     # Scores and softmax in float32 whatever the compute dtype: exp of
     # bfloat16 scores loses the small differences that attention relies on.
     scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
@@ -267,7 +431,7 @@ class GPT2(nnx.Module):
       self.sow(nnx.Intermediate, "tokens", tokens_BxT)
       x_BxTxD = self.perturb("embeddings", x_BxTxD)
     for block in self.h:
-      x_BxTxD = block(x_BxTxD)
+      x_BxTxD = call_block(block, x_BxTxD, cfg.remat)
     h_BxTxD = self.ln_f(x_BxTxD)
     # Tied output layer. Inputs stay in the compute dtype (bfloat16 matmuls
     # run at full speed) but accumulate and return in float32, so the

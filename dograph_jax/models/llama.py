@@ -16,6 +16,10 @@ HuggingFace's ``LlamaForCausalLM`` elsewhere: per block ``input_layernorm``,
 ``mlp.{gate,up,down}_proj``; then ``norm`` and, untied, ``lm_head``.
 :func:`dograph_jax.models.hf_llama.load_hf_llama` maps HF's names.
 
+``attention`` and ``remat`` select the attention implementation and the
+blocks' rematerialisation as in :mod:`dograph_jax.models.gpt2` (same
+choices, same defaults: today's explicit attention, no remat).
+
 Shapes: ``B`` batch, ``T`` tokens, ``D`` width, ``H`` query heads, ``G``
 key/value heads, ``K`` head width, ``F`` MLP width, ``V`` vocabulary.
 """
@@ -32,6 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dograph_jax.models import taps
+from dograph_jax.models.gpt2 import (call_block, causal_dot_product_attention,
+                                     check_attention_and_remat)
 from dograph_jax.models.head import tied_logits
 
 _INIT_STD = 0.02  # HF's initializer_range default for LLaMA
@@ -64,8 +70,11 @@ class LlamaConfig:
   head_dim_override: int | None = None  # HF's head_dim when it is not d_model / n_head
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention: str = "xla"  # "xla" | "dot_product" | "cudnn" (gpt2.ATTENTION)
+  remat: str = "none"     # "none" | "block" | "dots" (gpt2.REMAT)
 
   def __post_init__(self):
+    check_attention_and_remat(self)
     for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_kv_head", "d_model",
                  "d_ff"):
       value = getattr(self, name)
@@ -170,6 +179,10 @@ class Attention(nnx.Module):
     q_BxTxHxK = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, cfg.n_head, k), inv_freq)
     k_BxSxGxK = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, g, k), inv_freq)
     v_BxSxGxK = self.v_proj(x_BxTxD).reshape(b, t, g, k)
+    if cfg.attention != "xla":  # G key/value heads passed as they are (GQA)
+      out_BxTxHxK = causal_dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK,
+                                                 cfg.attention)
+      return self.o_proj(out_BxTxHxK.reshape(b, t, cfg.n_head * k))
     # Query head h reads key/value head h // (H / G) (HF's repeat_kv).
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, cfg.n_head // g, k)
     scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
@@ -236,7 +249,7 @@ class Llama(nnx.Module):
       self.sow(nnx.Intermediate, "tokens", tokens_BxT)
       x_BxTxD = self.perturb("embeddings", x_BxTxD)
     for block in self.h:
-      x_BxTxD = block(x_BxTxD)
+      x_BxTxD = call_block(block, x_BxTxD, cfg.remat)
     h_BxTxD = self.norm(x_BxTxD)
     if not cfg.tie_embeddings:
       return self.lm_head(h_BxTxD).astype(jnp.float32)

@@ -89,6 +89,8 @@ class DataConfig:
 class ModelConfig:
   name: Annotated[str, tyro.conf.arg(name="model")] = "mini"  # named model config: mini | llama-mini | gpt2 | gpt2-medium | paper-small | paper-medium | tinyllama-1.1b | llama-3.2-1b | llama-3.2-3b (python -m dograph_jax.models lists them)
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (params stay float32)
+  attention: Literal["xla", "dot_product", "cudnn"] = "xla"  # xla = explicit einsum + float32 softmax (reference) | dot_product = jax.nn.dot_product_attention (cuDNN flash attention on a CUDA GPU >= sm80 with bfloat16 and head width %8, <= 128/256; XLA elsewhere) | cudnn = cuDNN or an error
+  remat: Literal["none", "block", "dots"] = "none"  # rematerialise each block for the backward pass: none | block (keep only its input) | dots (keep the linear layers' outputs, recompute attention, norms, activations)
 
 
 @dataclass(frozen=True)

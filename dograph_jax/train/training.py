@@ -137,7 +137,8 @@ class TrainState(NamedTuple):
 def build_model(cfg: TrainConfig, vocab_size: int):
   """``(model_config, graphdef, params)`` for ``cfg.model.name`` and the tokenizer."""
   dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-  model_cfg = get_config(cfg.model.name, vocab_size=vocab_size, dtype=dtype)
+  model_cfg = get_config(cfg.model.name, vocab_size=vocab_size, dtype=dtype,
+                         attention=cfg.model.attention, remat=cfg.model.remat)
   if cfg.optim.seq_len > model_cfg.n_positions:
     raise ValueError(f"--seq_len {cfg.optim.seq_len} exceeds the context of model "
                      f"{cfg.model.name!r} ({model_cfg.n_positions} positions).")
