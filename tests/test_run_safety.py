@@ -246,3 +246,43 @@ def test_a_sigkilled_run_is_not_silently_replaced(corpus, tmp_path):
   assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == steps
   summary = single_run.train_run(config.replace(cfg, resume=True, halt_after=2))
   assert summary["halted_at"] >= 6
+
+
+def test_a_finished_run_is_reused_only_for_the_same_settings_and_corpus(corpus, tmp_path):
+  data = tmp_path / "data"
+
+  def write(keep):
+    for split in ("train", "validation"):
+      (data / split).mkdir(parents=True, exist_ok=True)
+      docs, _ = read_split(corpus, split)
+      (data / split / "part.jsonl").write_text("".join(
+          json.dumps({"text": t, "domain": name}) + "\n" for name in sorted(keep) for t in docs[name]))
+  write({"code", "prose"})
+  out = tmp_path / "run"
+  cfg = _cfg(data, out, steps=2)
+  summary = single_run.train_run(cfg)
+  assert single_run.finished_summary(out, cfg) == summary
+  assert single_run.finished_summary(tmp_path / "elsewhere", cfg) is None
+  with pytest.raises(ValueError, match=r"lr \(saved 0.003, now 0.01\)"):
+    single_run.finished_summary(out, config.replace(cfg, lr=1e-2))
+  write({"code", "prose", "dna"})  # same settings, another corpus
+  with pytest.raises(ValueError, match=r"finished run .* the corpus changed.*added \['dna'\]"):
+    single_run.finished_summary(out, cfg)
+
+
+def test_a_validation_domain_too_short_for_a_row_is_left_out_with_a_warning(corpus, tmp_path,
+                                                                             caplog):
+  data = tmp_path / "data"
+  for split in ("train", "validation"):
+    (data / split).mkdir(parents=True)
+    docs, _ = read_split(corpus, split)
+    records = [{"text": t, "domain": n} for n in ("code", "prose") for t in docs[n]]
+    if split == "validation":
+      records.append({"text": "tiny", "domain": "dna"})  # a few tokens: less than a row
+    else:
+      records += [{"text": t, "domain": "dna"} for t in docs["dna"]]
+    (data / split / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  run = single_run.load_data(_cfg(data, tmp_path / "run"))
+  assert run.names == ["code", "dna", "prose"]
+  assert run.val_missing == ["dna"] and set(run.eval_batches) == {"code", "prose"}
+  assert "'dna' has" in caplog.text and "left out" in caplog.text
