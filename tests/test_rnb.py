@@ -284,7 +284,7 @@ def test_rnb_pipeline_regroups_trains_on_clusters_and_reports_human_domains(corp
   # The original tokenizer: the same vocabulary as a plain run on the corpus.
   assert final_cfg["data"]["tokenizer"].endswith("tokenizer-bpe-300")
   # Rerun: both stages are reused.
-  again = pretrain.train(cfg)
+  again = pretrain.train(config.replace(cfg, resume=True))  # without it: refused (a run is there)
   assert again["val_loss"] == summary["val_loss"]
 
 
