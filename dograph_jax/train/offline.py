@@ -217,9 +217,11 @@ def _run(cfg: TrainConfig) -> dict:
     final = stages.run("final", proxy=False, proportions=mixture)
   if main:
     (out_dir / "mixture.json").write_text(json.dumps(mixture, indent=2))
+  # The corpus the pipeline was given: the final run's, but for R&B, whose
+  # final run trains on its clusters (or a final run of before 0.3).
+  corpus = None if cfg.method in FINAL_MIXER else final.get("corpus")
   summary = {**final, "method": cfg.method, "mixture": mixture, **extra,
-             # the corpus the pipeline was given (R&B's final run trains on its clusters)
-             "corpus": _load(cfg).corpus,
+             "corpus": corpus or _load(cfg).corpus,
              "stages": dict(stages.cost), "wall_s": sum(stages.cost.values()),
              "orchestration_s": time.perf_counter() - t0}
   proxies = sum(1 for n in stages.cost if n not in ("final", "regroup"))

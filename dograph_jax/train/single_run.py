@@ -102,7 +102,7 @@ def load_data(cfg: TrainConfig) -> RunData:
   corpus = {"domains": list(packed.names), "rows": dict(zip(packed.names, packed.num_rows)),
             "train": packed.fingerprint, "validation": packed_val.fingerprint}
   probe = None
-  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer(cfg, packed).needs:
+  if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer(cfg, len(packed.names)).needs:
     packed, probe = _hold_out_probe(packed, cfg.offline.probe_rows)
   log.info("domains: %s", ", ".join(
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
@@ -142,9 +142,9 @@ def load_data(cfg: TrainConfig) -> RunData:
       tokenizer=tokenizer)
 
 
-def _mixer(cfg: TrainConfig, packed):
+def _mixer(cfg: TrainConfig, num_domains: int):
   static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
-  return methods.build_mixer(cfg.method, len(packed.names), static, traced)
+  return methods.build_mixer(cfg.method, num_domains, static, traced)
 
 
 def samples(cfg: TrainConfig, num_domains: int) -> bool:
@@ -155,9 +155,8 @@ def samples(cfg: TrainConfig, num_domains: int) -> bool:
     return cfg.apply_weights == "sample"
   if methods.kind(cfg.method) != "online":
     return False
-  static, traced = methods.parse_method_args(cfg.method, cfg.method_args)
-  mixer = methods.build_mixer(cfg.method, num_domains, static, traced)
-  return methods.weights_form(cfg.method, cfg.apply_weights, mixer.form) == "sample"
+  return methods.weights_form(cfg.method, cfg.apply_weights,
+                               _mixer(cfg, num_domains).form) == "sample"
 
 
 def _hold_out_probe(packed, rows: int):
