@@ -96,7 +96,11 @@ def offline_wandb(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_SILENT", "true")
   monkeypatch.setenv("WANDB_INIT_TIMEOUT", "60")
   monkeypatch.delenv("WANDB_API_KEY", raising=False)
-  return home
+  yield home
+  # Stop wandb's service and its threads here, not at interpreter exit: left
+  # running, they outlive this file and share the process with every later test.
+  import wandb
+  wandb.teardown()
 
 
 def test_jsonl_keeps_one_history_on_resume(tmp_path):
