@@ -25,6 +25,12 @@ summary line. Errors are raised only for problems a user must fix: a missing
 directory, a split without files, a domain with no usable document, a parquet
 file with none of the expected columns (a wrong field name, most likely,
 which would otherwise skip every row of the file).
+
+:func:`read_split` returns a split's documents in memory (tokenizer training
+scripts, R&B's regrouping, tests). The trainer instead hands a
+:class:`FileSplit` to :func:`~dograph_jax.data.pipeline.pack_split_cached`,
+which finds the split's packed rows from the files' metadata and streams the
+documents (:func:`iter_documents`) only to build them.
 """
 
 from __future__ import annotations
@@ -269,6 +275,74 @@ def iter_file_records(path: str | os.PathLike, skips: SkipCounts, *,
       skips.add("corrupt_file")
 
 
+def _field_paths(domain_field: str, text_field: str):
+  """``(domain paths, text path, fields by role)`` of the two field options."""
+  text_parts = _parse_field_path(text_field)
+  names = list(AUTO_DOMAIN_FIELDS if domain_field == "auto" else [domain_field])
+  domain_paths = [_parse_field_path(f) for f in names]
+  return domain_paths, text_parts, {"text": [text_field], "domain": names}
+
+
+def record_columns(domain_field: str = "auto", text_field: str = "text") -> dict[str, list[str]]:
+  """The dotted field paths a record is read through, by role
+  (``{"text": [...], "domain": [...]}``): the first part of each is a
+  top-level column of a parquet file or an arrow table."""
+  return _field_paths(domain_field, text_field)[2]
+
+
+def documents_of(records: Iterator[Any], skips: SkipCounts, *,
+                 domain_field: str = "auto", text_field: str = "text",
+                 seen_domains: set[str] | None = None) -> Iterator[tuple[str, str]]:
+  """The usable ``(domain, text)`` pairs of raw records, in order.
+
+  The one definition of a usable record, shared by the file reader and the
+  HuggingFace ``datasets`` reader (:mod:`~dograph_jax.data.hf`), so that the
+  same records give the same documents and the same skip counts.
+
+  Args:
+    records: raw records (usually dicts; anything else is counted as
+      ``not_an_object``).
+    skips: receives a count for every skipped record.
+    domain_field, text_field, seen_domains: as :func:`iter_documents`.
+  """
+  domain_paths, text_parts, _ = _field_paths(domain_field, text_field)
+  for record in records:
+    if not isinstance(record, dict):
+      skips.add("not_an_object")
+      continue
+    domain = None
+    for parts in domain_paths:
+      domain = _lookup(record, parts)
+      if domain is not None:
+        break
+    if domain is None:
+      skips.add("missing_domain")
+      continue
+    if not isinstance(domain, str) or not domain.strip():
+      skips.add("bad_domain")
+      continue
+    if seen_domains is not None:
+      seen_domains.add(domain)
+    text = _lookup(record, text_parts)
+    if text is None:
+      skips.add("missing_text")
+      continue
+    if not isinstance(text, str):
+      skips.add("non_string_text")
+      continue
+    if not text.strip():
+      skips.add("empty_text")
+      continue
+    try:
+      # JSON escapes can produce lone surrogates, which tokenizers reject
+      # later; catch them here, where the record can still be skipped.
+      text.encode("utf-8")
+    except UnicodeEncodeError:
+      skips.add("invalid_utf8")
+      continue
+    yield domain, text
+
+
 def iter_documents(data_dir: str | os.PathLike, split: str, skips: SkipCounts,
                    *, domain_field: str = "auto", text_field: str = "text",
                    seen_domains: set[str] | None = None,
@@ -289,50 +363,93 @@ def iter_documents(data_dir: str | os.PathLike, split: str, skips: SkipCounts,
     ValueError: a parquet file has none of the text and domain columns.
   """
   files = list_split_files(data_dir, split)
-  text_parts = _parse_field_path(text_field)
-  if domain_field == "auto":
-    domain_paths = [_parse_field_path(f) for f in AUTO_DOMAIN_FIELDS]
-  else:
-    domain_paths = [_parse_field_path(domain_field)]
-  fields = {"text": [text_field],
-            "domain": list(AUTO_DOMAIN_FIELDS if domain_field == "auto" else [domain_field])}
+  fields = record_columns(domain_field, text_field)
+  records = (record for path in files
+             for record in iter_file_records(path, skips, fields=fields))
+  yield from documents_of(records, skips, domain_field=domain_field,
+                          text_field=text_field, seen_domains=seen_domains)
 
-  for path in files:
-    for record in iter_file_records(path, skips, fields=fields):
-      if not isinstance(record, dict):
-        skips.add("not_an_object")
-        continue
-      domain = None
-      for parts in domain_paths:
-        domain = _lookup(record, parts)
-        if domain is not None:
-          break
-      if domain is None:
-        skips.add("missing_domain")
-        continue
-      if not isinstance(domain, str) or not domain.strip():
-        skips.add("bad_domain")
-        continue
-      if seen_domains is not None:
-        seen_domains.add(domain)
-      text = _lookup(record, text_parts)
-      if text is None:
-        skips.add("missing_text")
-        continue
-      if not isinstance(text, str):
-        skips.add("non_string_text")
-        continue
-      if not text.strip():
-        skips.add("empty_text")
-        continue
+
+@dataclasses.dataclass(frozen=True)
+class FileSplit:
+  """One split of a corpus folder (``data_dir/<split>/``), read only on demand.
+
+  A *split source*: what :func:`~dograph_jax.data.pipeline.pack_split_cached`
+  packs. Any object with the same three members is one (the HuggingFace
+  reader, :class:`~dograph_jax.data.hf.HFSplit`, is the other):
+
+  * ``where``: the split, named for messages;
+  * ``signature()``: a JSON-able description of the split's data computed
+    from metadata alone (file names, sizes, modification times), so that a
+    packed cache can be found without reading a record;
+  * ``documents(skips, seen_domains)``: the usable ``(domain, text)`` pairs,
+    streamed (:func:`iter_documents`).
+  """
+  data_dir: str | os.PathLike
+  split: str
+  domain_field: str = "auto"
+  text_field: str = "text"
+
+  @property
+  def where(self) -> str:
+    return str(Path(self.data_dir) / self.split)
+
+  def signature(self) -> dict[str, Any]:
+    """The split's files as ``[relative path, size, mtime_ns]``, sorted by path.
+
+    A changed, added or removed file changes it; so does touching a file
+    (its mtime), which only costs a rebuild. The paths are relative to the
+    split folder, so a corpus moved or copied with its times kept (``cp
+    -p``, ``rsync -a``) keeps its signature. A file that cannot be stat'ed
+    (a dangling link) is described by its link.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`list_split_files`.
+    """
+    root = Path(self.data_dir) / self.split
+    files = []
+    for path in list_split_files(self.data_dir, self.split):
       try:
-        # JSON escapes can produce lone surrogates, which tokenizers reject
-        # later; catch them here, where the record can still be skipped.
-        text.encode("utf-8")
-      except UnicodeEncodeError:
-        skips.add("invalid_utf8")
-        continue
-      yield domain, text
+        st = path.stat()
+      except OSError:
+        st = path.lstat()
+      files.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+    return {"kind": "files", "split": self.split, "domain_field": self.domain_field,
+            "text_field": self.text_field, "files": files}
+
+  def documents(self, skips: SkipCounts, seen_domains: set[str] | None = None,
+                ) -> Iterator[tuple[str, str]]:
+    return iter_documents(self.data_dir, self.split, skips, domain_field=self.domain_field,
+                          text_field=self.text_field, seen_domains=seen_domains)
+
+
+def check_documents(where: str, counts: Mapping[str, int], seen: set[str],
+                    skips: SkipCounts, *, domain_field: str, text_field: str) -> None:
+  """Refuses a split read with nothing usable, then logs its one summary line.
+
+  Args:
+    where: the split, named in the messages.
+    counts: documents kept per domain.
+    seen: every valid domain name met (also of records skipped for their text).
+    skips: what was skipped.
+    domain_field, text_field: the options, named in the messages.
+
+  Raises:
+    ValueError: a domain whose every record was skipped, or no usable
+      document at all.
+  """
+  empty = sorted(seen - {d for d, n in counts.items() if n})
+  if empty:
+    raise ValueError(
+        f"domain(s) {empty} in {where!r} have no usable document (skipped: "
+        f"{skips})")
+  if not counts:
+    raise ValueError(
+        f"no usable document in {where!r} (domain_field={domain_field!r}, "
+        f"text_field={text_field!r}; skipped: {skips})")
+  log = logger.warning if skips.total else logger.info
+  log("read %s: %d documents in %d domains; skipped %d (%s)", where, sum(counts.values()),
+      len(counts), skips.total, skips)
 
 
 def read_split(data_dir: str | os.PathLike, split: str, *,
@@ -368,21 +485,6 @@ def read_split(data_dir: str | os.PathLike, split: str, *,
                                      domain_field=domain_field,
                                      text_field=text_field, seen_domains=seen):
     docs[domain].append(text)
-
-  where = str(Path(data_dir) / split)
-  empty = sorted(seen - docs.keys())
-  if empty:
-    raise ValueError(
-        f"domain(s) {empty} in {where!r} have no usable document (skipped: "
-        f"{skips})")
-  if not docs:
-    raise ValueError(
-        f"no usable document in {where!r} (domain_field={domain_field!r}, "
-        f"text_field={text_field!r}; skipped: {skips})")
-
-  by_domain = {name: docs[name] for name in sorted(docs)}
-  n_docs = sum(len(v) for v in by_domain.values())
-  log = logger.warning if skips.total else logger.info
-  log("read %s: %d documents in %d domains; skipped %d (%s)", where, n_docs,
-      len(by_domain), skips.total, skips)
-  return by_domain, skips
+  check_documents(str(Path(data_dir) / split), {d: len(v) for d, v in docs.items()}, seen,
+                  skips, domain_field=domain_field, text_field=text_field)
+  return {name: docs[name] for name in sorted(docs)}, skips

@@ -18,8 +18,10 @@ rows in domain ``d``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -34,10 +36,13 @@ from typing import Any
 import grain
 import numpy as np
 
+from dograph_jax.data import corpus
+
 logger = logging.getLogger(__name__)
 
-# Bump when the packing or the cache layout changes, to invalidate old caches.
-_CACHE_VERSION = 1
+# Bump when the packing or the cache layout changes, to invalidate old caches
+# (2: keys from file metadata, content fingerprints, skips kept with the rows).
+_CACHE_VERSION = 2
 # Documents handed to the tokenizer per call: bounds the memory of the
 # encodings while keeping the Rust batch encoder busy.
 _ENCODE_CHUNK = 1024
@@ -142,6 +147,18 @@ def _token_stream(docs: Sequence[str], encode, eos: int) -> np.ndarray:
   return np.concatenate(pieces)
 
 
+def _too_short(name: str, tokens: int, docs: int, width: int, drop_short: bool) -> None:
+  """Warns that a domain shorter than one row is left out, or raises."""
+  if drop_short:
+    logger.warning(
+        "domain %r has %d tokens in %d documents, fewer than one row of seq_len + 1 = %d: "
+        "left out", name, tokens, docs, width)
+    return
+  raise ValueError(
+      f"domain {name!r} has {tokens} tokens in {docs} documents, fewer than one row of "
+      f"seq_len + 1 = {width}; add documents, lower seq_len, or drop the domain")
+
+
 def pack_domains(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
                  seq_len: int, *, drop_short: bool = False) -> PackedDomains:
   """Tokenizes and packs each domain into rows of ``seq_len + 1`` tokens.
@@ -178,16 +195,9 @@ def pack_domains(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
   for name, docs in docs_by_domain.items():
     stream_T = _token_stream(list(docs), encode, eos)
     n = stream_T.shape[0] // width
-    if n == 0 and drop_short:
-      logger.warning(
-          "domain %r has %d tokens in %d documents, fewer than one row of seq_len + 1 = %d: "
-          "left out", name, stream_T.shape[0], len(docs), width)
-      continue
     if n == 0:
-      raise ValueError(
-          f"domain {name!r} has {stream_T.shape[0]} tokens in "
-          f"{len(docs)} documents, fewer than one row of seq_len + 1 = "
-          f"{width}; add documents, lower seq_len, or drop the domain")
+      _too_short(name, stream_T.shape[0], len(docs), width, drop_short)
+      continue
     names.append(name)
     # A copy, so the rows do not keep the (slightly larger) stream alive.
     rows.append(stream_T[:n * width].reshape(n, width).copy())
@@ -211,78 +221,83 @@ def _tokenizer_fingerprint(tokenizer) -> str:
   return h.hexdigest()
 
 
+def _hash_text(h, text: str) -> None:
+  """Adds one document to a domain's digest, length-prefixed so that moving
+  a document boundary changes the digest."""
+  b = text.encode("utf-8")
+  h.update(b"%d:" % len(b))
+  h.update(b)
+
+
+def _content_fingerprint(tokenizer_fp: str, seq_len: int,
+                         domains: Sequence[tuple[str, int, str]], drop_short: bool) -> str:
+  """The packing fingerprint from ``(name, documents, text digest)`` per
+  domain, in domain order: the one definition for documents in memory
+  (:func:`packing_cache_key`) and documents streamed from a split
+  (:func:`pack_split_cached`), which digest each domain's texts on the way."""
+  h = hashlib.sha256(f"v{_CACHE_VERSION}|L={seq_len}|tok={tokenizer_fp}".encode("utf-8"))
+  for name, n_docs, digest in domains:
+    b = name.encode("utf-8")
+    h.update(b"D%d:" % len(b) + b + b"n%d:" % n_docs + digest.encode("ascii"))
+  if drop_short:  # another result for the same texts
+    h.update(b"|drop_short")
+  return h.hexdigest()
+
+
 def packing_cache_key(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
-                      seq_len: int) -> str:
+                      seq_len: int, *, drop_short: bool = False) -> str:
   """Hex digest naming the packing of these texts with this tokenizer.
 
   Hashes the texts themselves (each length-prefixed, so document boundaries
   count), the domain names and order, the tokenizer's serialised pipeline,
-  ``seq_len`` and the cache format version.
+  ``seq_len``, ``drop_short`` and the cache format version. It is the
+  ``PackedDomains.fingerprint`` of a packing: the same documents give the
+  same value whether they were packed from memory (:func:`pack_domains_cached`)
+  or streamed from files or a HuggingFace dataset (:func:`pack_split_cached`).
   """
-  h = hashlib.sha256()
-  tok = _tokenizer_fingerprint(tokenizer)
-  h.update(f"v{_CACHE_VERSION}|L={seq_len}|tok={tok}".encode("utf-8"))
+  domains = []
   for name, docs in docs_by_domain.items():
-    b = name.encode("utf-8")
-    h.update(b"D%d:" % len(b) + b + b"n%d" % len(docs))
+    h = hashlib.sha256()
     for text in docs:
-      b = text.encode("utf-8")
-      h.update(b"%d:" % len(b))
-      h.update(b)
-  return h.hexdigest()
+      _hash_text(h, text)
+    domains.append((name, len(docs), h.hexdigest()))
+  return _content_fingerprint(_tokenizer_fingerprint(tokenizer), seq_len, domains, drop_short)
 
 
 def _load_packed(folder: Path, seq_len: int) -> PackedDomains:
   meta = json.loads((folder / "meta.json").read_text())
-  if meta["seq_len"] != seq_len:
-    raise ValueError("seq_len mismatch")
+  if meta["seq_len"] != seq_len or meta.get("version") != _CACHE_VERSION:
+    raise ValueError("seq_len or cache version mismatch")
   # Memory-mapped: a start-up reads only the pages the batches touch, and the
   # rows are never copied into this process's memory as a whole.
   rows = [np.load(folder / f"domain_{i:04d}.npy", allow_pickle=False, mmap_mode="r")
           for i in range(len(meta["names"]))]
   return PackedDomains(names=list(meta["names"]), rows=rows,
                        tokens_per_domain=list(meta["tokens_per_domain"]),
-                       seq_len=seq_len, fingerprint=meta["key"])
+                       seq_len=seq_len, fingerprint=meta["fingerprint"])
 
 
-def pack_domains_cached(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
-                        seq_len: int, cache_dir: str | os.PathLike, *,
-                        drop_short: bool = False) -> PackedDomains:
-  """:func:`pack_domains`, memoised on disk.
-
-  The packing is stored in ``cache_dir/packed-<key>/`` (``meta.json`` and one
-  ``domain_XXXX.npy`` per domain), where ``key`` is
-  :func:`packing_cache_key`: any change to a text, the domains, the tokenizer
-  or ``seq_len`` gives a new folder. The folder is written under a temporary
-  name and renamed into place, so a crash never leaves a half-written entry
-  that a later run would trust; an entry that fails to load is rebuilt.
-
-  Args and Returns: as :func:`pack_domains`, plus ``cache_dir``.
-  """
-  cache_dir = Path(cache_dir)
-  key = packing_cache_key(docs_by_domain, tokenizer, seq_len)
-  if drop_short:  # another result for the same texts: another entry
-    key = hashlib.sha256(f"{key}|drop_short".encode()).hexdigest()
-  folder = cache_dir / f"packed-{key[:32]}"
-  if folder.is_dir():
-    try:
-      packed = _load_packed(folder, seq_len)
-      logger.info("loaded packed rows from %s", folder)
-      return packed
-    except (OSError, ValueError, KeyError) as e:
-      logger.warning("packing cache %s is unusable (%s); rebuilding", folder, e)
-      shutil.rmtree(folder, ignore_errors=True)
-
-  packed = dataclasses.replace(pack_domains(docs_by_domain, tokenizer, seq_len,
-                                            drop_short=drop_short), fingerprint=key)
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir))
+def _cached(folder: Path, seq_len: int) -> tuple[PackedDomains, dict] | None:
+  """The entry in ``folder`` with its ``meta.json``; None when there is
+  none, or it does not load (removed, to be rebuilt)."""
+  if not folder.is_dir():
+    return None
   try:
-    for i, r in enumerate(packed.rows):
-      np.save(tmp / f"domain_{i:04d}.npy", r, allow_pickle=False)
-    (tmp / "meta.json").write_text(json.dumps({
-        "names": packed.names, "tokens_per_domain": packed.tokens_per_domain,
-        "seq_len": seq_len, "key": key, "version": _CACHE_VERSION}, indent=1))
+    return _load_packed(folder, seq_len), json.loads((folder / "meta.json").read_text())
+  except (OSError, ValueError, KeyError) as e:
+    logger.warning("packing cache %s is unusable (%s); rebuilding", folder, e)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _write_entry(folder: Path, write) -> None:
+  """Runs ``write(tmp)`` in a temporary folder beside ``folder`` and renames
+  it into place, so a crash never leaves a half-written entry that a later
+  run would trust."""
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+  try:
+    write(tmp)
     try:
       os.rename(tmp, folder)
     except OSError:
@@ -291,7 +306,229 @@ def pack_domains_cached(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
       pass
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pack_domains_cached(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
+                        seq_len: int, cache_dir: str | os.PathLike, *,
+                        drop_short: bool = False) -> PackedDomains:
+  """:func:`pack_domains` of documents in memory, memoised on disk.
+
+  The packing is stored in ``cache_dir/packed-<key>/`` (``meta.json`` and one
+  ``domain_XXXX.npy`` per domain), where ``key`` is
+  :func:`packing_cache_key`: any change to a text, the domains, the tokenizer
+  or ``seq_len`` gives a new folder. The folder is written under a temporary
+  name and renamed into place; an entry that fails to load is rebuilt. For
+  a corpus on disk, :func:`pack_split_cached` finds its entry without
+  reading the documents.
+
+  Args and Returns: as :func:`pack_domains`, plus ``cache_dir``.
+  """
+  key = packing_cache_key(docs_by_domain, tokenizer, seq_len, drop_short=drop_short)
+  folder = Path(cache_dir) / f"packed-{key[:32]}"
+  hit = _cached(folder, seq_len)
+  if hit is not None:
+    logger.info("loaded packed rows from %s", folder)
+    return hit[0]
+  packed = dataclasses.replace(pack_domains(docs_by_domain, tokenizer, seq_len,
+                                            drop_short=drop_short), fingerprint=key)
+
+  def write(tmp: Path) -> None:
+    for i, r in enumerate(packed.rows):
+      np.save(tmp / f"domain_{i:04d}.npy", r, allow_pickle=False)
+    (tmp / "meta.json").write_text(json.dumps({
+        "names": packed.names, "tokens_per_domain": packed.tokens_per_domain,
+        "seq_len": seq_len, "fingerprint": key, "version": _CACHE_VERSION}, indent=1))
+  _write_entry(folder, write)
   return packed
+
+
+# The .npy header of a streamed domain is written last, once its row count is
+# known, into this many bytes reserved at the file's start: numpy pads a
+# version 1.0 header to a multiple of 64 bytes, and the header of any 2-d
+# int32 array whose shape has fewer than ~50 digits fits in 128.
+_NPY_HEADER_BYTES = 128
+
+
+class _DomainStream:
+  """One domain's token stream, written to disk as its documents arrive.
+
+  The stream goes to ``path`` after ``_NPY_HEADER_BYTES`` reserved bytes;
+  :meth:`finish` cuts it to whole rows and writes the header, so the file
+  becomes the domain's ``(N_d, L + 1)`` int32 ``.npy`` without a copy.
+  """
+
+  def __init__(self, path: Path):
+    self.path = path
+    self.file = open(path, "wb")  # pylint: disable=consider-using-with
+    self.file.write(b"\0" * _NPY_HEADER_BYTES)
+    self.pending: list[str] = []  # documents not encoded yet
+    self.docs = 0
+    self.tokens = 0
+    self.digest = hashlib.sha256()
+
+  def add(self, text: str, encode, eos: int) -> None:
+    _hash_text(self.digest, text)
+    self.docs += 1
+    self.pending.append(text)
+    if len(self.pending) >= _ENCODE_CHUNK:
+      self.flush(encode, eos)
+
+  def flush(self, encode, eos: int) -> None:
+    if not self.pending:
+      return
+    stream_T = _token_stream(self.pending, encode, eos)
+    stream_T.tofile(self.file)
+    self.tokens += int(stream_T.shape[0])
+    self.pending = []
+
+  def finish(self, width: int, out: Path | None) -> int:
+    """Rows ``N_d`` written to ``out`` (the file is removed when ``out`` is None)."""
+    n = self.tokens // width
+    if out is None:
+      self.file.close()
+      self.path.unlink()
+      return n
+    self.file.truncate(_NPY_HEADER_BYTES + n * width * 4)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype("<i4")),
+                 "fortran_order": False, "shape": (n, width)})
+    if len(header.getvalue()) != _NPY_HEADER_BYTES:
+      raise AssertionError(f"an .npy header of {len(header.getvalue())} bytes for shape "
+                           f"{(n, width)}; {_NPY_HEADER_BYTES} were reserved")
+    self.file.seek(0)
+    self.file.write(header.getvalue())
+    self.file.close()
+    self.path.rename(out)
+    return n
+
+
+def _stream_split(source, tokenizer, seq_len: int, drop_short: bool, tmp: Path) -> dict:
+  """Streams ``source``'s documents into ``tmp/domain_XXXX.npy``; returns
+  the entry's meta (without its key).
+
+  Memory: at most ``_ENCODE_CHUNK`` pending documents per domain and one
+  chunk's encodings; the token streams go to disk as they grow.
+  """
+  eos = _eos_id(tokenizer)
+  encode = _encoder(tokenizer)
+  width = seq_len + 1
+  skips = corpus.SkipCounts()
+  seen: set[str] = set()
+  streams: dict[str, _DomainStream] = {}
+  try:
+    for domain, text in source.documents(skips, seen):
+      if domain not in streams:
+        streams[domain] = _DomainStream(tmp / f"stream_{len(streams):04d}.bin")
+      streams[domain].add(text, encode, eos)
+    for s in streams.values():
+      s.flush(encode, eos)
+    corpus.check_documents(source.where, {d: s.docs for d, s in streams.items()}, seen, skips,
+                           domain_field=source.domain_field, text_field=source.text_field)
+    names, tokens, docs, digests, left_out = [], [], {}, [], []
+    for name in sorted(streams):  # the position of a name is a stable domain id
+      s = streams[name]
+      docs[name] = s.docs
+      digests.append((name, s.docs, s.digest.hexdigest()))
+      if s.tokens < width:
+        _too_short(name, s.tokens, s.docs, width, drop_short)
+        s.finish(width, None)
+        left_out.append(name)
+        continue
+      s.finish(width, tmp / f"domain_{len(names):04d}.npy")
+      names.append(name)
+      tokens.append(s.tokens)
+  finally:
+    for s in streams.values():
+      s.file.close()
+  rows = [t // width for t in tokens]
+  logger.info("packed %d domains into rows of %d tokens: %s", len(names), width,
+              ", ".join(f"{n}={r}" for n, r in zip(names, rows)))
+  # Over every domain read, those left out included: packing_cache_key of
+  # read_split's documents, whichever way they were packed.
+  fingerprint = _content_fingerprint(_tokenizer_fingerprint(tokenizer), seq_len, digests,
+                                     drop_short)
+  return {"names": names, "tokens_per_domain": tokens, "seq_len": seq_len,
+          "fingerprint": fingerprint, "version": _CACHE_VERSION, "documents": docs,
+          "left_out": left_out, "skips": skips.as_dict(), "source": source.where}
+
+
+def pack_split_cached(source, tokenizer, seq_len: int, cache_dir: str | os.PathLike, *,
+                      drop_short: bool = False) -> tuple[PackedDomains, corpus.SkipCounts]:
+  """Packs one split of a corpus on disk, once: later calls read no document.
+
+  The entry is found by a key computed from the split's metadata alone:
+  ``source.signature()`` (for files: their relative paths, sizes and
+  modification times, and the text and domain field options; for a
+  HuggingFace dataset: its arrow cache files), the tokenizer's serialised
+  pipeline, ``seq_len``, ``drop_short`` and the cache format version. A
+  start with a valid entry therefore opens the memory-mapped rows and reads
+  no record; a changed, added or removed file gives a new entry (old
+  entries are left for the user to delete).
+
+  On a miss the documents are streamed (``source.documents``), encoded in
+  chunks and written to disk domain by domain (:class:`_DomainStream`), so
+  neither the texts nor the token streams are ever held whole in memory.
+  The rows are exactly those of :func:`pack_domains` on the documents of
+  :func:`~dograph_jax.data.corpus.read_split` (domains sorted by name, each
+  domain's documents in file order), and the entry's ``meta.json`` keeps
+  what reading found: documents per domain, the skipped records by reason
+  (logged again on every hit), the domains left out as too short, and the
+  fingerprint.
+
+  ``PackedDomains.fingerprint`` is content-based (:func:`packing_cache_key`
+  of the documents read, computed while streaming): the same documents give
+  the same fingerprint whatever their files, format or modification times,
+  and a resumed run compares it (``single_run.check_corpus``).
+
+  Args:
+    source: a split source, e.g. :class:`~dograph_jax.data.corpus.FileSplit`
+      or :class:`~dograph_jax.data.hf.HFSplit` (``where``, ``signature()``,
+      ``documents(skips, seen)``, ``domain_field``, ``text_field``).
+    tokenizer: a transformers tokenizer with an eos token.
+    seq_len: ``L``.
+    cache_dir: folder of the entries (``packed-<key>/``), created if needed.
+    drop_short: leave out, with a warning, a domain shorter than one row
+      instead of raising (as :func:`pack_domains`).
+
+  Returns:
+    ``(packed, skips)``: the memory-mapped :class:`PackedDomains` and the
+    :class:`~dograph_jax.data.corpus.SkipCounts` of the reading that built
+    the entry.
+
+  Raises:
+    FileNotFoundError, ValueError: as ``read_split`` and :func:`pack_domains`
+      (on a miss; a hit raises nothing about the documents, which were
+      checked when the entry was built).
+  """
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be positive, got {seq_len}")
+  payload = {"version": _CACHE_VERSION, "source": source.signature(),
+             "tokenizer": _tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
+             "drop_short": bool(drop_short)}
+  key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+  folder = Path(cache_dir) / f"packed-{key[:32]}"
+  hit = _cached(folder, seq_len)
+  if hit is None:
+    logger.info("%s: no packed rows in %s yet; reading and packing the split", source.where,
+                cache_dir)
+
+    def write(tmp: Path) -> None:
+      meta = _stream_split(source, tokenizer, seq_len, drop_short, tmp)
+      (tmp / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=1))
+    _write_entry(folder, write)
+    hit = _cached(folder, seq_len)
+    if hit is None:
+      raise OSError(f"the packed rows just written to {folder} cannot be read back")
+    return hit[0], corpus.SkipCounts(collections.Counter(hit[1]["skips"]))
+  packed, meta = hit
+  skips = corpus.SkipCounts(collections.Counter(meta["skips"]))
+  log = logger.warning if skips.total else logger.info
+  log("%s: packed rows from %s (%d documents in %d domains%s; skipped %d when read: %s)",
+      source.where, folder, sum(meta["documents"].values()), len(meta["documents"]),
+      f", left out as shorter than a row: {meta['left_out']}" if meta["left_out"] else "",
+      skips.total, skips)
+  return packed, skips
 
 
 # --------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,15 +75,33 @@ class DataConfig:
   vocab_size: int = 2048  # vocabulary of the trained tokenizer
   eval_domains: Literal["train", "validation"] = "train"  # validation domains reported: the training domains, or every domain of the validation split (a run on regrouped clusters)
   text_field: str = "text"  # dotted path of the document text in each record
-  cache_dir: str = ""  # where the trained tokenizer and the packed tokens are cached (memory-mapped when read back); empty = beside the data (<data_dir>/.packed, <data_dir>/tokenizer-bpe-N)
+  cache_dir: str = ""  # where the trained tokenizer and the packed tokens are cached (memory-mapped when read back; found again from the files' names, sizes and times without reading the corpus); empty = beside the data (<data_dir>/.packed, <data_dir>/tokenizer-bpe-N)
+  hf_dataset: str = ""  # read the corpus with HuggingFace datasets instead of --data_dir, offline: a local folder (e.g. SlimPajama-6B's data/{train,validation}-*.parquet) or a hub name already in the datasets cache; splits train and validation
+  hf_cache_dir: str = ""  # the datasets cache of --hf_dataset (load_dataset's cache_dir); empty = datasets' default (HF_DATASETS_CACHE)
+
+  def cache_root(self) -> Path:
+    """Folder of the tokenizer and packing caches: ``--cache_dir``, else
+    beside the data (``--data_dir``, or a local ``--hf_dataset`` folder),
+    else, for a hub name, ``dograph_jax/<name>`` in the datasets cache (the
+    dataset's own folder there belongs to ``datasets``)."""
+    if self.cache_dir:
+      return Path(self.cache_dir)
+    if not self.hf_dataset:
+      return Path(self.data_dir)
+    local = Path(self.hf_dataset).expanduser()
+    if local.is_dir():
+      return local
+    hf_cache = self.hf_cache_dir or os.environ.get("HF_DATASETS_CACHE") or str(
+        Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "datasets")
+    return Path(hf_cache).expanduser() / "dograph_jax" / self.hf_dataset.replace("/", "___")
 
   def tokenizer_cache(self) -> Path:
     """Folder of the byte-level BPE trained on the train split."""
-    return Path(self.cache_dir or self.data_dir) / f"tokenizer-bpe-{self.vocab_size}"
+    return self.cache_root() / f"tokenizer-bpe-{self.vocab_size}"
 
   def packing_cache(self) -> Path:
-    """Folder of the packed token rows (``pack_domains_cached``)."""
-    return Path(self.cache_dir) / "packed" if self.cache_dir else Path(self.data_dir) / ".packed"
+    """Folder of the packed token rows (``pack_split_cached``)."""
+    return self.cache_root() / ("packed" if self.cache_dir else ".packed")
 
 
 @dataclass(frozen=True)

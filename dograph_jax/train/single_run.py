@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from dograph_jax import agreement, sharding
-from dograph_jax.data import (DynamicMixIterator, load_tokenizer, with_context, make_eval_batches, make_train_iterator,
-                              pack_domains_cached, read_split, resolve_proportions,
-                              train_bpe_tokenizer, write_synthetic_corpus)
+from dograph_jax.data import (DynamicMixIterator, FileSplit, SkipCounts, load_tokenizer, with_context,
+                              make_eval_batches, make_train_iterator, pack_split_cached,
+                              resolve_proportions, train_bpe_tokenizer, write_synthetic_corpus)
 from dograph_jax.models import count_params
 from dograph_jax.train import distributed, methods, reporting, run_dir, training
 from dograph_jax.train.checkpointing import CheckpointSaveError, Checkpointer
@@ -62,45 +62,81 @@ class RunData:
   token_shares: dict = dataclasses.field(default_factory=dict)
   # What the run trains and is judged on (corpus_changes compares two):
   # domain names, rows per domain, and the packing fingerprints of both
-  # splits (texts, tokenizer, seq_len).
+  # splits (texts, tokenizer, seq_len; see CORPUS_FINGERPRINT).
   corpus: dict = dataclasses.field(default_factory=dict)
 
 
-def _tokenizer(cfg: TrainConfig, data_dir: Path, train_docs: dict):
+# The definition of the split fingerprints in RunData.corpus: 2 since the
+# packed rows are cached by file metadata (issue 24). Version 1 hashed the
+# texts domain after domain, which a streamed reading cannot reproduce; a
+# record of version 1 is compared on its domains and rows only.
+CORPUS_FINGERPRINT = 2
+
+
+def _tokenizer(cfg: TrainConfig, train):
+  """The run's tokenizer: ``--tokenizer``, the one cached for the corpus, or
+  a byte-level BPE trained on the documents of ``train`` (a split source),
+  streamed (BPE training counts words, so the reading order does not
+  matter)."""
   if cfg.data.tokenizer:
     return load_tokenizer(cfg.data.tokenizer)
   cached = cfg.data.tokenizer_cache()
   if (cached / "tokenizer.json").exists():
     log.info("using the tokenizer cached in %s", cached)
     return load_tokenizer(cached)
-  log.info("training a byte-level BPE tokenizer (vocab %d) on the train split -> %s",
-           cfg.data.vocab_size, cached)
-  texts = (t for docs in train_docs.values() for t in docs)
+  log.info("training a byte-level BPE tokenizer (vocab %d) on %s -> %s",
+           cfg.data.vocab_size, train.where, cached)
+  texts = (text for _, text in train.documents(SkipCounts()))
   return train_bpe_tokenizer(texts, cached, vocab_size=cfg.data.vocab_size)
 
 
-def load_data(cfg: TrainConfig) -> RunData:
-  data_dir = Path(cfg.data.data_dir)
-  if cfg.data.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
-    log.info("generating the bundled synthetic corpus in %s", data_dir)
-    # Write aside and rename, so an interrupted generation is never mistaken
-    # for the corpus by the next run.
-    partial = data_dir.with_name(data_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    write_synthetic_corpus(partial, seed=0)
-    partial.rename(data_dir)
+def data_splits(cfg: TrainConfig) -> tuple[Any, Any]:
+  """The train and validation split sources of ``cfg`` (nothing is read):
+  ``FileSplit`` of ``--data_dir`` (the bundled synthetic corpus is written
+  first if it is the default and absent), or ``HFSplit`` of ``--hf_dataset``.
+
+  Raises:
+    FileNotFoundError, ValueError: a missing folder or split, or an
+      ``--hf_dataset`` that is neither local nor cached.
+  """
   fields = dict(domain_field=cfg.data.domain_field, text_field=cfg.data.text_field)
-  train_docs, train_skips = read_split(data_dir, "train", **fields)
-  val_docs, val_skips = read_split(data_dir, "validation", **fields)
-  tokenizer = _tokenizer(cfg, data_dir, train_docs)
+  if cfg.data.hf_dataset:
+    from dograph_jax.data.hf import hf_splits  # imports datasets (slow): only when asked
+    train, val = hf_splits(cfg.data.hf_dataset, ("train", "validation"),
+                           cache_dir=cfg.data.hf_cache_dir, **fields)
+  else:
+    data_dir = Path(cfg.data.data_dir)
+    if cfg.data.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
+      log.info("generating the bundled synthetic corpus in %s", data_dir)
+      # Write aside and rename, so an interrupted generation is never mistaken
+      # for the corpus by the next run.
+      partial = data_dir.with_name(data_dir.name + ".partial")
+      shutil.rmtree(partial, ignore_errors=True)
+      write_synthetic_corpus(partial, seed=0)
+      partial.rename(data_dir)
+    train, val = FileSplit(data_dir, "train", **fields), FileSplit(data_dir, "validation", **fields)
+  for split in (train, val):  # a missing folder or split fails here, before any work
+    split.signature()
+  return train, val
+
+
+def load_data(cfg: TrainConfig) -> RunData:
+  """The run's data. With the tokenizer and both splits' packed rows cached,
+  no document is read: the rows are memory-mapped from the cache, and the
+  token counts (proportions, token shares) and skip counts come from its
+  metadata (``pack_split_cached``)."""
+  train_split, val_split = data_splits(cfg)
+  tokenizer = _tokenizer(cfg, train_split)
   cache = cfg.data.packing_cache()
-  packed = pack_domains_cached(train_docs, tokenizer, cfg.optim.seq_len, cache)
+  packed, train_skips = pack_split_cached(train_split, tokenizer, cfg.optim.seq_len, cache)
   # A validation domain too short for one row is left out with a warning,
   # like a missing one (val_missing), not an error about training data.
-  packed_val = pack_domains_cached(val_docs, tokenizer, cfg.optim.seq_len, cache, drop_short=True)
+  packed_val, val_skips = pack_split_cached(val_split, tokenizer, cfg.optim.seq_len, cache,
+                                            drop_short=True)
   resolved = resolve_proportions(packed, dict(cfg.data.proportions) or cfg.data.sampling)
   corpus = {"domains": list(packed.names), "rows": dict(zip(packed.names, packed.num_rows)),
-            "train": packed.fingerprint, "validation": packed_val.fingerprint}
+            "train": packed.fingerprint, "validation": packed_val.fingerprint,
+            "fingerprint_version": CORPUS_FINGERPRINT}
   probe = None
   if methods.kind(cfg.method) == "online" and "probe_losses" in _mixer(cfg, len(packed.names)).needs:
     packed, probe = _hold_out_probe(packed, cfg.offline.probe_rows)
@@ -116,7 +152,7 @@ def load_data(cfg: TrainConfig) -> RunData:
                                    domain_names=None if own else packed.names)
   missing = [] if own else [n for n in packed.names if n not in eval_batches]
   if len(missing) == len(packed.names):
-    raise ValueError(f"the validation split of {data_dir} has no rows of any training "
+    raise ValueError(f"the validation split {val_split.where} has no rows of any training "
                      f"domain ({', '.join(packed.names)}): nothing to evaluate")
   if missing:
     log.warning("the validation split has no rows of training domain(s) %s: their "
@@ -333,7 +369,7 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
 # Options that may change between a run and its resumption: they do not
 # affect the training trajectory (a different --mesh changes only the order
 # of floating-point sums).
-_RESUME_FREE = {"resume", "overwrite", "traceback", "cache_dir", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
+_RESUME_FREE = {"resume", "overwrite", "traceback", "cache_dir", "hf_cache_dir", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
                 "save_every", "keep_checkpoints", "plots", "mesh", "trackers", "wandb_project"}
 
 
@@ -365,8 +401,10 @@ def corpus_changes(saved: dict, now: dict) -> list[str]:
     for name, rows in saved.get("rows", {}).items():
       if now["rows"].get(name) != rows:
         changes.append(f"rows of domain {name!r} (saved {rows}, now {now['rows'].get(name)})")
+  # Fingerprints of another definition (an older run's) are not comparable.
+  comparable = saved.get("fingerprint_version", 1) == now.get("fingerprint_version", 1)
   for split in ("train", "validation"):
-    if saved.get(split) and now.get(split) and saved[split] != now[split]:
+    if comparable and saved.get(split) and now.get(split) and saved[split] != now[split]:
       changes.append(f"the {split} split's texts or tokenizer (packing fingerprint saved "
                      f"{saved[split][:12]}, now {now[split][:12]})")
   return changes
