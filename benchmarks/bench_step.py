@@ -206,6 +206,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="the models' attention (--attention of pretrain.py)")
   parser.add_argument("--remat", default="none", choices=("none", "block", "dots"),
                       help="rematerialisation of the blocks (--remat of pretrain.py)")
+  parser.add_argument("--micro_batches", type=int, default=1,
+                      help="split each step's batch into this many sequential micro-batches "
+                           "(every candidate, plain included: --micro_batches of pretrain.py)")
   parser.add_argument("--vocab_size", type=int, default=None,
                       help="vocabulary (default 2048 for mini, 50257 otherwise)")
   parser.add_argument("--candidates", default=",".join(c for c in CANDIDATES if c not in OPT_IN),
@@ -274,7 +277,8 @@ def train_config(args: argparse.Namespace, name: str) -> TrainConfig:
   return config.make_config(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
                      sketch_dim=args.sketch_dim, num_domains=NUM_DOMAINS, dtype=args.dtype,
                      vocab_size=args.vocab_size, seed=args.seed, attention=args.attention,
-                     remat=args.remat, **CANDIDATES[name][0])
+                     remat=args.remat, micro_batches=args.micro_batches,
+                     **CANDIDATES[name][0])
 
 
 # --------------------------------------------------------------------------
@@ -740,7 +744,8 @@ def main(argv: list[str] | None = None) -> None:
   mflops = model_flops(args, model_cfg, params)
   print(f"model: {args.model} ({n_params / 1e6:.2f}M parameters, L={model_cfg.n_layer}, "
         f"D={model_cfg.d_model}, V={args.vocab_size}), B={args.batch_size}, "
-        f"T={args.seq_len}, dtype {args.dtype}; DoGraph M={NUM_DOMAINS}, "
+        f"T={args.seq_len}, dtype {args.dtype}, attention {args.attention}, "
+        f"remat {args.remat}, micro-batches {args.micro_batches}; DoGraph M={NUM_DOMAINS}, "
         f"K={args.sketch_dim}, objective uncertainty, 10 Lloyd iterations")
   print(f"timing: {args.warmup} warm-up steps, {args.repeats} interleaved rounds of "
         f"~{args.min_time:g} s per candidate; median and min per step")

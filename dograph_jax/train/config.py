@@ -121,6 +121,7 @@ class OptimConfig:
   warmup_steps: int = 50  # linear warm-up steps (at most steps), then cosine to 0.1 * lr
   weight_decay: float = 0.01  # AdamW weight decay
   clip_norm: float = 1.0  # global-norm gradient clipping
+  micro_batches: int = 1  # split each step's batch into this many sequential micro-batches (same step up to float rounding, activations of one at a time; batch_size must be a multiple)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class TrainConfig:
 
   def __post_init__(self):
     for section, name in (("optim", "steps"), ("optim", "batch_size"), ("optim", "seq_len"),
+                          ("optim", "micro_batches"),
                           ("dograph", "num_domains"),
                           ("offline", "proxy_runs"), ("offline", "probe_rows")):
       if getattr(getattr(self, section), name) < 1:
@@ -232,6 +234,9 @@ class TrainConfig:
       if not (math.isfinite(value) and (value > low if strict else value >= low)):
         raise ValueError(f"--{name} must be a finite number {'>' if strict else '>='} {low}, "
                          f"got {value}")
+    if self.optim.batch_size % self.optim.micro_batches:
+      raise ValueError(f"--batch_size {self.optim.batch_size} is not a multiple of "
+                       f"--micro_batches {self.optim.micro_batches}")
     if self.dograph.sketch_dim is not None and self.dograph.sketch_dim < 1:
       raise ValueError(f"--sketch_dim must be >= 1, got {self.dograph.sketch_dim}")
     _check_choice("method", self.method, METHODS)

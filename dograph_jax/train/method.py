@@ -28,6 +28,15 @@ has ``proportions(state, step, base_D)``: the trainer draws the batch of
 ``step`` with them (``data.DynamicMixIterator``) and the method steps on the
 batch mean.
 
+Micro-batches (``--micro_batches N``): every method computes the same step
+from ``N`` sequential slices of the batch (``jax.lax.scan``), holding the
+activations of one slice at a time; per-sample results are the full
+batch's. A step whose weights need the whole batch first (an online mixer
+that reweights, DoGraph) takes two passes: the first collects what the
+weights are computed from (losses, sketches, per-domain sums), the second
+re-runs each slice's forward pass and backpropagates its rows' weights
+(docs/method.md, "Micro-batches").
+
 A new method is one class with these three methods plus one line in
 :data:`CLASSES` (a new online mixer needs only its line in
 ``methods.ONLINE``: the adapter serves it).
@@ -94,23 +103,81 @@ def _sequence_losses(graphdef, params, tokens_BxT1):
   return tok_BxT.mean(1), tok_BxT
 
 
+def split_micro(x: jax.Array, n: int) -> jax.Array:
+  """``(B, ...) -> (n, B / n, ...)``: micro-batch ``j`` holds rows ``j, j + n,
+  j + 2n, ...``. Strided, not contiguous: a batch sharded over devices in
+  contiguous blocks gives every device its own share of every micro-batch,
+  so the split moves no data between devices."""
+  b = x.shape[0]
+  if b % n:
+    raise ValueError(f"a batch of {b} rows cannot be split into {n} micro-batches")
+  return x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)
+
+
+def join_micro(y: jax.Array) -> jax.Array:
+  """The inverse of :func:`split_micro`: ``(n, B / n, ...) -> (B, ...)``."""
+  return y.swapaxes(0, 1).reshape((-1,) + y.shape[2:])
+
+
+def _f32_zeros(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
+
+
+def _add_f32(acc: PyTree, x: PyTree) -> PyTree:
+  return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, x)
+
+
+def _like(acc: PyTree, params: PyTree) -> PyTree:
+  return jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
+
+
+def weighted_grad_by_micro(graphdef, params: PyTree, tokens_BxT1: jax.Array, w_B: jax.Array,
+                           n: int) -> PyTree:
+  """``grad sum_i w_i l_i`` over ``n`` micro-batches: each one's forward pass
+  is run again and backpropagates its rows' weights (float32 accumulation,
+  returned in the parameters' dtype)."""
+  def body(acc, x):
+    toks, w = x
+    losses, vjp, _ = jax.vjp(lambda p: _sequence_losses(graphdef, p, toks), params, has_aux=True)
+    return _add_f32(acc, vjp(w.astype(losses.dtype))[0]), None
+  acc, _ = jax.lax.scan(body, _f32_zeros(params),
+                        (split_micro(tokens_BxT1, n), split_micro(w_B, n)))
+  return _like(acc, params)
+
+
 class PlainMethod:
   """Gradient of the batch-mean loss."""
 
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
+  def __init__(self, graphdef, micro_batches: int = 1):
+    self.graphdef, self.micro_batches = graphdef, micro_batches
 
   def init(self, params, human_domains):
     return ()
 
   def grads(self, params, state, batch, step):
     tokens = batch["tokens"]
+    if self.micro_batches > 1:
+      return self._micro_grads(params, state, tokens)
 
     def mean_loss(p):
       per_seq = token_losses(apply(self.graphdef, p, tokens[:, :-1]), tokens[:, 1:]).mean(1)
       return per_seq.mean(), per_seq
     (_, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
     return MethodOutput(losses, grads, state, {})
+
+  def _micro_grads(self, params, state, tokens):
+    # Each micro-batch contributes sum(its losses) / B: the sum over them is
+    # the batch mean's gradient.
+    b = tokens.shape[0]
+
+    def body(acc, toks):
+      def part(p):
+        per_seq = _sequence_losses(self.graphdef, p, toks)[0]
+        return per_seq.sum() / b, per_seq
+      (_, losses), g = jax.value_and_grad(part, has_aux=True)(params)
+      return _add_f32(acc, g), losses
+    acc, losses = jax.lax.scan(body, _f32_zeros(params), split_micro(tokens, self.micro_batches))
+    return MethodOutput(join_micro(losses), _like(acc, params), state, {})
 
   def report(self, out, head_state, batch):
     return Report(jnp.mean(out.losses), jnp.zeros((), bool), {}, out.state)
@@ -126,10 +193,11 @@ class DoGraphMethod:
   """
 
   def __init__(self, graphdef, *, sketch: str, update: str, sketch_dim: int, seed: int,
-               normalize_blocks: bool, samples: bool = False, decay: float = 0.9):
+               normalize_blocks: bool, samples: bool = False, decay: float = 0.9,
+               micro_batches: int = 1):
     self.graphdef, self.sketch, self.update = graphdef, sketch, update
     self.sketch_dim, self.seed, self.normalize_blocks = sketch_dim, seed, normalize_blocks
-    self.samples, self.decay = samples, decay
+    self.samples, self.decay, self.micro_batches = samples, decay, micro_batches
 
   def init(self, params, human_domains):
     if not self.samples:
@@ -140,15 +208,40 @@ class DoGraphMethod:
 
   def grads(self, params, state, batch, step):
     tokens = batch["tokens"]
+    n = self.micro_batches
     if self.sketch == "factored":
       def sequence_losses(model, tokens_BxT1):  # the factored engine's per-sample losses
         return token_losses(model(tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:]).mean(1)
-      fast = dg.factored_grads(sequence_losses, self.graphdef, params, tokens,
-                               dg.projection_key(self.seed), self.sketch_dim,
-                               update=self.update, normalize_blocks=self.normalize_blocks)
+
+      def engine(toks, update):
+        return dg.factored_grads(sequence_losses, self.graphdef, params, toks,
+                                 dg.projection_key(self.seed), self.sketch_dim,
+                                 update=update, normalize_blocks=self.normalize_blocks)
+      if n == 1:
+        fast = engine(tokens, self.update)
+        return MethodOutput(fast.losses, fast, state, {})
+      # Micro-batches: the clusters and weights need every sample's sketch
+      # before the update, so pass 1 keeps only (losses, sketches) of each
+      # micro-batch (B x K floats; its stored layer tensors are dropped), and
+      # the update sum_i a_i g_i is a second pass (a forward and a backward
+      # per micro-batch). docs/method.md, "Micro-batches", has the trade.
+      def sketch_one(_, toks):
+        fast = engine(toks, "bookkeeping")  # its update map is never called: XLA drops it
+        return None, (fast.losses, fast.sketches)
+      _, (losses, sketches) = jax.lax.scan(sketch_one, None, split_micro(tokens, n))
+
+      def weighted_grad(a_B, keep_B=None):
+        # Like the second-backward engine, a pass cannot leave a non-finite
+        # sample out (0 * NaN is NaN): the transform skips such a step.
+        del keep_B
+        return weighted_grad_by_micro(self.graphdef, params, tokens, a_B, n)
+      fast = dg.FactoredGrads(join_micro(losses), join_micro(sketches), weighted_grad, True)
       return MethodOutput(fast.losses, fast, state, {})
     loss_one = lambda p, tokens_T1: sequence_loss(self.graphdef, p, tokens_T1)
-    losses, grads = dg.per_sample_loss_and_grads(loss_one, params, tokens)
+    # Per-sample gradients are (B, ...) whatever the split; chunks bound the
+    # backward passes' activations to one micro-batch at a time.
+    losses, grads = dg.per_sample_loss_and_grads(
+        loss_one, params, tokens, chunk_size=None if n == 1 else tokens.shape[0] // n)
     return MethodOutput(losses, grads, state, {"losses": losses})
 
   def report(self, out, head_state, batch):
@@ -159,7 +252,7 @@ class DoGraphMethod:
     loss = jnp.where(kept > 0, jnp.sum(jnp.where(kept_B, out.losses, 0.0))
                      / jnp.maximum(kept, 1), jnp.nan)
     skip = kept == 0
-    if self.sketch == "factored" and self.update == "second_backward":
+    if isinstance(out.grads, dg.FactoredGrads) and out.grads.second_backward:
       skip = skip | (kept < kept_B.shape[0])
     metrics = dict(weights=head_state.applied_weights, counts=head_state.counts,
                    assignments=head_state.assignments, nonfinite=head_state.nonfinite,
@@ -221,8 +314,9 @@ class MixerMethod:
   """
 
   def __init__(self, graphdef, method: str, method_args, *, apply_weights: str = "paper",
-               probe_tokens=None, ref_params=None):
+               probe_tokens=None, ref_params=None, micro_batches: int = 1):
     self.graphdef, self.method, self.apply_weights = graphdef, method, apply_weights
+    self.micro_batches = micro_batches
     self.static, self.traced = methods.parse_method_args(method, method_args)
     self.probe_tokens = None if probe_tokens is None else jnp.asarray(probe_tokens, jnp.int32)
     self.ref_params = ref_params
@@ -258,32 +352,86 @@ class MixerMethod:
                       hparams=methods.traced_state(self.traced), ref_params=self.ref_params)
 
   def grads(self, params, state, batch, step):
-    graphdef = self.graphdef
     human_domains = state.mixer.weights.shape[0]
     mixer = self._mixer(human_domains, state.hparams)
     tokens, domain_id = batch["tokens"], batch["domain_id"]
+    counts_D = domain_counts(domain_id, human_domains)
+    sample = self.form(human_domains) == "sample"
+    b, n = tokens.shape[0], self.micro_batches
+    if n == 1:
+      losses_B, vjp, rows, sums = self._material(params, state, mixer, tokens, domain_id, counts_D)
+    else:
+      # Pass 1: what the mixer reads, micro-batch by micro-batch (per-row
+      # fields stacked, per-domain sums added); in the sample form the step
+      # is the batch mean, which this pass also accumulates.
+      def body(carry, x):
+        acc, sums = carry
+        toks, ids = x
+        losses, vjp, rows, part = self._material(params, state, mixer, toks, ids, counts_D)
+        if sample:
+          acc = _add_f32(acc, vjp(jnp.full_like(losses, 1.0 / b))[0])
+        return (acc, _add_f32(sums, part)), (losses, rows)
+      sums0 = _f32_zeros(jax.eval_shape(
+          lambda: self._material(params, state, mixer, split_micro(tokens, n)[0],
+                                 split_micro(domain_id, n)[0], counts_D)[3]))
+      (acc, sums), (losses_B, rows) = jax.lax.scan(
+          body, (_f32_zeros(params) if sample else (), sums0),
+          (split_micro(tokens, n), split_micro(domain_id, n)))
+      losses_B, rows = join_micro(losses_B), jax.tree.map(join_micro, rows)
+    fields = dict(losses=losses_B, domain_id=domain_id, step=step, domain_counts=counts_D, **rows)
+    if "domain_gram" in mixer.needs:
+      g = sums["domain_grads"]
+      fields["domain_gram"] = sum(
+          (x.reshape(human_domains, -1) @ x.reshape(human_domains, -1).T).astype(jnp.float32)
+          for x in jax.tree.leaves(g))
+    if "head_grads" in mixer.needs:
+      fields["head_grads"] = sums["head_grads"]
+    if "probe_losses" in mixer.needs:
+      if self.probe_tokens is None:
+        raise ValueError(f"method {self.method!r} needs probe_tokens (D, P, T + 1)")
+      fields["probe_losses"] = jax.vmap(
+          lambda rows: _sequence_losses(self.graphdef, params, rows)[0].mean())(self.probe_tokens)
+    weights_B, mixer_state = mixer.update(state.mixer, MixingInputs(**fields))
+    if sample:
+      # The batch was drawn with the mixer's proportions: its plain mean is
+      # the step (the mixer still learnt from its losses above).
+      weights_B = jnp.full_like(losses_B, 1.0 / b)
+    weights_B = jax.lax.stop_gradient(weights_B).astype(losses_B.dtype)
+    if n == 1:
+      grads = vjp(weights_B)[0]
+    elif sample:
+      grads = _like(acc, params)
+    else:  # pass 2: each micro-batch again, backpropagating its rows' weights
+      grads = weighted_grad_by_micro(self.graphdef, params, tokens, weights_B, n)
+    return MethodOutput(losses_B, grads, state._replace(mixer=mixer_state), {})
+
+  def _material(self, params, state, mixer, tokens, domain_id, counts_D):
+    """One forward pass over ``tokens`` (the batch or a micro-batch) and what
+    the mixer ``needs`` from it: ``(losses (b,), vjp, per-row fields, sums)``;
+    ``sums`` (per-domain sums over these rows, added across micro-batches):
+    ``domain_grads`` (D, ...) the rows' shares of each domain's mean-loss
+    gradient, ``head_grads`` (D, F) R&B's output-layer sums."""
+    graphdef = self.graphdef
+    human_domains = counts_D.shape[0]
     if "head_grads" in mixer.needs:
       losses_B, vjp, (tok_BxT, h, logits) = jax.vjp(
           lambda p: _losses_and_head(graphdef, p, tokens), params, has_aux=True)
     else:
       losses_B, vjp, tok_BxT = jax.vjp(lambda p: _sequence_losses(graphdef, p, tokens), params,
                                        has_aux=True)
-    counts_D = domain_counts(domain_id, human_domains)
-    fields = dict(losses=losses_B, domain_id=domain_id, step=step, domain_counts=counts_D)
+    rows, sums = {}, {}
     if "token_losses" in mixer.needs:
-      fields["token_losses"] = tok_BxT
+      rows["token_losses"] = tok_BxT
     if "ref_token_losses" in mixer.needs:
-      fields["ref_token_losses"] = _sequence_losses(graphdef, state.ref_params, tokens)[1]
+      rows["ref_token_losses"] = _sequence_losses(graphdef, state.ref_params, tokens)[1]
     if "domain_gram" in mixer.needs:
       # Per-domain mean-loss gradients g_d = vjp(onehot_d / n_d), all D at
-      # once; only their (D, D) Gram matrix leaves this function (DoGE never
-      # copies per-domain gradients off the device).
+      # once (n_d: the whole batch's count, so micro-batches add up to g_d);
+      # only their (D, D) Gram matrix leaves the step (DoGE never copies
+      # per-domain gradients off the device).
       per_domain_DxB = (jax.nn.one_hot(domain_id, human_domains, dtype=jnp.float32).T
                         / jnp.maximum(counts_D, 1)[:, None])
-      grads_D = jax.vmap(lambda c: vjp(c)[0])(per_domain_DxB)
-      fields["domain_gram"] = sum(
-          (g.reshape(human_domains, -1) @ g.reshape(human_domains, -1).T).astype(jnp.float32)
-          for g in jax.tree.leaves(grads_D))
+      sums["domain_grads"] = jax.vmap(lambda c: vjp(c)[0])(per_domain_DxB)
     if "head_grads" in mixer.needs:
       # Each sample's own loss gradient w.r.t. its logits (the sum separates
       # over samples), then the per-domain sums of the output layer's
@@ -291,20 +439,9 @@ class MixerMethod:
       targets = tokens[:, 1:]
       d_logits = jax.grad(lambda lg: token_losses(lg, targets).mean(1).sum())(
           jax.lax.stop_gradient(logits))
-      fields["head_grads"] = domain_head_grads(jax.lax.stop_gradient(h), d_logits, domain_id,
-                                               human_domains, mixer.head_sketch_dim)
-    if "probe_losses" in mixer.needs:
-      if self.probe_tokens is None:
-        raise ValueError(f"method {self.method!r} needs probe_tokens (D, P, T + 1)")
-      fields["probe_losses"] = jax.vmap(
-          lambda rows: _sequence_losses(graphdef, params, rows)[0].mean())(self.probe_tokens)
-    weights_B, mixer_state = mixer.update(state.mixer, MixingInputs(**fields))
-    if self.form(human_domains) == "sample":
-      # The batch was drawn with the mixer's proportions: its plain mean is
-      # the step (the mixer still learnt from its losses above).
-      weights_B = jnp.full_like(losses_B, 1.0 / losses_B.shape[0])
-    grads = vjp(jax.lax.stop_gradient(weights_B).astype(losses_B.dtype))[0]
-    return MethodOutput(losses_B, grads, state._replace(mixer=mixer_state), {})
+      sums["head_grads"] = domain_head_grads(jax.lax.stop_gradient(h), d_logits, domain_id,
+                                             human_domains, mixer.head_sketch_dim)
+    return losses_B, vjp, rows, sums
 
   def report(self, out, head_state, batch):
     return Report(jnp.mean(out.losses), jnp.zeros((), bool), {"weights": out.state.mixer.weights},
@@ -348,8 +485,10 @@ def make_method(cfg, graphdef, *, probe_tokens=None, ref_params=None) -> Method:
     return DoGraphMethod(graphdef, sketch=cfg.sketch, update=cfg.update,
                          sketch_dim=cfg.dograph.resolved_sketch_dim(cfg.sketch), seed=cfg.run.seed,
                          normalize_blocks=cfg.dograph.normalize_blocks,
-                         samples=cfg.apply_weights == "sample", decay=cfg.dograph.decay)
+                         samples=cfg.apply_weights == "sample", decay=cfg.dograph.decay,
+                         micro_batches=cfg.optim.micro_batches)
   if cls is MixerMethod:
     return MixerMethod(graphdef, cfg.method, cfg.method_args, apply_weights=cfg.apply_weights,
-                       probe_tokens=probe_tokens, ref_params=ref_params)
-  return cls(graphdef)
+                       probe_tokens=probe_tokens, ref_params=ref_params,
+                       micro_batches=cfg.optim.micro_batches)
+  return cls(graphdef, micro_batches=cfg.optim.micro_batches)

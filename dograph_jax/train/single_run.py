@@ -367,10 +367,11 @@ def _host_record(metrics: dict, names: list[str]) -> dict:
 
 
 # Options that may change between a run and its resumption: they do not
-# affect the training trajectory (a different --mesh changes only the order
-# of floating-point sums).
+# affect the training trajectory (a different --mesh or --micro_batches
+# changes only the order of floating-point sums).
 _RESUME_FREE = {"resume", "overwrite", "traceback", "cache_dir", "hf_cache_dir", "halt_after", "out_dir", "eval_every", "eval_rows", "log_every",
-                "save_every", "keep_checkpoints", "plots", "mesh", "trackers", "wandb_project"}
+                "save_every", "keep_checkpoints", "plots", "mesh", "micro_batches", "trackers",
+                "wandb_project"}
 
 
 # DoGraph's options, and those only one of its domain modes reads: a run
