@@ -11,6 +11,11 @@ mix rows that already have their final shape. Two consequences:
   (one position per domain plus the mixer's index) that survives a JSON round
   trip exactly, which grain's ``ConcatThenSplitIterDataset`` state does not.
 
+The packing is done once per split and cached on disk
+(:func:`pack_split_cached`): the entry is found from the split's file
+metadata, so a start with the cache reads no document, and its rows are
+memory-mapped, so no process holds the corpus in memory.
+
 Shape legend: ``B`` batch size, ``L`` = ``seq_len``, rows have ``L + 1``
 tokens (inputs are ``tokens[:, :-1]``, targets ``tokens[:, 1:]``), ``N_d``
 rows in domain ``d``.
@@ -264,7 +269,7 @@ def packing_cache_key(docs_by_domain: Mapping[str, Sequence[str]], tokenizer,
   return _content_fingerprint(_tokenizer_fingerprint(tokenizer), seq_len, domains, drop_short)
 
 
-def _load_packed(folder: Path, seq_len: int) -> PackedDomains:
+def _load_packed(folder: Path, seq_len: int) -> tuple[PackedDomains, dict]:
   meta = json.loads((folder / "meta.json").read_text())
   if meta["seq_len"] != seq_len or meta.get("version") != _CACHE_VERSION:
     raise ValueError("seq_len or cache version mismatch")
@@ -274,7 +279,7 @@ def _load_packed(folder: Path, seq_len: int) -> PackedDomains:
           for i in range(len(meta["names"]))]
   return PackedDomains(names=list(meta["names"]), rows=rows,
                        tokens_per_domain=list(meta["tokens_per_domain"]),
-                       seq_len=seq_len, fingerprint=meta["fingerprint"])
+                       seq_len=seq_len, fingerprint=meta["fingerprint"]), meta
 
 
 def _cached(folder: Path, seq_len: int) -> tuple[PackedDomains, dict] | None:
@@ -283,7 +288,7 @@ def _cached(folder: Path, seq_len: int) -> tuple[PackedDomains, dict] | None:
   if not folder.is_dir():
     return None
   try:
-    return _load_packed(folder, seq_len), json.loads((folder / "meta.json").read_text())
+    return _load_packed(folder, seq_len)
   except (OSError, ValueError, KeyError) as e:
     logger.warning("packing cache %s is unusable (%s); rebuilding", folder, e)
     shutil.rmtree(folder, ignore_errors=True)
