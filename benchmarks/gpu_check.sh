@@ -18,7 +18,9 @@
 #      --model paper-small --batch_size 48 --seq_len 512 on the synthetic corpus.
 #   3. bench_fused: 1 with --attention dot_product --remat block (cuDNN flash
 #      attention where it applies, blocks recomputed in the backward pass).
-#   4. bench_f32: the same as 1 in float32, MFU against the dense TF32 peak.
+#   4. bench_micro: 3 with --micro_batches 4; pretrain_scale: 2 (DoGraph) with
+#      --cache_dir, --attention dot_product, --remat block, --micro_batches 2.
+#   5. bench_f32: the same as 1 in float32, MFU against the dense TF32 peak.
 # Then summary.md (all parts' numbers and the ratios) is written and printed.
 #
 # --cpu_smoke: the same parts at tiny sizes on the CPU, nothing installed
@@ -104,6 +106,16 @@ done
 part bench_fused "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype bfloat16 \
   --attention dot_product --remat block --json "$OUT_DIR/bench_fused.json"
 
+# Micro-batches (issue 24): the same step in 4 sequential slices, with fused
+# attention and rematerialised blocks; and a short run with every new option
+# of the trainer (the packed cache outside the data folder included).
+part bench_micro "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype bfloat16 \
+  --attention dot_product --remat block --micro_batches 4 --json "$OUT_DIR/bench_micro.json"
+part pretrain_scale "$LIMIT_TRAIN" "$PY" experiments/pretrain.py "${TRAIN[@]}" \
+  --method dograph --data_dir "$DATA" --cache_dir "$OUT_DIR/cache" --attention dot_product \
+  --remat block --micro_batches 2 --eval_every 0 --save_every 0 --plots false \
+  --out_dir "$OUT_DIR/run_scale"
+
 # Dense TF32 peak of an H200 (half its dense bf16 989 TFLOP/s).
 part bench_f32 "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype float32 \
   --peak_tflops 494.7 --json "$OUT_DIR/bench_f32.json"
@@ -117,7 +129,7 @@ print("| part | exit | seconds |\n|---|---|---|")
 for line in (out / "parts.txt").read_text().splitlines():
     name, rc, secs = line.split()
     print(f"| {name} | {rc} | {secs} |")
-for tag in ("bf16", "fused", "f32"):
+for tag in ("bf16", "fused", "micro", "f32"):
     f = out / f"bench_{tag}.json"
     if not f.exists():
         print(f"\nbench_{tag}: no result"); continue
@@ -139,7 +151,7 @@ for tag in ("bf16", "fused", "f32"):
     for t in r.get("targets", []):
         print(f"- {'MET' if t['met'] else 'NOT MET'}: {t['check']}: {t['value']}")
 runs, steady = {}, {}
-for method in ("dograph", "uniform"):
+for method in ("dograph", "uniform", "scale"):
     f = out / f"run_{method}" / "summary.json"
     if f.exists():
         runs[method] = json.loads(f.read_text())["steps_per_s"]
@@ -153,9 +165,9 @@ print("\n## pretrain (steps/s of the loop with its compilation; steady: after th
       "logged step)\n")
 for method, sps in runs.items():
     print(f"- {method}: {sps:.3f} steps/s, steady {steady.get(method, float('nan')):.3f}")
-if len(runs) == 2:
+if "dograph" in runs and "uniform" in runs:
     print(f"- step time DoGraph / Uniform: {runs['uniform'] / runs['dograph']:.3f}")
-if len(steady) == 2:
+if "dograph" in steady and "uniform" in steady:
     print(f"- steady step time DoGraph / Uniform: {steady['uniform'] / steady['dograph']:.3f}")
 EOF
 log "done: $OUT_DIR/summary.md"

@@ -18,8 +18,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
   parts = {line.split()[0]: int(line.split()[1])
            for line in (out / "parts.txt").read_text().splitlines()}
   assert parts == {"environment": 0, "bench_bf16": 0, "corpus": 0, "pretrain_dograph": 0,
-                   "pretrain_uniform": 0, "bench_fused": 0, "bench_f32": 0}, parts
-  for tag in ("bf16", "f32"):
+                   "pretrain_uniform": 0, "bench_fused": 0, "bench_micro": 0,
+                   "pretrain_scale": 0, "bench_f32": 0}, parts
+  for tag in ("bf16", "micro", "f32"):
     result = json.loads((out / f"bench_{tag}.json").read_text())
     assert set(result["candidates"]) == {"plain", "factored"}
     assert result["candidates"]["factored"]["ratio_vs_plain"] > 0
@@ -28,6 +29,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
   assert "steady step time DoGraph / Uniform" in summary
   dograph = json.loads((out / "run_dograph" / "summary.json").read_text())
   assert dograph["method"] == "dograph" and dograph["steps"] == 6
+  # The run with every paper-scale option read them, and cached outside the data.
+  scale = json.loads((out / "run_scale" / "config.json").read_text())
+  assert (scale["optim"]["micro_batches"], scale["model"]["remat"],
+          scale["model"]["attention"]) == (2, "block", "dot_product")
+  assert (out / "cache").is_dir() and "bench_step micro" in summary
 
 
 def test_gpu_check_rejects_unknown_options(tmp_path):

@@ -145,3 +145,10 @@ def test_a_changed_shard_gives_another_signature(slimpajama, tmp_path):
   _shard(rows, shard)
   after = hf.hf_splits(str(folder), ("train", "validation"), cache_dir=cache)
   assert after[0].signature() != before[0].signature()
+
+
+def test_rnb_refuses_hf_dataset():
+  # R&B's regrouping reads --data_dir's files: with --hf_dataset it would
+  # silently regroup another corpus.
+  with pytest.raises(ValueError, match="cannot read --hf_dataset"):
+    config.make_config(method="rnb", hf_dataset="DKYoon/SlimPajama-6B")

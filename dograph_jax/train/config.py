@@ -246,6 +246,11 @@ class TrainConfig:
     parse_method_args(self.method, self.method_args)  # checks --method_args early
     if self.method == "dograph" and self.dograph.domains == "persistent" and self.dograph.buffer_size:
       raise ValueError("--buffer_size is an option of --domains batch")
+    if self.method == "rnb" and self.data.hf_dataset:
+      # R&B's regrouping reads the documents of --data_dir's files
+      # (train/offline.py); it has no --hf_dataset reader.
+      raise ValueError("--method rnb regroups the files of --data_dir and cannot read "
+                       "--hf_dataset; pass the dataset's local folder as --data_dir")
     if self.offline.regroup_k != "auto":
       lo, sep, hi = self.offline.regroup_k.partition(":")
       if not (sep and lo.strip().isdigit() and hi.strip().isdigit() and 2 <= int(lo) <= int(hi)):
