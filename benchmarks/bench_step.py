@@ -836,6 +836,13 @@ def main(argv: list[str] | None = None) -> None:
         "temp, total: compiled.memory_analysis(), total = argument + output - alias + temp")
   if args.compile_only:
     print("note: --compile_only: nothing was run")
+  if args.micro_batches > 1:
+    # Measured: with 4 micro-batches the plain step's count is 1/4 of the
+    # full batch's (GPT-2 124M, BENCHMARKS.md).
+    print(f"note: --micro_batches {args.micro_batches}: XLA's cost model counts a loop body "
+          f"once, so GFLOP and bytes are those of one micro-batch's passes (plus the step's "
+          f"work outside the loops); x{args.micro_batches} for the step's. The ratios to "
+          f"plain hold as long as the loops dominate both.")
   for note in notes:
     print(f"note: {note}")
   unstable = [c.name for c in cands if c.samples and max(c.samples) > 1.5 * min(c.samples)]
