@@ -2,25 +2,38 @@
 # One prepared device check (issue 15): DoGraph's step against a plain AdamW
 # step on a GPU, at most ~8 minutes, every part under its own time limit.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR] [--cpu_smoke]
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--cpu_smoke] [--parts a,b,...]
 #
 # OUT_DIR defaults to $OUT (the device tool's output folder), else
 # ./gpu_check_out. Parts, in order of priority (a part that runs out of time
 # is killed and recorded; the others still run):
-#   0. environment: installs JAX for CUDA if jax has no GPU backend (and the
-#      package if it is not importable); prints jax, CUDA and the device.
+#   0. environment: wheels carried in ./.whl (the device machine reaches no
+#      registry: the device README says how to fetch them) are installed into
+#      /tmp/site, and the checkout itself is put on PYTHONPATH; failing
+#      that, JAX for CUDA / the package are pip-installed. Prints jax, CUDA
+#      and the device.
+#   attention: benchmarks/check_attention.py, cuDNN flash attention against
+#      XLA's on bfloat16 operands, both against a float32 oracle (kernel
+#      outputs and gradients, GPT-2 and GQA shapes; paper-small's losses and
+#      gradient).
 #   1. bench_bf16: benchmarks/bench_step.py at GPT-2 124M, B 48, T 512, K 1024,
-#      bfloat16: plain, factored + book-keeping, factored + second backward and
-#      the reference vmap(grad) path (skipped by the script when it does not
-#      fit): median/min ms, ratio to plain, peak device memory, tokens/s, MFU
-#      against the H200's dense bf16 peak.
+#      bfloat16: plain, factored + book-keeping and factored + second backward
+#      (the reference vmap(grad) path needs hundreds of GiB there): median/min
+#      ms, ratio to plain, peak device memory, tokens/s, MFU against the
+#      H200's dense bf16 peak.
 #   2. pretrain_dograph, pretrain_uniform: 200 steps of experiments/pretrain.py
 #      --model paper-small --batch_size 48 --seq_len 512 on the synthetic corpus.
 #   3. bench_fused: 1 with --attention dot_product --remat block (cuDNN flash
 #      attention where it applies, blocks recomputed in the backward pass).
 #   4. bench_micro: 3 with --micro_batches 4; pretrain_scale: 2 (DoGraph) with
 #      --cache_dir, --attention dot_product, --remat block, --micro_batches 2.
+#   bench_tinyllama: issue 24's target, TinyLlama-1.1B at B 64 x T 2048 in
+#      bfloat16, --attention dot_product --remat block --micro_batches 16,
+#      plain and factored, timed; memory is the compiled figure (XLA:GPU's
+#      buffer assignment, the target's measure), no peak subprocesses.
 #   5. bench_f32: the same as 1 in float32, MFU against the dense TF32 peak.
+# --parts runs only the named parts (comma-separated; environment always
+# runs), in the order above, e.g. --parts bench_bf16,bench_tinyllama.
 # Then summary.md (all parts' numbers and the ratios) is written and printed.
 #
 # --cpu_smoke: the same parts at tiny sizes on the CPU, nothing installed
@@ -28,13 +41,28 @@
 set -u
 OUT_DIR="${OUT:-gpu_check_out}"
 SMOKE=0
-for arg in "$@"; do
-  case "$arg" in
+PARTS=all
+ALL_PARTS=" attention bench_bf16 pretrain_dograph pretrain_uniform bench_fused bench_micro pretrain_scale bench_tinyllama bench_f32 "
+while [ $# -gt 0 ]; do
+  case "$1" in
     --cpu_smoke) SMOKE=1 ;;
-    -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
-    *) OUT_DIR="$arg" ;;
+    --parts) shift; PARTS="${1:-}" ;;
+    --parts=*) PARTS="${1#--parts=}" ;;
+    -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
+    *) OUT_DIR="$1" ;;
   esac
+  shift
 done
+if [ "$PARTS" != all ]; then
+  for name in ${PARTS//,/ }; do
+    case "$ALL_PARTS" in
+      *" $name "*) ;;
+      *) echo "gpu_check.sh: unknown part $name (parts:$ALL_PARTS)" >&2; exit 2 ;;
+    esac
+  done
+fi
+# wanted NAME: whether --parts selects part NAME.
+wanted() { [ "$PARTS" = all ] || case ",$PARTS," in *",$1,"*) true ;; *) false ;; esac; }
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$(dirname "$0")/.."
@@ -47,6 +75,10 @@ log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT_DIR/gpu_check.log
 part() {
   local name="$1" limit="$2"
   shift 2
+  if [ "$name" != environment ] && case "$ALL_PARTS" in *" $name "*) true ;; *) false ;; esac \
+     && ! wanted "$name"; then
+    return 0
+  fi
   log "part $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
@@ -62,12 +94,28 @@ if [ "$SMOKE" = 1 ]; then
          --candidates plain,factored --repeats 2 --warmup 1 --min_time 0.01)
   TRAIN=(--model mini --batch_size 8 --seq_len 32 --steps 6 --vocab_size 300
          --sketch_dim 64 --eval_rows 8 --log_every 2)
-  LIMIT_BENCH=300; LIMIT_TRAIN=300; DATA="$OUT_DIR/synthetic"
+  TINY=(--model llama-mini --batch_size 8 --seq_len 32 --sketch_dim 64 --vocab_size 256
+        --micro_batches 2 --repeats 2 --warmup 1 --min_time 0.01)
+  ATTN=(--seq_len 64 --model mini --vocab_size 256 --model_seq_len 32)
+  LIMIT_BENCH=300; LIMIT_TRAIN=300; LIMIT_TINY=300; DATA="$OUT_DIR/synthetic"
 else
   BENCH=(--model gpt2 --batch_size 48 --seq_len 512 --sketch_dim 1024 --vocab_size 50257
-         --candidates plain,factored,factored_2bwd,reference --repeats 10 --warmup 3)
+         --candidates plain,factored,factored_2bwd --repeats 10 --warmup 3)
   TRAIN=(--model paper-small --batch_size 48 --seq_len 512 --steps 200 --eval_rows 16)
-  LIMIT_BENCH=130; LIMIT_TRAIN=75; DATA="$OUT_DIR/synthetic"
+  TINY=(--model tinyllama-1.1b --batch_size 64 --seq_len 2048 --sketch_dim 1024
+        --vocab_size 32000 --micro_batches 16 --repeats 2 --warmup 1 --min_time 0
+        --device_peak off)
+  ATTN=(--seq_len 1024)
+  LIMIT_BENCH="${LIMIT_BENCH:-200}"; LIMIT_TRAIN="${LIMIT_TRAIN:-75}"
+  LIMIT_TINY="${LIMIT_TINY:-260}"; DATA="$OUT_DIR/synthetic"
+  if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+    part install_wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if ! "$PY" -c "import dograph_jax" 2>/dev/null; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   if ! "$PY" -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
     part install_jax 120 "$PY" -m pip install -q -U "jax[cuda12]"
   fi
@@ -76,10 +124,20 @@ else
   fi
 fi
 part environment 60 "$PY" -c "
-import jax, platform
+import jax, platform, importlib.metadata as m
 d = jax.devices()[0]
 print('python', platform.python_version(), 'jax', jax.__version__, 'backend', jax.default_backend())
 print('device', d.device_kind, 'count', jax.device_count())
+for name in ('flax', 'optax', 'orbax-checkpoint', 'grain', 'jaxopt', 'tyro'):
+    try:
+        print(name, m.version(name))
+    except Exception as e:
+        print(name, 'missing:', type(e).__name__)
+try:
+    from jax._src.lib import cuda_versions
+    print('cudnn', cuda_versions.cudnn_get_version() if cuda_versions else None)
+except Exception as e:
+    print('cudnn version unknown:', type(e).__name__)
 try:
     import jax_cuda12_plugin, importlib.metadata as m
     print('jax-cuda12-plugin', m.version('jax-cuda12-plugin'))
@@ -87,14 +145,18 @@ except Exception as e:
     print('no CUDA plugin:', type(e).__name__)
 "
 
+part attention 90 "$PY" benchmarks/check_attention.py "${ATTN[@]}" --json "$OUT_DIR/attention.json"
+
 part bench_bf16 "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype bfloat16 \
   --json "$OUT_DIR/bench_bf16.json"
 
-# The synthetic corpus once, outside the timed runs (both runs then read it).
-part corpus 60 "$PY" -c "
+# The synthetic corpus once, outside the timed runs (the runs then read it).
+if wanted pretrain_dograph || wanted pretrain_uniform || wanted pretrain_scale; then
+  part corpus 60 "$PY" -c "
 from dograph_jax.data import write_synthetic_corpus
 write_synthetic_corpus('$DATA', seed=0)
 "
+fi
 for method in dograph uniform; do
   part "pretrain_$method" "$LIMIT_TRAIN" "$PY" experiments/pretrain.py "${TRAIN[@]}" \
     --method "$method" --data_dir "$DATA" --eval_every 0 --save_every 0 --plots false \
@@ -116,6 +178,11 @@ part pretrain_scale "$LIMIT_TRAIN" "$PY" experiments/pretrain.py "${TRAIN[@]}" \
   --remat block --micro_batches 2 --eval_every 0 --save_every 0 --plots false \
   --out_dir "$OUT_DIR/run_scale"
 
+# Issue 24's one-device target: TinyLlama-1.1B, B 64 x T 2048, bfloat16.
+part bench_tinyllama "$LIMIT_TINY" "$PY" benchmarks/bench_step.py "${TINY[@]}" --dtype bfloat16 \
+  --candidates plain,factored --attention dot_product --remat block \
+  --json "$OUT_DIR/bench_tinyllama.json"
+
 # Dense TF32 peak of an H200 (half its dense bf16 989 TFLOP/s).
 part bench_f32 "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype float32 \
   --peak_tflops 494.7 --json "$OUT_DIR/bench_f32.json"
@@ -129,7 +196,7 @@ print("| part | exit | seconds |\n|---|---|---|")
 for line in (out / "parts.txt").read_text().splitlines():
     name, rc, secs = line.split()
     print(f"| {name} | {rc} | {secs} |")
-for tag in ("bf16", "fused", "micro", "f32"):
+for tag in ("bf16", "fused", "micro", "tinyllama", "f32"):
     f = out / f"bench_{tag}.json"
     if not f.exists():
         print(f"\nbench_{tag}: no result"); continue

@@ -17,10 +17,12 @@ def test_gpu_check_cpu_smoke(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   parts = {line.split()[0]: int(line.split()[1])
            for line in (out / "parts.txt").read_text().splitlines()}
-  assert parts == {"environment": 0, "bench_bf16": 0, "corpus": 0, "pretrain_dograph": 0,
-                   "pretrain_uniform": 0, "bench_fused": 0, "bench_micro": 0,
-                   "pretrain_scale": 0, "bench_f32": 0}, parts
-  for tag in ("bf16", "micro", "f32"):
+  assert parts == {"environment": 0, "attention": 0, "bench_bf16": 0, "corpus": 0,
+                   "pretrain_dograph": 0, "pretrain_uniform": 0, "bench_fused": 0,
+                   "bench_micro": 0, "pretrain_scale": 0, "bench_tinyllama": 0,
+                   "bench_f32": 0}, parts
+  assert json.loads((out / "attention.json").read_text())["ok"] is True
+  for tag in ("bf16", "micro", "tinyllama", "f32"):
     result = json.loads((out / f"bench_{tag}.json").read_text())
     assert set(result["candidates"]) == {"plain", "factored"}
     assert result["candidates"]["factored"]["ratio_vs_plain"] > 0
@@ -40,3 +42,18 @@ def test_gpu_check_rejects_unknown_options(tmp_path):
   proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path), "--gpu"], cwd=ROOT,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and "unknown option --gpu" in proc.stderr
+  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path), "--parts",
+                         "bench_bf16,bench_tiny"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 2 and "unknown part bench_tiny" in proc.stderr
+
+
+def test_gpu_check_runs_only_the_chosen_parts(tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), "--cpu_smoke", "--parts",
+                         "pretrain_uniform"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # environment always runs; the corpus because a pretrain part needs it.
+  assert [line.split()[0] for line in (out / "parts.txt").read_text().splitlines()] == [
+      "environment", "corpus", "pretrain_uniform"]
