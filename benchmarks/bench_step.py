@@ -11,7 +11,9 @@ on ``make_optimizer``'s chain, state donated):
   handed to ``dograph_transform`` (Kronecker sketch, K-means, weights, update);
 * ``factored``: ``--sketch factored --update bookkeeping`` (the trainer's
   default), sketches and update from one forward/backward pass (docs/method.md §7);
-* ``factored_2bwd``: ``--sketch factored --update second_backward``.
+* ``factored_2bwd``: ``--sketch factored --update second_backward``;
+* ``factored_lagged`` (opt-in): ``--update lagged``, micro-batches in one
+  pass weighted by the previous step's weights (docs/method.md §7b (c)).
 
 Defaults: on the CPU ``--model mini --batch_size 16 --seq_len 64 --sketch_dim
 256 --dtype float32``; on a GPU (detected) ``--model gpt2 --batch_size 48
@@ -142,6 +144,11 @@ CANDIDATES: dict[str, tuple[dict[str, str], str]] = {
                  "factored, book-keeping update"),
     "factored_2bwd": (dict(method="dograph", sketch="factored", update="second_backward"),
                       "factored, second backward"),
+    # One pass over the micro-batches with the previous step's weights
+    # (docs/method.md §7b (c)); the same program as "factored" without
+    # --micro_batches, so not run unless asked for.
+    "factored_lagged": (dict(method="dograph", sketch="factored", update="lagged"),
+                        "factored, one pass, previous step's weights"),
     # The literal per-batch domains (K-means of every batch), for comparison
     # with the default persistent domains above; not run unless asked for.
     "factored_batch": (dict(method="dograph", sketch="factored", update="bookkeeping",
@@ -152,7 +159,7 @@ CANDIDATES: dict[str, tuple[dict[str, str], str]] = {
     "rnb": (dict(method="rnb_rounds"), "R&B rounds: head-gradient sketches + weighted grad"),
 }
 # Not run unless named in --candidates.
-OPT_IN = ("factored_batch", "rnb")
+OPT_IN = ("factored_batch", "rnb", "factored_lagged")
 NUM_DOMAINS = 11
 DEFAULTS = {
     "cpu": dict(model="mini", batch_size=16, seq_len=64, sketch_dim=256, dtype="float32"),

@@ -12,14 +12,16 @@ The public surface (optax-style facade over one-concern modules):
 * :func:`dograph_transform` — all of it as an optax transformation;
 * :func:`sample_coefficients`, :func:`frequency_coefficients` — ``a_i`` for
   the weighted-loss form (per-batch and persistent domains);
-* :func:`factored_grads` — sketches and update in one pass (the fast path).
+* :func:`factored_grads` — sketches and update in one pass (the fast path);
+  :class:`LaggedGrads` — the same over micro-batches, each weighted as it
+  comes with the previous step's weights (docs/method.md §7b (c)).
 """
 
 from dograph_jax.clustering import (KMeansResult, StreamingKMeans, kmeans,
                                     streaming_kmeans_update)
 from dograph_jax.domains import (DomainStats, RunningSums, domain_stats, running_domain_stats,
                                  update_running_sums)
-from dograph_jax.factored import FactoredGrads, factored_grads
+from dograph_jax.factored import FactoredGrads, LaggedGrads, LaggedPass, factored_grads
 from dograph_jax.objectives import OBJECTIVES, solve_weights
 from dograph_jax.per_sample import per_sample_grads, per_sample_loss_and_grads
 from dograph_jax.projection import sketch
@@ -30,7 +32,8 @@ from dograph_jax.transform import (MAX_SKETCH_ENTRY, STATIC_ARGS, DoGraphState,
 __version__ = "0.3.0"
 
 __all__ = [
-    "DoGraphState", "DomainStats", "FactoredGrads", "KMeansResult", "MAX_SKETCH_ENTRY",
+    "DoGraphState", "DomainStats", "FactoredGrads", "KMeansResult", "LaggedGrads", "LaggedPass",
+    "MAX_SKETCH_ENTRY",
     "OBJECTIVES", "RunningSums",
     "STATIC_ARGS", "StreamingKMeans", "anchored_weights", "domain_stats", "dograph_transform",
     "factored_grads", "frequency_coefficients", "kmeans", "per_sample_grads",

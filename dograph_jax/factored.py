@@ -81,6 +81,33 @@ class FactoredGrads(NamedTuple):
   blocks: dict | None = None  # name -> (B, K) sketch of each parameter block, if asked
 
 
+class LaggedPass(NamedTuple):
+  """What the one pass of :class:`LaggedGrads` returns."""
+  losses: jax.Array    # (B,) float32 per-sample losses
+  sketches: jax.Array  # (B, K) float32 sketches
+  ratios: jax.Array    # (B,) float32 coefficients r_i the pass applied (0 where not kept)
+  grad_sum: PyTree     # params-like float32: sum_i r_i g_i
+
+
+class LaggedGrads(NamedTuple):
+  """Micro-batched factored material whose update is formed in the same
+  pass as its sketches (docs/method.md §7b, design (c)).
+
+  ``run(ratio_fn) -> LaggedPass``: for each micro-batch, the engine makes
+  the losses and sketches, asks ``ratio_fn(z_bxK, losses_b) -> (r_b,
+  kept_b)`` for its rows' coefficients and the rows to keep (the
+  transform answers from its state *before* this batch: the previous
+  step's weights), and adds ``sum_i r_i g_i`` by book-keeping before the
+  micro-batch's stored tensors are dropped. ``dograph_transform`` then
+  normalises by ``sum_i r_i`` and advances its domains and weights with the
+  whole batch's sketches, as for :class:`FactoredGrads`. ``result()``
+  returns the pass ``run`` made (in the same trace, once the transform has
+  run it): the caller reads the step's losses there.
+  """
+  run: Callable[[Callable], LaggedPass]
+  result: Callable[[], LaggedPass]
+
+
 def _leaf_index(params: PyTree) -> dict[tuple, int]:
   """Parameter path (tuple of keys) -> leaf index in flatten order."""
   flat, _ = jax.tree_util.tree_flatten_with_path(params)

@@ -66,7 +66,9 @@ from jax.tree_util import GetAttrKey
 from dograph_jax.projection import DEFAULT_BLOCK_BUDGET
 from dograph_jax.transform_stages.coefficients import (frequency_coefficients,
                                                        sample_coefficients)
-from dograph_jax.transform_stages.domain_modes import BatchDomains, PersistentDomains, domain_mode
+from dograph_jax.factored import FactoredGrads, LaggedGrads
+from dograph_jax.transform_stages.domain_modes import (BatchDomains, PersistentDomains,
+                                                       domain_mode, persistent_lagged_ratios)
 from dograph_jax.transform_stages.options import STATIC_ARGS, DoGraphOptions, default_sketch_dim
 from dograph_jax.transform_stages.prepare import (MAX_SKETCH_ENTRY, prepare, projection_key,
                                                   usable_sketches)
@@ -179,6 +181,10 @@ def _unflatten_state(domains_type, children) -> DoGraphState:
 
 
 jax.tree_util.register_pytree_with_keys(DoGraphState, _flatten_state, _unflatten_state)
+
+
+def _no_map(a_B, keep_B=None):
+  raise AssertionError("a LaggedGrads step has no update map: its update is already summed")
 
 
 def dograph_transform(
@@ -345,6 +351,27 @@ def dograph_transform(
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
+    lag = None
+    if isinstance(updates, LaggedGrads):
+      # One pass over micro-batches: each one's rows are weighted as they
+      # come, from the state before this batch; the domains and weights
+      # below then move on with the whole batch's sketches.
+      if not opts.persistent:
+        raise ValueError("dograph_transform: LaggedGrads (one-pass micro-batches) needs "
+                         "domains='persistent': per-batch domains exist only once the "
+                         "whole batch is clustered.")
+      if losses is not None:
+        raise ValueError("dograph_transform: LaggedGrads carries its own losses; do not "
+                         "pass losses= with it.")
+
+      def ratio_fn(z_bxK, losses_b):
+        kept_b = usable_sketches(z_bxK) & jnp.isfinite(losses_b)
+        if not in_batch:  # the sampler applies the weights: the plain mean
+          return kept_b.astype(jnp.float32), kept_b
+        return persistent_lagged_ratios(state.domains, state.applied_weights, state.count,
+                                        z_bxK, kept_b, opts), kept_b
+      lag = updates.run(ratio_fn)
+      updates = FactoredGrads(lag.losses, lag.sketches, _no_map, False)
     # Sketches, kept samples (non-finite policy), losses, and a_B -> sum_i a_i g_i.
     x = prepare(updates, params, losses, opts, proj_key)
     key, seed_key = jax.random.split(state.key)
@@ -352,7 +379,15 @@ def dograph_transform(
     domains, part = mode.step(state.domains, x.z, x.kept, x.losses, state.count, seed_key, opts)
     w = mode.weights(domains, part, state.weights, state.count, opts)
     a_B = mode.coefficients(domains, part, w.applied, x.kept, opts)
-    if in_batch:
+    if lag is not None:  # already summed: normalise (sum_i a_i = 1, as below)
+      total = jnp.sum(lag.ratios)
+      scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+      out = jax.tree.map(lambda g: g * scale, lag.grad_sum)
+      if params is not None:
+        out = jax.tree.map(lambda g, p: g.astype(p.dtype), out, params)
+      if in_batch:  # what was applied; all 0 (a zero update) if every ratio was 0
+        a_B = lag.ratios * scale
+    elif in_batch:
       out = x.reduce(a_B)
     else:  # the weights act through the sampler: the plain mean of the kept samples
       kept = x.kept.astype(jnp.float32)

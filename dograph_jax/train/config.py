@@ -210,7 +210,7 @@ class TrainConfig:
   method_args: dict[str, str] = field(default_factory=dict)  # an online or offline baseline's hyperparameters, e.g. --method_args strategy mid temperature 0.5 (its factory's keywords, typed by their defaults)
   apply_weights: Literal[APPLY_WEIGHTS] = "paper"  # how an online mixer's domain weights act: paper (each method's published form: Aioli, R&B, ADO, ODM sample; Group DRO, DoReMi/DoGE proxies reweight) | sample (each batch drawn with them, plain mean) | reweight (in-batch loss weights on batches drawn at --sampling/--proportions)
   sketch: Literal["factored", "reference"] = "factored"  # DoGraph's per-sample gradients: factored (one pass, no per-sample gradients) | reference (vmap(grad), any loss)
-  update: Literal["bookkeeping", "second_backward"] = "bookkeeping"  # factored path's update: from stored tensors | a second backward pass
+  update: Literal["bookkeeping", "second_backward", "lagged"] = "bookkeeping"  # factored path's update: from stored tensors | a second backward pass | lagged: one pass, each micro-batch weighted as it comes with the previous step's weights (docs/method.md §7b (c); not the paper's step)
   data: DataConfig = DataConfig()
   model: ModelConfig = ModelConfig()
   optim: OptimConfig = OptimConfig()
@@ -244,6 +244,12 @@ class TrainConfig:
     for (sec, name), choices in _CHOICES.items():  # tyro checks the command line, this the API
       _check_choice(_flag(sec, name), getattr(getattr(self, sec), name), choices)
     parse_method_args(self.method, self.method_args)  # checks --method_args early
+    _check_choice("update", self.update, ("bookkeeping", "second_backward", "lagged"))
+    if self.update == "lagged" and self.method == "dograph" and (
+        self.sketch != "factored" or self.dograph.domains != "persistent"):
+      raise ValueError("--update lagged needs --sketch factored and --domains persistent "
+                       "(it weights rows by the persistent domains before their batch is "
+                       "clustered)")
     if self.method == "dograph" and self.dograph.domains == "persistent" and self.dograph.buffer_size:
       raise ValueError("--buffer_size is an option of --domains batch")
     if self.method == "rnb" and self.data.hf_dataset:

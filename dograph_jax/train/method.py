@@ -217,6 +217,9 @@ class DoGraphMethod:
         return dg.factored_grads(sequence_losses, self.graphdef, params, toks,
                                  dg.projection_key(self.seed), self.sketch_dim,
                                  update=update, normalize_blocks=self.normalize_blocks)
+      if self.update == "lagged":
+        # Losses: known once the transform has run the pass (make_train_step).
+        return MethodOutput(None, self._lagged(engine, params, tokens), state, {})
       if n == 1:
         fast = engine(tokens, self.update)
         return MethodOutput(fast.losses, fast, state, {})
@@ -244,6 +247,31 @@ class DoGraphMethod:
         loss_one, params, tokens, chunk_size=None if n == 1 else tokens.shape[0] // n)
     return MethodOutput(losses, grads, state, {"losses": losses})
 
+  def _lagged(self, engine, params, tokens) -> dg.LaggedGrads:
+    """Design (c) of docs/method.md §7b: one pass over the micro-batches,
+    each weighted as it comes by the transform's ``ratio_fn`` (the previous
+    step's weights), its ``sum_i r_i g_i`` added by book-keeping before its
+    stored tensors are dropped."""
+    n, made = self.micro_batches, []
+
+    def run(ratio_fn):
+      def one(acc, toks):
+        fast = engine(toks, "bookkeeping")
+        r_b, kept_b = ratio_fn(fast.sketches, fast.losses)
+        acc = _add_f32(acc, fast.weighted_grad(r_b, kept_b))
+        return acc, (fast.losses, fast.sketches, r_b)
+      acc, (losses, sketches, ratios) = jax.lax.scan(one, _f32_zeros(params),
+                                                     split_micro(tokens, n))
+      made.append(dg.LaggedPass(join_micro(losses), join_micro(sketches), join_micro(ratios),
+                                acc))
+      return made[-1]
+
+    def result():
+      if not made:
+        raise RuntimeError("LaggedGrads.result() before the transform ran the pass")
+      return made[-1]
+    return dg.LaggedGrads(run, result)
+
   def report(self, out, head_state, batch):
     # The samples the transform kept (it drops those with a non-finite loss
     # or gradient, or a sketch beyond dg.MAX_SKETCH_ENTRY).
@@ -254,6 +282,9 @@ class DoGraphMethod:
     skip = kept == 0
     if isinstance(out.grads, dg.FactoredGrads) and out.grads.second_backward:
       skip = skip | (kept < kept_B.shape[0])
+    if isinstance(out.grads, dg.LaggedGrads) and not self.samples:
+      # Every kept row fell in a domain whose lagged weight is 0: no update.
+      skip = skip | (jnp.sum(head_state.coefficients) <= 0)
     metrics = dict(weights=head_state.applied_weights, counts=head_state.counts,
                    assignments=head_state.assignments, nonfinite=head_state.nonfinite,
                    coefficients=head_state.coefficients)

@@ -189,6 +189,8 @@ def make_train_step(graphdef, tx: Optimizer, cfg: TrainConfig, *, state_sharding
     updates, head = out.grads, opt.head
     if tx.head is not None:  # DoGraph reduces the batch axis
       updates, head = tx.head.update(updates, opt.head, params, **out.update_args)
+      if isinstance(out.grads, dg.LaggedGrads):  # its one pass ran inside the head
+        out = out._replace(losses=out.grads.result().losses)
     report = method.report(out, dograph_state(OptState(head, opt.tail)), batch)
     updates, tail = tx.tail.update(updates, opt.tail, params, skip=report.skip)
     # Parameters move only if the tail applied the update; DoGraph's own

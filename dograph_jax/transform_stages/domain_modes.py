@@ -125,6 +125,37 @@ def persistent_step(state: PersistentDomains, z_BxK: jax.Array, kept_B: jax.Arra
   return new, Partition(assign_B, counts_M, stats)
 
 
+def persistent_lagged_ratios(state: PersistentDomains, applied_M: jax.Array,
+                             count: jax.Array, z_bxK: jax.Array, kept_b: jax.Array,
+                             opts: DoGraphOptions) -> jax.Array:
+  """Coefficients of rows met before their batch updates the domains
+  (micro-batches in one pass, docs/method.md §7b, design (c)).
+
+  Each row joins its nearest centroid of ``state`` (the same centroids
+  :func:`persistent_step` assigns this batch to) and takes ``r_i =
+  min(w_{c(i)} / p_{c(i)}, max_ratio)`` with the *previous* step's applied
+  weights ``applied_M`` and frequencies ``state.frequencies``: the
+  unnormalised :func:`~.coefficients.frequency_coefficients`. Before the
+  first step there are no domains and every kept row takes ``r_i = 1``
+  (the plain mean).
+
+  Args:
+    state: the domains before this batch; applied_M: ``(M,)`` the previous
+      step's applied weights; count: ``()`` steps taken before this one;
+    z_bxK: ``(b, K)`` sketches of some of the batch's rows; kept_b: ``(b,)``
+      bool (others get 0); opts: options (``distance``, traced ``max_ratio``).
+
+  Returns:
+    ``(b,)`` float32 ratios.
+  """
+  assign_b, _ = assign(z_bxK, state.centroids, opts.distance)
+  freq = state.frequencies
+  ratio = jnp.where(freq > 0, applied_M / jnp.where(freq > 0, freq, 1.0), 0.0)
+  ratio = jnp.minimum(ratio, opts.max_ratio)
+  r_b = jnp.where(count > 0, ratio[assign_b], 1.0)
+  return jnp.where(kept_b, r_b, 0.0).astype(jnp.float32)
+
+
 def batch_init(opts: DoGraphOptions) -> BatchDomains:
   """No centroids yet, an empty buffer (if any)."""
   m, k, s = opts.num_domains, opts.sketch_dim, opts.buffer_size
