@@ -27,11 +27,13 @@
 #      --model paper-small --batch_size 48 --seq_len 512 on the synthetic corpus.
 #   3. bench_fused: 1 with --attention dot_product --remat block (cuDNN flash
 #      attention where it applies, blocks recomputed in the backward pass).
-#   4. bench_micro: 3 with --micro_batches 4; pretrain_scale: 2 (DoGraph) with
-#      --cache_dir, --attention dot_product, --remat block, --micro_batches 2.
+#   4. bench_micro: 3 with --micro_batches 4 (plain, factored: the exact
+#      two-pass step, factored_lagged: one pass, --update lagged);
+#      pretrain_scale: 2 (DoGraph) with --cache_dir, --attention dot_product,
+#      --remat block, --micro_batches 2, --update lagged.
 #   bench_tinyllama: issue 24's target, TinyLlama-1.1B at B 64 x T 2048 in
 #      bfloat16, --attention dot_product --remat block --micro_batches 16,
-#      plain and factored, timed; memory is the compiled figure (XLA:GPU's
+#      plain and factored_lagged, timed; memory is the compiled figure (XLA:GPU's
 #      buffer assignment, the target's measure), no peak subprocesses.
 #   5. bench_f32: the same as 1 in float32, MFU against the dense TF32 peak.
 # --parts runs only the named parts (comma-separated; environment always
@@ -178,15 +180,16 @@ part bench_fused "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --d
 # attention and rematerialised blocks; and a short run with every new option
 # of the trainer (the packed cache outside the data folder included).
 part bench_micro "$LIMIT_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" --dtype bfloat16 \
-  --attention dot_product --remat block --micro_batches 4 --json "$OUT_DIR/bench_micro.json"
+  --attention dot_product --remat block --micro_batches 4 \
+  --candidates plain,factored,factored_lagged --json "$OUT_DIR/bench_micro.json"
 part pretrain_scale "$LIMIT_TRAIN" "$PY" experiments/pretrain.py "${TRAIN[@]}" \
   --method dograph --data_dir "$DATA" --cache_dir "$OUT_DIR/cache" --attention dot_product \
-  --remat block --micro_batches 2 --eval_every 0 --save_every 0 --plots false \
+  --remat block --micro_batches 2 --update lagged --eval_every 0 --save_every 0 --plots false \
   --out_dir "$OUT_DIR/run_scale"
 
 # Issue 24's one-device target: TinyLlama-1.1B, B 64 x T 2048, bfloat16.
 part bench_tinyllama "$LIMIT_TINY" "$PY" benchmarks/bench_step.py "${TINY[@]}" --dtype bfloat16 \
-  --candidates plain,factored --attention dot_product --remat block \
+  --candidates plain,factored_lagged --attention dot_product --remat block \
   --json "$OUT_DIR/bench_tinyllama.json"
 
 # Dense TF32 peak of an H200 (half its dense bf16 989 TFLOP/s).

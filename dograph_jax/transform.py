@@ -40,7 +40,12 @@ Fast path: instead of per-sample gradients, ``updates`` may be a
 Kronecker sketches made with :func:`projection_key`, and a map from the
 coefficients ``a`` to ``sum_i a_i g_i``); the transform then skips its own
 sketch and asks that map for the update. Same clusters, weights and update as
-the reference path with ``sketch_kind="kronecker"``.
+the reference path with ``sketch_kind="kronecker"``. Or ``updates`` may be a
+:class:`~dograph_jax.factored.LaggedGrads` (micro-batches in one pass,
+persistent domains only): the transform hands it the coefficients of the
+state before this batch (:func:`~dograph_jax.transform_stages.domain_modes.persistent_lagged_ratios`),
+the engine sums the update slice by slice, and the domains and weights then
+move on with the whole batch's sketches as above (docs/method.md §7b (c)).
 
 Non-finite policy: a sample whose gradient (or loss, when given) has any
 non-finite entry, or whose sketch has an entry beyond

@@ -22,10 +22,13 @@ def test_gpu_check_cpu_smoke(tmp_path):
                    "bench_micro": 0, "pretrain_scale": 0, "bench_tinyllama": 0,
                    "bench_f32": 0}, parts
   assert json.loads((out / "attention.json").read_text())["ok"] is True
-  for tag in ("bf16", "micro", "tinyllama", "f32"):
+  expected = {"bf16": {"plain", "factored"}, "micro": {"plain", "factored", "factored_lagged"},
+              "tinyllama": {"plain", "factored_lagged"}, "f32": {"plain", "factored"}}
+  for tag, names in expected.items():
     result = json.loads((out / f"bench_{tag}.json").read_text())
-    assert set(result["candidates"]) == {"plain", "factored"}
-    assert result["candidates"]["factored"]["ratio_vs_plain"] > 0
+    assert set(result["candidates"]) == names
+    for name in names - {"plain"}:
+      assert result["candidates"][name]["ratio_vs_plain"] > 0
   summary = (out / "summary.md").read_text()
   assert "| factored |" in summary and "step time DoGraph / Uniform" in summary
   assert "steady step time DoGraph / Uniform" in summary
@@ -33,8 +36,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
   assert dograph["method"] == "dograph" and dograph["steps"] == 6
   # The run with every paper-scale option read them, and cached outside the data.
   scale = json.loads((out / "run_scale" / "config.json").read_text())
-  assert (scale["optim"]["micro_batches"], scale["model"]["remat"],
-          scale["model"]["attention"]) == (2, "block", "dot_product")
+  assert (scale["optim"]["micro_batches"], scale["model"]["remat"], scale["model"]["attention"],
+          scale["update"]) == (2, "block", "dot_product", "lagged")
   assert (out / "cache").is_dir() and "bench_step micro" in summary
 
 

@@ -35,7 +35,10 @@ batch's. A step whose weights need the whole batch first (an online mixer
 that reweights, DoGraph) takes two passes: the first collects what the
 weights are computed from (losses, sketches, per-domain sums), the second
 re-runs each slice's forward pass and backpropagates its rows' weights
-(docs/method.md, "Micro-batches").
+(docs/method.md, "Micro-batches"). DoGraph with ``--update lagged`` takes
+one pass instead, each slice weighted as it comes with the previous step's
+weights (:class:`~dograph_jax.LaggedGrads`: its losses are known once the
+optimizer head has run the pass).
 
 A new method is one class with these three methods plus one line in
 :data:`CLASSES` (a new online mixer needs only its line in
@@ -189,7 +192,9 @@ class DoGraphMethod:
   The failure policy (docs/method.md §4): the transform drops non-finite
   samples and counts them, so the loss is the mean over the kept ones (NaN
   only when none is left: the host then stops); a step that kept no sample,
-  or a second-backward step with a dropped sample, is skipped whole.
+  or a second-backward step with a dropped sample, or a lagged step
+  (``update="lagged"``) whose kept samples all have coefficient 0, is
+  skipped whole.
   """
 
   def __init__(self, graphdef, *, sketch: str, update: str, sketch_dim: int, seed: int,
