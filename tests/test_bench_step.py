@@ -37,3 +37,17 @@ def test_compile_only_one_device_and_fsdp_mesh(tmp_path):
   assert arg(mesh) < 0.5 * arg(one)
   # The model FLOPs count the LLaMA's parameters (no position table).
   assert one["model_flops_per_step"] > 0 and one["params"] == 158_016 - 2 * 64 * 512 + 2 * 64 * 256
+
+
+def test_step_program_hash_tells_programs_apart():
+  """benchmarks/step_program_hash.py: a fixed hash per program, a different
+  one for a different step (--update lagged)."""
+  def run(*extra):
+    proc = subprocess.run([sys.executable, "benchmarks/step_program_hash.py", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()[0]
+  default = run()
+  assert default == run() and len(default) == 16
+  assert run("--update", "lagged") != default
