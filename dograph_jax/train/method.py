@@ -68,7 +68,7 @@ PyTree = Any
 
 class MethodOutput(NamedTuple):
   """What a method computed from a batch."""
-  losses: jax.Array   # (B,) per-sequence mean token loss
+  losses: jax.Array   # (B,) per-sequence mean token loss (None from a LaggedGrads step until its head ran)
   grads: Any          # what the optimizer reduces: a gradient, (B, ...) per-sample gradients or FactoredGrads
   state: PyTree       # the method's new state
   update_args: dict   # extra arguments of the optimizer head's update (DoGraph's per-sample losses)
