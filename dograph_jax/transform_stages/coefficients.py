@@ -39,6 +39,14 @@ def sample_coefficients(weights: jax.Array, assignments: jax.Array,
   return a.astype(jnp.float32)
 
 
+def frequency_ratios(weights: jax.Array, frequencies: jax.Array, max_ratio=jnp.inf) -> jax.Array:
+  """``(M,)`` ``r_j = min(w_j / p_j, max_ratio)`` (0 where ``p_j = 0``): how far
+  each domain's weight departs from its running frequency."""
+  freq = jnp.asarray(frequencies, jnp.float32)
+  ratio = jnp.where(freq > 0, weights / jnp.where(freq > 0, freq, 1.0), 0.0)
+  return jnp.minimum(ratio, max_ratio)
+
+
 def frequency_coefficients(weights: jax.Array, frequencies: jax.Array,
                            assignments: jax.Array, sample_mask: jax.Array | None = None,
                            max_ratio=jnp.inf) -> jax.Array:
@@ -61,9 +69,7 @@ def frequency_coefficients(weights: jax.Array, frequencies: jax.Array,
     ``(B,)`` float32 coefficients summing to 1 (uniform over the kept samples
     if every ratio is 0; all 0 if no sample is kept).
   """
-  freq = jnp.asarray(frequencies, jnp.float32)
-  ratio = jnp.where(freq > 0, weights / jnp.where(freq > 0, freq, 1.0), 0.0)
-  ratio = jnp.minimum(ratio, max_ratio)
+  ratio = frequency_ratios(weights, frequencies, max_ratio)
   mask = (jnp.ones(assignments.shape, bool) if sample_mask is None
           else jnp.asarray(sample_mask, bool))
   r_B = jnp.where(mask, ratio[assignments], 0.0)

@@ -35,7 +35,7 @@ from dograph_jax.domains import (DomainStats, RunningSums, domain_stats, running
                                  update_running_sums, zero_running_sums)
 from dograph_jax.projection import unit_rows
 from dograph_jax.transform_stages.coefficients import (frequency_coefficients,
-                                                       sample_coefficients)
+                                                       frequency_ratios, sample_coefficients)
 from dograph_jax.transform_stages.options import DoGraphOptions
 from dograph_jax.transform_stages.weights import Weights, batch_weights, running_weights
 
@@ -149,9 +149,7 @@ def persistent_lagged_ratios(state: PersistentDomains, applied_M: jax.Array,
     ``(b,)`` float32 ratios.
   """
   assign_b, _ = assign(z_bxK, state.centroids, opts.distance)
-  freq = state.frequencies
-  ratio = jnp.where(freq > 0, applied_M / jnp.where(freq > 0, freq, 1.0), 0.0)
-  ratio = jnp.minimum(ratio, opts.max_ratio)
+  ratio = frequency_ratios(applied_M, state.frequencies, opts.max_ratio)
   r_b = jnp.where(count > 0, ratio[assign_b], 1.0)
   return jnp.where(kept_b, r_b, 0.0).astype(jnp.float32)
 
