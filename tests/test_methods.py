@@ -83,6 +83,24 @@ def _spy_factory(seen):
   return spy
 
 
+def test_settings_that_train_as_uniform_are_named_and_logged(corpus, tmp_path, caplog):
+  from dograph_jax.mixing.temperature import temperature_proportions
+  sizes = np.array([300.0, 100.0, 50.0])
+  # T = 1 without a cap is the natural mixture (the closed form n_d / sum n).
+  np.testing.assert_allclose(temperature_proportions(sizes, T=1.0), sizes / sizes.sum())
+  assert methods.inert_settings("temperature", {}, 1000)
+  assert not methods.inert_settings("temperature", {"T": "4"}, 1000)
+  assert not methods.inert_settings("temperature", {"max_epochs": "1.5"}, 1000)
+  assert methods.inert_settings("loss_based", {}, 1000)  # the 1000-step burn-in
+  assert not methods.inert_settings("loss_based", {}, 1001)
+  assert not methods.inert_settings("loss_based", {"burn_in": "100"}, 1000)
+  assert not methods.inert_settings("dograph", {}, 10) and not methods.inert_settings("uniform", {}, 1)
+  caplog.set_level("WARNING", logger="pretrain")
+  single_run.load_data(_cfg(corpus, tmp_path / "t", method="temperature"))
+  assert any("trains as uniform does" in r.getMessage() and "T=1" in r.getMessage()
+             for r in caplog.records)
+
+
 def test_online_step_matches_jax_grad_oracles(corpus, tmp_path, monkeypatch):
   seen = []
   monkeypatch.setattr(methods, "factory", lambda method: _spy_factory(seen))

@@ -191,6 +191,31 @@ def parse_method_args(method: str, args: Mapping[str, Any]) -> tuple[dict, dict]
   return static, traced
 
 
+def inert_settings(method: str, args: Mapping[str, Any], steps: int) -> list[str]:
+  """Why ``method`` with ``args`` trains exactly like Uniform for a
+  ``steps``-step run (empty if it does not, as far as checked here).
+
+  Two defaults are identities at small budgets: temperature sampling's
+  ``T = 1`` is the natural mixture (without an epoch cap), and loss-based
+  reweighting's 1000-step burn-in (the authors' setting for long runs)
+  covers a run of 1000 steps or fewer. Such a run is not an error, but a
+  table that calls it the method would be wrong, so the trainer logs it.
+  """
+  reasons = []
+  if method == "temperature":
+    _, traced = parse_method_args(method, args)
+    if traced["T"] == 1.0 and traced["max_epochs"] == 0.0:
+      reasons.append("--method temperature with T=1 and no epoch cap samples the natural "
+                     "mixture, as uniform does (set --method_args T=...)")
+  if method == "loss_based":
+    static, _ = parse_method_args(method, args)
+    burn_in = static.get("burn_in", inspect.signature(factory(method)).parameters["burn_in"].default)
+    if burn_in >= steps:
+      reasons.append(f"--method loss_based: burn_in={burn_in} >= --steps {steps}, so every "
+                     "step keeps the uniform weights (set --method_args burn_in=...)")
+  return reasons
+
+
 def build_mixer(method: str, num_domains: int, static: dict, traced: dict):
   """The method's ``OnlineMixer``; ``traced`` values may be jax scalars."""
   return factory(method)(num_domains, **static, **traced)

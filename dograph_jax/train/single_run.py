@@ -144,6 +144,8 @@ def load_data(cfg: TrainConfig) -> RunData:
       f"{n} ({r} rows, p={resolved[n]:.3f})" for n, r in zip(packed.names, packed.num_rows)))
   log.info("skipped records: train %s, validation %s", train_skips.as_dict(),
            val_skips.as_dict())
+  for reason in methods.inert_settings(cfg.method, cfg.method_args, cfg.optim.steps):
+    log.warning("this run trains as uniform does: %s", reason)
   # --eval_domains validation: the validation split's own domains (a run on
   # regrouped clusters is judged on the human domains, like every other run).
   own = cfg.data.eval_domains == "validation"
