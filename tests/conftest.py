@@ -12,6 +12,18 @@ alone).
 
 No persistent compilation cache either: ``DOGRAPH_TEST_COMPILE_CACHE=1``
 turns one on for local runs that repeat many identical train steps.
+
+Compiled at LLVM optimisation level 0 (``XLA_FLAGS=
+--xla_backend_optimization_level=0``): the suite compiles thousands of tiny
+programs and runs each a few times, so XLA:CPU's code generation is most of
+its time; level 0 cuts a third of it. The HLO passes (fusion, buffer
+assignment: what the memory and FLOPs tests read) are XLA's usual ones; the
+floats may differ from a default compile in the last bits, so every test
+compares two computations of this process or uses a stated tolerance —
+except the bit-for-bit pin of ``test_golden_methods.py``, which runs its
+training in a child process with the default compile. An ``XLA_FLAGS``
+that already names an optimisation level is left alone;
+``DOGRAPH_TEST_DEFAULT_OPT=1`` keeps the default compile.
 """
 
 import gc
@@ -19,6 +31,10 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+OPT_FLAG = "--xla_backend_optimization_level"
+if (os.environ.get("DOGRAPH_TEST_DEFAULT_OPT") != "1"
+    and OPT_FLAG not in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_FLAG}=0".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
