@@ -237,13 +237,18 @@ def degenerate_stats(draw):
                         jnp.asarray(means.mean(0)), jnp.asarray(var.mean()))
 
 
+_solve_jit = jax.jit(dg.solve_weights, static_argnames=("objective", "num_steps", "backend"))
+
+
 @settings(max_examples=200, deadline=None)
 @given(stats=degenerate_stats(), objective=st.sampled_from(dg.OBJECTIVES),
        lambda_graph=st.sampled_from([0.0, 0.5]),
        temperature=st.sampled_from([1e-3, 1.0]))
 def test_weights_always_on_simplex(stats, objective, lambda_graph, temperature):
-  w = np.asarray(dg.solve_weights(stats, objective, lambda_graph=lambda_graph,
-                                  temperature=temperature, num_steps=50))
+  # Jitted, as the transform calls it: one executable per (objective, shape),
+  # reused across examples (eagerly, every call recompiled its loops).
+  w = np.asarray(_solve_jit(stats, objective, lambda_graph=lambda_graph,
+                            temperature=temperature, num_steps=50))
   assert np.all(np.isfinite(w)), w
   assert np.all(w >= 0)
   np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
