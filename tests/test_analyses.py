@@ -325,3 +325,17 @@ def test_dynamics_gap_weights_and_skips(tmp_path, capsys):
   assert "| 200 | 11.00 ± 1.00 | 10.50 ± 0.50 | — | -0.50 ± 0.50 (1/2) |" in text
   assert "| ESS/B | " in text and "| sampling_ratio max/min | 4.000 ± 0.000 | — |" in text
   assert (out / "gap.png").stat().st_size > 0
+
+
+def test_probe_reads_validation_only_domains_after_the_training_ones():
+  """--eval_domains validation: a source only the validation split has (the
+  true source hidden under a coarse training label) is probed too, with
+  the next id; a training domain without validation rows keeps its id."""
+  from types import SimpleNamespace
+  rows = lambda v, n: [{"tokens": np.full((n, 3), v), "mask": np.ones(n, bool)}]
+  data = SimpleNamespace(names=["a", "b", "c"],
+                         eval_batches={"a": rows(1, 4), "c": rows(3, 2), "hidden": rows(9, 5)})
+  tokens, labels, names = analyses._read_probe(data, rows_per_domain=3)
+  assert names == ["a", "b", "c", "hidden"]
+  np.testing.assert_array_equal(labels, [0, 0, 0, 2, 2, 3, 3, 3])
+  np.testing.assert_array_equal(tokens[:, 0], [1, 1, 1, 3, 3, 9, 9, 9])

@@ -15,7 +15,9 @@ number plotted) into ``--out``:
 ``domains``     (paper Fig. 1 and 3) how DoGraph's clusters relate to the human
     domains as training goes on, for DoGraph and for Uniform training. A
     fixed probe set (the first ``--probe_rows`` validation rows of every human
-    domain) is sketched with the run's own sketch (``factored_grads``, the
+    domain; with a run's ``--eval_domains validation``, every source of the
+    validation split, so a coarse-label corpus is probed by its true
+    sources) is sketched with the run's own sketch (``factored_grads``, the
     run's projection key and ``sketch_dim``) under the parameters of every
     saved checkpoint (step 0 is the initialisation, rebuilt from the run's
     seed), then clustered *on the side* by K-means (``m`` = the run's
@@ -348,15 +350,19 @@ def probe_set(cfg, rows_per_domain: int):
 
 
 def _read_probe(data, rows_per_domain: int):
+  # The training domains, then any domain only the validation split has
+  # (--eval_domains validation: the true sources of a coarse-label corpus),
+  # so clusters are compared with the sources the run is judged on.
+  names = list(data.names) + [n for n in data.eval_batches if n not in data.names]
   tokens, labels = [], []
-  for d, name in enumerate(data.names):
+  for d, name in enumerate(names):
     rows = [b["tokens"][np.asarray(b["mask"])] for b in data.eval_batches.get(name, [])]
     if not rows:
       continue
     rows = np.concatenate(rows)[:rows_per_domain]
     tokens.append(rows)
     labels.append(np.full(len(rows), d, np.int32))
-  return np.concatenate(tokens).astype(np.int32), np.concatenate(labels), data.names
+  return np.concatenate(tokens).astype(np.int32), np.concatenate(labels), names
 
 
 def make_sketcher(graphdef, cfg):
