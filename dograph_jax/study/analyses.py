@@ -342,8 +342,9 @@ def probe_set(cfg, rows_per_domain: int):
   ``rows_per_domain`` validation rows of every human domain (fewer where the
   split has fewer), tokenized and packed as the run's trainer did."""
   from dograph_jax.train.single_run import load_data
-  key = (cfg.data.data_dir, cfg.data.domain_field, cfg.data.tokenizer, cfg.data.vocab_size, cfg.optim.seq_len,
-         cfg.optim.batch_size, cfg.run.eval_rows, rows_per_domain)
+  key = (cfg.data.data_dir, cfg.data.domain_field, cfg.data.eval_domains, cfg.data.tokenizer,
+         cfg.data.vocab_size, cfg.optim.seq_len, cfg.optim.batch_size, cfg.run.eval_rows,
+         rows_per_domain)
   if key not in _PROBES:
     _PROBES[key] = _read_probe(load_data(cfg), rows_per_domain)
   return _PROBES[key]
