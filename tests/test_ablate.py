@@ -37,6 +37,17 @@ def test_study_end_to_end_and_rerun_reuses_runs(tmp_path, monkeypatch):
   # A rerun reads every finished run back instead of training it again.
   monkeypatch.setattr(pretrain, "train", lambda cfg: pytest.fail("retrained " + cfg.run.out_dir))
   assert ablate.main(argv) == 0
+  # --report_only tabulates what finished and names what did not, training nothing.
+  report = tmp_path / "report"
+  assert ablate.main([*argv, "--config", "stratified:method=stratified", "--report_only",
+                      "--results_dir", str(report)]) == 0
+  assert not (tmp_path / "runs" / "tiny" / "stratified").exists()
+  reported = (report / "table.md").read_text()
+  assert "Not run yet (2, left out of the means): stratified/seed0, stratified/seed1" in reported
+  assert "| stratified | 0 |" in reported
+  assert f"| dograph | {np.mean(diffs):+.3f} ± {np.std(diffs):.3f} |" in reported
+  assert json.loads((report / "study.json").read_text())["corpora"]["tiny"]["pending"] == [
+      "stratified/seed0", "stratified/seed1"]
 
 
 def test_bad_config_fails_before_any_run():

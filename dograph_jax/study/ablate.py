@@ -22,6 +22,12 @@ means, and wall-clock vs Uniform, then the seed-paired differences to
 configuration with error bars, one panel per corpus). The natural-mixture
 perplexity is recomputed from each run's ``val_loss`` and ``token_shares``;
 runs written before ``token_shares`` existed show "n/a" for it.
+
+``--report_only`` trains nothing: it writes the same files from the runs that
+have finished, and lists the (configuration, seed) runs that have not under
+each corpus's table ("not run yet"), so a long study running in the
+background (or on another host writing to the same ``--out_dir``) can be
+tabulated at any time without starting its missing runs.
 """
 
 from __future__ import annotations
@@ -151,15 +157,24 @@ def parse_configs(specs: Sequence[str]) -> dict[str, str]:
   return out
 
 
+def _run_config(base: TrainConfig, overrides: str, seed: int, directory: Path) -> TrainConfig:
+  return config.replace(base, **parse_overrides(overrides), seed=seed,
+                        out_dir=str(directory), resume=True, halt_after=0)
+
+
+def finished_run(base: TrainConfig, overrides: str, seed: int, directory: Path) -> dict | None:
+  """The summary of one run if it has finished (same settings and corpus, or
+  ``ValueError``), else ``None``."""
+  return single_run.finished_summary(directory, _run_config(base, overrides, seed, directory))
+
+
 def run_one(base: TrainConfig, overrides: str, seed: int, directory: Path) -> dict:
   """The summary of one run; trains (or resumes) it unless it finished."""
-  cfg = config.replace(base, **parse_overrides(overrides), seed=seed,
-                            out_dir=str(directory), resume=True, halt_after=0)
-  summary = single_run.finished_summary(directory, cfg)  # same settings and corpus, or refused
+  summary = finished_run(base, overrides, seed, directory)
   if summary is not None:
     return summary
   log.info("training %s", directory)
-  return pretrain.train(cfg)
+  return pretrain.train(_run_config(base, overrides, seed, directory))
 
 
 def corpus_label(data_dir: str) -> str:
@@ -167,26 +182,33 @@ def corpus_label(data_dir: str) -> str:
 
 
 def study(base: TrainConfig, configs: dict[str, str], data_dirs: Sequence[str],
-          seeds: Sequence[int], out_dir: Path) -> dict:
-  """Runs what is not finished; returns ``{corpus: {"aggregate", "runs"}}`` and failures."""
+          seeds: Sequence[int], out_dir: Path, train: bool = True) -> dict:
+  """Runs what is not finished (nothing when ``train`` is false); returns
+  ``{corpus: {"aggregate", "runs", "failures", "pending"}}`` and failures.
+  ``pending``: the ``"label/seedK"`` runs that have not finished (only
+  without ``train``: otherwise every run has finished or failed)."""
   results, failures = {}, {}
   for data_dir in data_dirs:
     corpus = corpus_label(data_dir)
     summaries = {label: [] for label in configs}
     lost = {}  # "label/seedK" -> traceback, for the table
+    pending = []
     for label, overrides in configs.items():
       for seed in seeds:
         directory = out_dir / corpus / label / f"seed{seed}"
+        run = run_one if train else finished_run
         try:
-          summary = run_one(config.replace(base, data_dir=data_dir), overrides, seed,
-                            directory)
+          summary = run(config.replace(base, data_dir=data_dir), overrides, seed, directory)
         except Exception:  # one crashed run must not lose the others
           log.error("%s failed:\n%s", directory, traceback.format_exc())
           failures[str(directory)] = lost[f"{label}/seed{seed}"] = traceback.format_exc()
           continue
+        if summary is None:
+          pending.append(f"{label}/seed{seed}")
+          continue
         summaries[label].append({**summary, "seed": seed})
     results[corpus] = {"aggregate": compare.aggregate(summaries), "runs": summaries,
-                       "failures": lost}
+                       "failures": lost, "pending": pending}
   return {"corpora": results, "failures": failures}
 
 
@@ -204,6 +226,9 @@ def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequ
   for corpus, r in result["corpora"].items():
     lines += ["", compare.table(r["aggregate"], f"### {corpus}", r.get("failures"),
                                 list(configs))]
+    if r.get("pending"):
+      lines += [f"Not run yet ({len(r['pending'])}, left out of the means): "
+                + ", ".join(r["pending"]), ""]
     paired = paired_differences(r["runs"])
     if paired:
       lines += ["Paired by seed against `uniform` (same initialisation and data order): "
@@ -321,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--data_dirs", default="data/local,data/synthetic")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--results_dir", default="")
+  parser.add_argument("--report_only", action="store_true",
+                      help="train nothing: tabulate the finished runs, list the others")
   own, rest = parser.parse_known_args(argv)
   configs = parse_configs(own.config) if own.config else dict(STUDIES[own.name])
   if own.only:
@@ -330,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              save_every=0, plots=False),
                       description=__doc__.splitlines()[0], own_parser=parser)
   data_dirs = own.data_dirs.split(",")
-  result = study(base, configs, data_dirs, seeds, Path(base.run.out_dir))
+  result = study(base, configs, data_dirs, seeds, Path(base.run.out_dir),
+                 train=not own.report_only)
   results_dir = Path(own.results_dir or f"experiments/results/{own.name}")
   results_dir.mkdir(parents=True, exist_ok=True)
   command = "python experiments/ablate.py " + " ".join(shlex.quote(a) for a in argv)

@@ -5,6 +5,8 @@
 # Rerunning continues where it stopped (finished runs are read back, an
 # unfinished one resumes from its last checkpoint). LABELS (comma-separated)
 # restricts the main table to some rows (default: all of STUDIES["mixing_1000"]).
+# REPORT_ONLY=1 trains nothing: the tables and plots from the runs finished so
+# far, the missing runs listed under each table (ablate.py --report_only).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -19,6 +21,7 @@ cd "$(dirname "$0")/../../.."
 BASE=(--seeds 0,1,2 --batch_size 32 --seq_len 64 --steps 1000 --warmup_steps 100
       --eval_every 100 --eval_domains validation --save_every 250 --no_plots
       --out_dir runs/mixing_1000)
+[ "${REPORT_ONLY:-0}" = 1 ] && BASE+=(--report_only)
 ALL=data/local,data/synthetic,data/local_licenses_in_python,data/synthetic_dna_in_prose
 COARSE=data/local_licenses_in_python,data/synthetic_dna_in_prose
 
@@ -33,6 +36,7 @@ python experiments/ablate.py --name mixing_1000_levers --data_dirs "$ALL" "${BAS
 # 3. The reference DoGraph cannot read: stratified over the true sources.
 python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE" "${BASE[@]}" \
     --results_dir experiments/results/mixing_1000_true_labels
+[ "${REPORT_ONLY:-0}" = 1 ] && exit 0
 # 4. Where the gap to Uniform opens and closes, what DoGraph's weights do.
 python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform uniform \
     --dograph dograph,dograph_sample --at 400,1000 --window 100 \
