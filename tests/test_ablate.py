@@ -23,6 +23,9 @@ def test_study_end_to_end_and_rerun_reuses_runs(tmp_path, monkeypatch):
   assert ablate.main(argv) == 0
   study = json.loads((results / "study.json").read_text())
   assert (results / "table.md").exists() and (results / "study.png").exists()
+  # two rows (the perplexities; the paired trade-off against uniform), one corpus
+  import matplotlib.pyplot as plt
+  assert plt.imread(results / "study.png").shape[:2] == (2 * 540, 780)
   runs = study["corpora"]["tiny"]["runs"]
   assert {k: len(v) for k, v in runs.items()} == {"uniform": 2, "dograph": 2}
 

@@ -19,7 +19,9 @@ and natural-mixture validation perplexity, mean ± std over seeds, per-domain
 means, and wall-clock vs Uniform, then the seed-paired differences to
 ``uniform``), ``study.json`` (every run's summary and the aggregates) and
 ``study.png`` (average, worst-domain and natural-mixture perplexity of every
-configuration with error bars, one panel per corpus). The natural-mixture
+configuration with error bars, one panel per corpus; below, where the study
+has ``uniform``, each configuration's paired difference to it, average
+against natural mixture). The natural-mixture
 perplexity is recomputed from each run's ``val_loss`` and ``token_shares``;
 runs written before ``token_shares`` existed show "n/a" for it.
 
@@ -299,13 +301,23 @@ _PLOT_NAMES = {"average": "average", "natural": "natural-mixture", "worst": "wor
 
 
 def write_plot(result: dict, path: Path) -> Path:
+  """One column per corpus. Top: average, natural-mixture and worst-domain
+  perplexity of every configuration (mean ± std over seeds). Bottom, where
+  the study has ``uniform``: each configuration's seed-paired difference to
+  it, average against natural-mixture (the trade-off: a method that balances
+  the labels by giving up the corpus as a whole lands top left)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
 
   corpora = result["corpora"]
-  fig, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 4.5), squeeze=False)
+  paired = {corpus: paired_differences(r["runs"]) for corpus, r in corpora.items()}
+  paired = {c: {l: d for l, d in p.items() if d["natural_mean"] is not None}
+            for c, p in paired.items()}
+  rows = 2 if any(paired.values()) else 1
+  fig, axes = plt.subplots(rows, len(corpora), figsize=(6.5 * len(corpora), 4.5 * rows),
+                           squeeze=False)
   for ax, (corpus, r) in zip(axes[0], corpora.items()):
     agg = r["aggregate"]
     labels = list(agg)
@@ -326,6 +338,19 @@ def write_plot(result: dict, path: Path) -> Path:
     ax.invert_yaxis()
     ax.set(xlabel="validation perplexity (mean ± std over seeds)", title=corpus)
     ax.legend(fontsize=8)
+  if rows == 2:
+    for ax, corpus in zip(axes[1], corpora):
+      diffs = paired[corpus]
+      ax.axhline(0, color="k", lw=0.8)
+      ax.axvline(0, color="k", lw=0.8)
+      for j, (label, d) in enumerate(diffs.items()):
+        ax.errorbar(d["average_mean"], d["natural_mean"], xerr=d["average_std"],
+                    yerr=d["natural_std"], fmt="o", color=f"C{j % 10}", capsize=3)
+        ax.annotate(label, (d["average_mean"], d["natural_mean"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+      ax.set(xlabel="Δ average val PPL vs uniform (paired by seed)",
+             ylabel="Δ natural-mixture val PPL vs uniform",
+             title=f"{corpus}: better on both = bottom left")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
