@@ -67,7 +67,18 @@ def _wandb_records(path: Path) -> list:
 
 def _wandb_history_and_config(path: Path) -> tuple[list[dict], dict]:
   """The history rows (W&B's own ``_...`` keys left out) and the config of
-  an offline run's ``.wandb`` file."""
+  an offline run's ``.wandb`` file.
+
+  Read once the file holds the run's ``exit`` record (its last): wandb-core
+  writes the file from its own process, and ``run.finish()`` returned before
+  the records reached it in about one CI run in three (the file was then its
+  7-byte header alone, and filled moments later). A file that never gets it
+  fails here after a minute."""
+  import time
+  deadline = time.monotonic() + 60
+  while not any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(path)):
+    assert time.monotonic() < deadline, f"{path}: no exit record after 60 s"
+    time.sleep(0.1)
   rows, config = [], {}
   for record in _wandb_records(path):
     kind = record.WhichOneof("record_type")
@@ -223,7 +234,11 @@ def test_wandb_offline_run_holds_config_and_history_and_resumes(tmp_path, offlin
   assert not offline_wandb.joinpath("wandb_dir").exists()
 
   # A resume continues the same W&B run (a second offline directory with
-  # the same id; `wandb sync` uploads both into one run).
+  # the same id; `wandb sync` uploads both into one run). The directory is
+  # named by its start time to the second: a resume in the second the first
+  # run started (which no real run is short enough for) would reuse it.
+  import time
+  time.sleep(1.1)
   tracker = Tracker(run_dir, resume_step=1, sinks=("jsonl", "wandb"), config={"lr": 0.2},
                     enabled=True)
   assert tracker.sinks[1].run_id == run_id
