@@ -190,6 +190,7 @@ def study(base: TrainConfig, configs: dict[str, str], data_dirs: Sequence[str],
   ``pending``: the ``"label/seedK"`` runs that have not finished (only
   without ``train``: otherwise every run has finished or failed)."""
   results, failures = {}, {}
+  run = run_one if train else finished_run
   for data_dir in data_dirs:
     corpus = corpus_label(data_dir)
     summaries = {label: [] for label in configs}
@@ -198,7 +199,6 @@ def study(base: TrainConfig, configs: dict[str, str], data_dirs: Sequence[str],
     for label, overrides in configs.items():
       for seed in seeds:
         directory = out_dir / corpus / label / f"seed{seed}"
-        run = run_one if train else finished_run
         try:
           summary = run(config.replace(base, data_dir=data_dir), overrides, seed, directory)
         except Exception:  # one crashed run must not lose the others
