@@ -67,6 +67,10 @@ def _natural(loss):
   return math.exp(sum(w[n] * v for n, v in loss.items()))
 
 
+def _avg(loss):
+  return math.exp(sum(loss.values()) / len(loss))
+
+
 def _runs():
   """uniform and a method with token_shares; an old method without them."""
   return {
@@ -125,7 +129,14 @@ def test_ablate_paired_report_and_plot(tmp_path):
              "old": "method=dograph"}
   from dograph_jax.train import config
   text = ablate.report(result, configs, config.make_config(), [0, 1], "cmd")
-  assert "| configuration | Δ avg PPL | Δ worst PPL | Δ natural PPL | seeds better on avg |" in text
+  assert ("| configuration | Δ avg PPL | Δ worst PPL | Δ natural PPL | seeds better on avg "
+          "| Δ avg per seed |") in text
+  seeds = sorted(s["seed"] for s in runs["balance"])
+  d_avg = {s: _avg(b["val_loss"]) - _avg(u["val_loss"])
+           for s, b, u in zip(seeds, runs["balance"], runs["uniform"])}
+  assert paired["balance"]["average_by_seed"] == pytest.approx(d_avg, rel=1e-9)
+  balance_row = [l for l in text.splitlines() if l.startswith("| balance |")][-1]
+  assert balance_row.endswith(" | " + ", ".join(f"{s}: {v:+.2f}" for s, v in d_avg.items()) + " |")
   assert f"| {np.mean(d):+.3f} ± {np.std(d):.3f} |" in text.split("| balance |")[-1]
   old_row = [l for l in text.splitlines() if l.startswith("| old |")][-1]  # the paired table's
   assert old_row.split(" | ")[3] == "n/a"

@@ -235,14 +235,16 @@ def report(result: dict, configs: dict[str, str], base: TrainConfig, seeds: Sequ
     if paired:
       lines += ["Paired by seed against `uniform` (same initialisation and data order): "
                 "mean ± std over seeds of the difference in average / worst-domain / "
-                "natural-mixture PPL (negative = better than Uniform), and the seeds on "
-                "which the configuration's average PPL is lower.", "",
+                "natural-mixture PPL (negative = better than Uniform), the seeds on "
+                "which the configuration's average PPL is lower, and each seed's "
+                "difference in average PPL.", "",
                 "| configuration | Δ avg PPL | Δ worst PPL | Δ natural PPL | "
-                "seeds better on avg |",
-                "|---|---|---|---|---|"]
+                "seeds better on avg | Δ avg per seed |",
+                "|---|---|---|---|---|---|"]
       lines += [f"| {label} | {d['average_mean']:+.3f} ± {d['average_std']:.3f} | "
                 f"{d['worst_mean']:+.3f} ± {d['worst_std']:.3f} | {_natural_delta(d)} | "
-                f"{d['better']}/{d['seeds']} |"
+                f"{d['better']}/{d['seeds']} | "
+                + ", ".join(f"{s}: {v:+.2f}" for s, v in d["average_by_seed"].items()) + " |"
                 for label, d in paired.items()]
   failed = result["failures"]
   if failed:
@@ -266,7 +268,9 @@ def paired_differences(runs: dict[str, list[dict]], baseline: str = "uniform") -
 
   The natural-mixture difference is over the seeds where both runs have
   ``token_shares`` (``natural_seeds`` of them; ``natural_mean`` and
-  ``natural_std`` are ``None`` where there are none)."""
+  ``natural_std`` are ``None`` where there are none). ``average_by_seed``:
+  ``{seed: difference in average PPL}``, so that one seed's swing is visible
+  behind a mean (a std over three seeds hides which seed it was)."""
   import numpy as np
 
   from dograph_jax.train import reporting
@@ -291,6 +295,7 @@ def paired_differences(runs: dict[str, list[dict]], baseline: str = "uniform") -
     out[label] = {"seeds": len(seeds), "better": int(np.sum(avg < 0)),
                   "average_mean": float(avg.mean()), "average_std": float(avg.std()),
                   "worst_mean": float(worst.mean()), "worst_std": float(worst.std()),
+                  "average_by_seed": {s: float(a) for s, a in zip(seeds, avg)},
                   "natural_seeds": len(natural),
                   "natural_mean": float(natural.mean()) if len(natural) else None,
                   "natural_std": float(natural.std()) if len(natural) else None}
