@@ -28,16 +28,30 @@ COARSE=data/local_licenses_in_python,data/synthetic_dna_in_prose
 # 1. Every method at its defaults (the main table).
 python experiments/ablate.py --name mixing_1000 --data_dirs "$ALL" "${BASE[@]}" \
     ${1:+--only "$1"} --results_dir experiments/results/mixing_1000
-# 2. The levers of issue 22 item 8: larger departures, with and without the sampler.
+# 2. The levers of issue 22 item 8: larger departures, with and without the
+#    sampler; DoGraph's in-batch weights on top of another mixture (stratified).
 python experiments/ablate.py --name mixing_1000_levers --data_dirs "$ALL" "${BASE[@]}" \
     --results_dir experiments/results/mixing_1000_levers \
     --config dograph_anchor1:method=dograph,anchor=1.0 \
-    --config dograph_sample_anchor1:method=dograph,apply_weights=sample,anchor=1.0
+    --config dograph_sample_anchor1:method=dograph,apply_weights=sample,anchor=1.0 \
+    --config dograph_stratified:method=dograph,sampling=uniform
 # 3. The reference DoGraph cannot read: stratified over the true sources.
 python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE" "${BASE[@]}" \
     --results_dir experiments/results/mixing_1000_true_labels
+# 4. Five seeds for the five best methods on local's average, Uniform and
+#    DoGraph; and for DoGraph on stratified (step 2), paired with stratified.
+TOP=uniform,dograph,ado,stratified,mixing_law,odm,rnb
+python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@]}" \
+    --seeds 0,1,2,3,4 --only "$TOP" --results_dir experiments/results/mixing_1000_5seeds
+python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local "${BASE[@]}" \
+    --seeds 0,1,2,3,4 --results_dir experiments/results/mixing_1000_levers_5seeds \
+    --config stratified:method=stratified --config dograph_stratified:method=dograph,sampling=uniform
+# 5. The same rows at batch 48 x 128 tokens (6,144 tokens a step, 3x the table's).
+python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@]}" \
+    --batch_size 48 --seq_len 128 --out_dir runs/mixing_1000_b48 --only "$TOP" \
+    --results_dir experiments/results/mixing_1000_b48
 [ "${REPORT_ONLY:-0}" = 1 ] && exit 0
-# 4. Where the gap to Uniform opens and closes, what DoGraph's weights do.
+# 6. Where the gap to Uniform opens and closes, what DoGraph's weights do.
 python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform uniform \
     --dograph dograph,dograph_sample --at 400,1000 --window 100 \
     --out experiments/results/analysis_dynamics
