@@ -39,12 +39,14 @@ python experiments/ablate.py --name mixing_1000_levers --data_dirs "$ALL" "${BAS
 python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE" "${BASE[@]}" \
     --results_dir experiments/results/mixing_1000_true_labels
 # 4. Five seeds for the five best methods on local's average, Uniform and
-#    DoGraph; and for DoGraph on stratified (step 2), paired with stratified.
+#    DoGraph; and DoGraph on stratified (step 2) beside its references on
+#    local and its coarse-label version.
 TOP=uniform,dograph,ado,stratified,mixing_law,odm,rnb
 python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@]}" \
     --seeds 0,1,2,3,4 --only "$TOP" --results_dir experiments/results/mixing_1000_5seeds
-python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local "${BASE[@]}" \
-    --seeds 0,1,2,3,4 --results_dir experiments/results/mixing_1000_levers_5seeds \
+python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,data/local_licenses_in_python \
+    "${BASE[@]}" --seeds 0,1,2,3,4 --results_dir experiments/results/mixing_1000_levers_5seeds \
+    --config uniform:method=uniform --config dograph:method=dograph \
     --config stratified:method=stratified --config dograph_stratified:method=dograph,sampling=uniform
 # 5. The same rows at batch 48 x 128 tokens (6,144 tokens a step, 3x the table's).
 python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@]}" \
