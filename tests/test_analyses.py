@@ -216,10 +216,12 @@ def test_steady_speed_uses_the_last_session_of_a_resumed_run():
 # ---------------------------------------------------------------------------
 # dynamics: fake run directories with hand-written logs (no training).
 
-def _fake_run(runs, corpus, label, seed, records, apply_weights="paper", finished=True):
+def _fake_run(runs, corpus, label, seed, records, apply_weights="paper", finished=True,
+              offline=False):
   run = runs / corpus / label / f"seed{seed}"
-  run.mkdir(parents=True)
-  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  log_dir = run / "stages" / "final" if offline else run  # an offline pipeline logs per stage
+  log_dir.mkdir(parents=True)
+  (log_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   (run / "config.json").write_text(json.dumps({
       "method": "uniform" if label == "uniform" else "dograph", "apply_weights": apply_weights,
       "dograph": {"max_ratio": 1.5, "num_domains": 3}, "optim": {"batch_size": 8}}))
@@ -325,6 +327,20 @@ def test_dynamics_gap_weights_and_skips(tmp_path, capsys):
   assert "| 200 | 11.00 ± 1.00 | 10.50 ± 0.50 | — | -0.50 ± 0.50 (1/2) |" in text
   assert "| ESS/B | " in text and "| sampling_ratio max/min | 4.000 ± 0.000 | — |" in text
   assert (out / "gap.png").stat().st_size > 0
+
+
+def test_dynamics_against_an_offline_methods_final_stage(tmp_path):
+  # DoGraph on stratified batches against stratified itself, whose curve is its
+  # final stage's log (an offline pipeline writes none at its top).
+  runs = tmp_path / "runs"
+  _fake_run(runs, "c", "stratified", 0, [_val(100, 20.0), _val(200, 10.0)], offline=True)
+  _fake_run(runs, "c", "dograph_stratified", 0, [_val(100, 18.0), _val(200, 9.0)])
+  out = tmp_path / "out"
+  assert analyses.main(["dynamics", "--runs", str(runs), "--uniform", "stratified",
+                        "--dograph", "dograph_stratified", "--at", "100", "--out", str(out)]) == 0
+  c = json.loads((out / "analysis.json").read_text())["corpora"]["c"]
+  np.testing.assert_allclose(c["curves"]["stratified"]["mean"], [20.0, 10.0])
+  np.testing.assert_allclose(c["paired"]["dograph_stratified"]["diff_mean"], [-2.0, -1.0])
 
 
 def test_probe_reads_validation_only_domains_after_the_training_ones():

@@ -141,8 +141,14 @@ def find_runs(runs_dir: str | Path) -> dict[str, dict[str, dict[int, Path]]]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+  """The run's ``metrics.jsonl`` records; for an offline method's pipeline
+  (``dograph_jax/train/offline.py``: stratified, temperature, DoReMi, ...),
+  which keeps no log of its own, those of its final stage: the training run
+  at the chosen mixture, whose curve is the method's."""
   from dograph_jax.train.tracking import read_records
-  return read_records(run_dir / "metrics.jsonl")
+  path = run_dir / "metrics.jsonl"
+  final = run_dir / "stages" / "final" / "metrics.jsonl"
+  return read_records(final if not path.exists() and final.exists() else path)
 
 
 def _mean_std(values) -> tuple[float, float]:
