@@ -57,3 +57,7 @@ python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@
 python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform uniform \
     --dograph dograph,dograph_sample --at 400,1000 --window 100 \
     --out experiments/results/analysis_dynamics
+#    The same for DoGraph on stratified batches against stratified (lever, step 2).
+python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform stratified \
+    --dograph dograph_stratified --at 100,400,1000 --window 100 \
+    --out experiments/results/analysis_dynamics_stratified
