@@ -115,6 +115,22 @@ def test_domains_against_sklearn(study):
                                   data["dograph"][seed]["snapshots"]["0"]["sketches"])
     own = data["dograph"][seed]
     assert own["ari_own"][0] is None and all(x is not None for x in own["ari_own"][1:])
+    # Up-weighting by source, recomputed in numpy from the checkpoint: each
+    # probe row's nearest persistent centroid (Euclidean), r = min(w / p, 4)
+    # of the last update's weights, averaged over the source's rows.
+    assert own["ratio_own"][0] is None
+    for k, step in enumerate(own["steps"][1:], start=1):
+      state, _, _ = single_run.load_run_state(_run(study, "dograph", seed), step)
+      inner = state.opt_state.head.inner_state
+      z = np.asarray(own["snapshots"][str(step)]["sketches"], np.float64)
+      labels = np.asarray(own["snapshots"][str(step)]["labels"])
+      centroids = np.asarray(inner.centroids, np.float64)
+      nearest = ((z[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+      w, p = np.asarray(inner.applied_weights, np.float64), np.asarray(inner.frequencies, np.float64)
+      r = np.where(p > 0, np.minimum(w / np.where(p > 0, p, 1), 4.0), 0.0)
+      expected = [r[nearest[labels == d]].mean() for d in range(len(own["names"]))]
+      np.testing.assert_allclose(own["ratio_own"][k], expected, rtol=1e-5)
+      assert not np.allclose(expected, 1.0)  # the weights departed: the check can fail
     # The online curve is the trainer's own log; its ARI agrees with
     # scikit-learn's on the logged contingency tables.
     records = [r for r in analyses.read_metrics(_run(study, "dograph", seed)) if "ari" in r]

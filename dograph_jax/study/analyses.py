@@ -25,7 +25,10 @@ number plotted) into ``--out``:
     the update of the run is untouched, so Uniform gets clusters too. For
     DoGraph also: the probe rows assigned to DoGraph's own persistent
     centroids in the checkpoint, and the ARI / NMI that the trainer logged on
-    its training batches (``metrics.jsonl``). Plots: ARI and NMI against the
+    its training batches (``metrics.jsonl``); and per source how much heavier
+    than in the plain batch mean DoGraph counts its rows at each checkpoint
+    (the mean over the source's probe rows of ``r = min(w / p, max_ratio)``
+    of the domain each falls in; table "up-weighting by source"). Plots: ARI and NMI against the
     step (mean ± std over seeds); a 2-D PCA of the unit-normalised probe
     sketches coloured by human domain, and the contingency matrices (share of
     each human domain's rows per side cluster), at initialisation, mid-run
@@ -413,6 +416,17 @@ def _unit(z: np.ndarray) -> np.ndarray:
   return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-30)
 
 
+def source_ratios(ratios_M: np.ndarray, assigned_N: np.ndarray, labels_N: np.ndarray,
+                  num_sources: int) -> list[float | None]:
+  """Per human domain (source) ``d``: the mean of ``r_{c(i)}`` over its probe
+  rows ``i``, where ``c(i)`` is the row's DoGraph domain and ``ratios_M`` the
+  frequency-relative ratios ``r`` — how much heavier than in the plain batch
+  mean DoGraph would count that source's rows (1: untouched). None for a
+  source with no probe rows."""
+  return [float(ratios_M[assigned_N[labels_N == d]].mean()) if (labels_N == d).any() else None
+          for d in range(num_sources)]
+
+
 def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
                   keep_sketches: bool = False) -> dict:
   """ARI / NMI against the step for one run (see the module docstring), and
@@ -424,6 +438,7 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
   from dograph_jax.train import single_run, training
   from dograph_jax.train.checkpointing import Checkpointer
   from dograph_jax.train import config
+  from dograph_jax.transform_stages.coefficients import frequency_ratios
 
   cfg = config.from_dict(json.loads((run_dir / "config.json").read_text()))
   tokens, labels, names = probe_set(cfg, probe_rows)
@@ -440,18 +455,23 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
   out = {"method": cfg.method, "names": names, "steps": [], "ari": [], "nmi": [],
          "probe_rows": int(len(labels)), "num_domains": cfg.dograph.num_domains}
   if cfg.method == "dograph":
-    out.update(ari_own=[], nmi_own=[])
+    out.update(ari_own=[], nmi_own=[], ratio_own=[])
   sketcher = make_sketcher(graphdef, cfg)
   pick = sorted({0, *steps})
   snap_at = {pick[0], pick[len(pick) // 2], pick[-1]} if snapshots else set()
   out["snapshots"] = {}
   for step in pick:
-    params, own = init_params, None  # no centroids before the first step
+    params, own, ratios = init_params, None, None  # no centroids before the first step
     if step > 0:
       state, _, _ = single_run.load_run_state(run_dir, step)
       params = state.params
       inner = training.dograph_state(state.opt_state)
       own = None if inner is None else np.asarray(inner.centroids)
+      if inner is not None and inner.frequencies is not None:
+        # r_j = min(w_j / p_j, max_ratio) of the last update: a row of cluster
+        # j counts r_j times as much as in the plain batch mean (persistent mode).
+        ratios = np.asarray(frequency_ratios(inner.applied_weights, inner.frequencies,
+                                             cfg.dograph.max_ratio))
     z = np.asarray(jax.device_get(sketcher(params, jax.numpy.asarray(tokens))))
     clusters = side_clusters(z, cfg, cfg.run.seed)
     out["steps"].append(step)
@@ -461,11 +481,14 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
       if own is None:
         out["ari_own"].append(None)
         out["nmi_own"].append(None)
+        out["ratio_own"].append(None)
       else:
         assigned = np.asarray(clustering.assign(jax.numpy.asarray(z), jax.numpy.asarray(own),
                                                 cfg.dograph.distance)[0])
         out["ari_own"].append(agreement.adjusted_rand_index(labels, assigned))
         out["nmi_own"].append(agreement.normalized_mutual_info(labels, assigned))
+        out["ratio_own"].append(None if ratios is None else source_ratios(
+            ratios, assigned, labels, len(names)))
     if step in snap_at:
       snap = {"labels": labels.tolist(), "clusters": clusters.tolist(),
               "pca": pca_2d(_unit(z)).tolist(),
@@ -511,7 +534,34 @@ def _curve(seeds: dict, key: str, online: bool = False):
   return steps, values.mean(0), values.std(0)
 
 
-def write_domains(data: dict, out: Path, command: str, dograph: str, uniform: str) -> None:
+def _ratio_table(by_label: dict) -> list[str]:
+  """Markdown: per DoGraph run and source, the mean ± std over seeds of the
+  source's up-weighting (``ratio_own``) at the first and the last checkpoint."""
+  rows = []
+  for label, seeds in by_label.items():
+    runs = [r for r in seeds.values() if any(x is not None for x in r.get("ratio_own", []))]
+    if not runs:
+      continue
+    first = min(i for i, x in enumerate(runs[0]["ratio_own"]) if x is not None)
+    for i, source in enumerate(runs[0]["names"]):
+      cells = []
+      for k in (first, len(runs[0]["steps"]) - 1):
+        values = [r["ratio_own"][k][i] for r in runs]
+        cells.append("—" if None in values else
+                     f"{_pm(*_mean_std(values))} (step {runs[0]['steps'][k]})")
+      rows.append(f"| {label} | {source} | " + " | ".join(cells) + " |")
+  if not rows:
+    return []
+  return ["Up-weighting by source: the mean over a source's probe rows of `r = min(w / p, "
+          "max_ratio)` of the DoGraph domain (own centroid) each falls in — how much heavier "
+          "than in the plain batch mean the checkpoint's last update counted such rows "
+          "(1: untouched). Mean ± std over seeds.", "",
+          "| run | source | first checkpoint | last checkpoint |", "|---|---|---|---|",
+          *rows, ""]
+
+
+def write_domains(data: dict, out: Path, command: str, dograph: Sequence[str],
+                  uniform: str) -> None:
   plt = _plt()
   out.mkdir(parents=True, exist_ok=True)
   corpora = data["corpora"]
@@ -529,7 +579,7 @@ def write_domains(data: dict, out: Path, command: str, dograph: str, uniform: st
       curves = []
       for label, seeds in by_label.items():
         curves.append((label, "side", *_curve(seeds, measure)))
-        if label == dograph:
+        if label in dograph:
           curves.append((label, "own", *_curve(seeds, f"{measure}_own")))
           curves.append((label, "online", *_curve(seeds, measure, online=True)))
       for label, kind, steps, mean, std in curves:
@@ -545,12 +595,13 @@ def write_domains(data: dict, out: Path, command: str, dograph: str, uniform: st
              title=f"{corpus}: {measure.upper()}")
       ax.legend(fontsize=7)
     body.append("")
+    body += _ratio_table(by_label)
   fig.tight_layout()
   fig.savefig(out / "agreement.png", dpi=120)
   plt.close(fig)
 
   for corpus, by_label in corpora.items():
-    shown = [l for l in (uniform, dograph) if l in by_label]
+    shown = [l for l in (uniform, *dograph) if l in by_label]
     if not shown:
       continue
     first = {l: by_label[l][min(by_label[l], key=int)] for l in shown}
@@ -1024,7 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   common.add_argument("--out", required=True, help="results directory to write")
   runs = argparse.ArgumentParser(add_help=False)
   runs.add_argument("--runs", required=True, help="RUNS/<corpus>/<label>/seed<k> (ablate.py)")
-  runs.add_argument("--dograph", default="dograph", help="label of the DoGraph runs")
+  runs.add_argument("--dograph", default="dograph",
+                    help="label of the DoGraph runs (domains, dynamics: comma-separated labels)")
   runs.add_argument("--uniform", default="uniform", help="label of the Uniform runs")
   runs.add_argument("--stratified", default="stratified", help="label of the Stratified runs")
   p = sub.add_parser("objectives", parents=[common])
@@ -1056,8 +1108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   elif args.analysis == "domains":
     if args.probe_rows < 2:
       parser.error("--probe_rows must be at least 2")
-    write_domains(domains(Path(args.runs), [args.uniform, args.dograph], args.probe_rows,
-                          args.keep_sketches), out, command, args.dograph, args.uniform)
+    dograph = [x for x in args.dograph.split(",") if x]
+    write_domains(domains(Path(args.runs), [args.uniform, *dograph], args.probe_rows,
+                          args.keep_sketches), out, command, dograph, args.uniform)
   elif args.analysis == "weights":
     write_weights(weights(Path(args.runs), args.dograph, args.uniform, args.stratified,
                           args.window), out, command)
