@@ -143,6 +143,8 @@ def test_domains_against_sklearn(study):
       assert ari == pytest.approx(adjusted_rand_score(labels, clusters), abs=1e-12)
   for name in ("agreement.png", "pca_tiny.png", "contingency_tiny.png", "table.md"):
     assert (out / name).exists()
+  table = (out / "table.md").read_text()
+  assert "Up-weighting by source" in table and "| dograph step |" in table
 
 
 def test_weights_and_cost(study):

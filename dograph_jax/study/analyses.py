@@ -535,29 +535,34 @@ def _curve(seeds: dict, key: str, online: bool = False):
 
 
 def _ratio_table(by_label: dict) -> list[str]:
-  """Markdown: per DoGraph run and source, the mean ± std over seeds of the
-  source's up-weighting (``ratio_own``) at the first and the last checkpoint."""
-  rows = []
+  """Markdown: per DoGraph run and checkpoint, each source's up-weighting
+  (``ratio_own``), mean ± std over seeds, and the largest ``|r - 1|`` of
+  the means."""
+  out = []
   for label, seeds in by_label.items():
     runs = [r for r in seeds.values() if any(x is not None for x in r.get("ratio_own", []))]
     if not runs:
       continue
-    first = min(i for i, x in enumerate(runs[0]["ratio_own"]) if x is not None)
-    for i, source in enumerate(runs[0]["names"]):
-      cells = []
-      for k in (first, len(runs[0]["steps"]) - 1):
-        values = [r["ratio_own"][k][i] for r in runs]
-        cells.append("—" if None in values else
-                     f"{_pm(*_mean_std(values))} (step {runs[0]['steps'][k]})")
-      rows.append(f"| {label} | {source} | " + " | ".join(cells) + " |")
-  if not rows:
-    return []
-  return ["Up-weighting by source: the mean over a source's probe rows of `r = min(w / p, "
-          "max_ratio)` of the DoGraph domain (own centroid) each falls in — how much heavier "
-          "than in the plain batch mean the checkpoint's last update counted such rows "
-          "(1: untouched). Mean ± std over seeds.", "",
-          "| run | source | first checkpoint | last checkpoint |", "|---|---|---|---|",
-          *rows, ""]
+    names = runs[0]["names"]
+    if not out:
+      out = ["Up-weighting by source: the mean over a source's probe rows of `r = min(w / p, "
+             "max_ratio)` of the DoGraph domain (own centroid) each falls in — how much "
+             "heavier than in the plain batch mean the checkpoint's last update counted such "
+             "rows (1: untouched). Mean ± std over seeds.", ""]
+    out += [f"| {label} step | " + " | ".join(names) + " | max \\|r − 1\\| |",
+            "|---" * (len(names) + 2) + "|"]
+    for k, step in enumerate(runs[0]["steps"]):
+      values = [r["ratio_own"][k] for r in runs]
+      if any(v is None for v in values):
+        continue
+      # A source without probe rows has None: a dash, left out of the max.
+      values = np.asarray([[np.nan if x is None else x for x in v] for v in values], float)
+      mean, std = values.mean(0), values.std(0)
+      out.append(f"| {step} | " + " | ".join("—" if np.isnan(m) else _pm(m, sd)
+                                             for m, sd in zip(mean, std))
+                 + f" | {np.nanmax(np.abs(mean - 1)):.3f} |")
+    out.append("")
+  return out
 
 
 def write_domains(data: dict, out: Path, command: str, dograph: Sequence[str],

@@ -61,3 +61,13 @@ python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform unifor
 python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform stratified \
     --dograph dograph_stratified --at 100,400,1000 --window 100 \
     --out experiments/results/analysis_dynamics_stratified
+# 7. Which sources DoGraph's weights favour, on natural and on stratified
+#    batches of the coarse corpus: the same runs as the table (bit for bit),
+#    2 seeds, with a checkpoint every 100 steps for the probe.
+python experiments/ablate.py --name probe_ckpt --data_dirs data/local_licenses_in_python \
+    "${BASE[@]}" --seeds 0,1 --save_every 100 --keep_checkpoints 11 --out_dir runs/probe_ckpt \
+    --results_dir runs/probe_ckpt_study \
+    --config dograph:method=dograph --config dograph_stratified:method=dograph,sampling=uniform
+python experiments/analyses.py domains --runs runs/probe_ckpt --uniform none \
+    --dograph dograph,dograph_stratified --probe_rows 32 \
+    --out experiments/results/analysis_sources_composition
