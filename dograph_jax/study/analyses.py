@@ -28,8 +28,9 @@ number plotted) into ``--out``:
     its training batches (``metrics.jsonl``); and per source how much heavier
     than in the plain batch mean DoGraph counts its rows at each checkpoint
     (the mean over the source's probe rows of ``r = min(w / p, max_ratio)``
-    of the domain each falls in; table "up-weighting by source"). Plots: ARI and NMI against the
-    step (mean ± std over seeds); a 2-D PCA of the unit-normalised probe
+    of the domain each falls in; table "up-weighting by source"; persistent
+    mode, several DoGraph labels with ``--dograph a,b``). Plots: ARI and NMI
+    against the step (mean ± std over seeds); a 2-D PCA of the unit-normalised probe
     sketches coloured by human domain, and the contingency matrices (share of
     each human domain's rows per side cluster), at initialisation, mid-run
     and the end (first seed).
