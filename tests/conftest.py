@@ -73,3 +73,28 @@ def _release_near_the_map_limit():
   yield
   if _map_count() > MAX_MAPS:
     _release_executables()
+
+
+# Longest modules first (seconds of one worker on the 2-core CI machine,
+# 2026-12-05: 254, ~190, 155, 137, 136, 134, 126, then ~100 each). Under
+# ``-n 2 --dist loadfile`` a module runs whole on one worker, so the suite
+# ends when the last module does: starting the long ones first (and the
+# short ones last, to fill the gaps) keeps both workers busy to the end.
+# pytest-xdist otherwise orders modules by their number of tests, which put
+# three of the longest (few tests each) last. Unlisted modules keep their
+# collection order, after these.
+SLOW_MODULES = ("test_pretrain", "test_gpu_check", "test_golden_methods", "test_analyses",
+                "test_distributed", "test_failure_policy", "test_micro_batches",
+                "test_methods", "test_persistent", "test_factored", "test_evaluate",
+                "test_sharding", "test_transform_parts", "test_attention_remat",
+                "test_run_safety", "test_transform")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's module reordering
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: keeps the rest

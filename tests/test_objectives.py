@@ -206,7 +206,10 @@ def test_unknown_objective():
 @st.composite
 def degenerate_stats(draw):
   m = draw(st.integers(1, 6))
-  k = draw(st.integers(1, 5))
+  # Sketch width: rank one, or wider than most m. Each (m, k) compiles the
+  # solver once per objective, so two widths instead of five keep the
+  # examples on shapes already compiled.
+  k = draw(st.sampled_from([1, 4]))
   scale = draw(st.sampled_from([0.0, 1e-30, 1e-20, 1e-6, 1.0, 1e6, 1e15, 1e20, 1e30]))
   counts = np.array(draw(st.lists(st.sampled_from([0, 0, 1, 2, 5]), min_size=m, max_size=m)),
                     np.float32)
