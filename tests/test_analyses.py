@@ -6,15 +6,19 @@ from the runs' own summaries, and numpy sums of the logged coefficients."""
 import json
 import math
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from scipy.stats import spearmanr
 from sklearn.metrics.cluster import contingency_matrix
 
 from dograph_jax.data import write_synthetic_corpus
 from dograph_jax.study import ablate, analyses
-from dograph_jax.train import single_run
+from dograph_jax.models.gpt2 import apply
+from dograph_jax.train import single_run, training
 
 SEEDS = (0, 1)
 CONFIGS = {"uniform": "method=uniform", "stratified": "method=stratified",
@@ -110,6 +114,7 @@ def test_domains_against_sklearn(study):
                                       contingency_matrix(labels, clusters))
         assert table.sum() == len(labels) == run["probe_rows"]
     # The same initialisation under either method: identical step-0 sketches.
+  correlated = 0
   for seed in ("0", "1"):
     np.testing.assert_array_equal(data["uniform"][seed]["snapshots"]["0"]["sketches"],
                                   data["dograph"][seed]["snapshots"]["0"]["sketches"])
@@ -120,7 +125,7 @@ def test_domains_against_sklearn(study):
     # of the last update's weights, averaged over the source's rows.
     assert own["ratio_own"][0] is None
     for k, step in enumerate(own["steps"][1:], start=1):
-      state, _, _ = single_run.load_run_state(_run(study, "dograph", seed), step)
+      state, meta, cfg = single_run.load_run_state(_run(study, "dograph", seed), step)
       inner = state.opt_state.head.inner_state
       z = np.asarray(own["snapshots"][str(step)]["sketches"], np.float64)
       labels = np.asarray(own["snapshots"][str(step)]["labels"])
@@ -131,6 +136,33 @@ def test_domains_against_sklearn(study):
       expected = [r[nearest[labels == d]].mean() for d in range(len(own["names"]))]
       np.testing.assert_allclose(own["ratio_own"][k], expected, rtol=1e-5)
       assert not np.allclose(expected, 1.0)  # the weights departed: the check can fail
+      # Within a source: the tilt towards high-loss rows and scipy's Spearman
+      # correlation of r and the row losses, averaged over the sources.
+      losses = np.asarray(own["snapshots"][str(step)]["losses"], np.float64)
+      tilt, rho, spread = [], [], []
+      for d in np.unique(labels):
+        rd, ld = r[nearest[labels == d]], losses[labels == d]
+        tilt.append((rd @ ld / rd.sum() - ld.mean()) / ld.mean())
+        spread.append(rd.std())
+        if np.ptp(np.round(rd, 4)) > 0:  # r equal to 1e-4 is constant (see the docstring)
+          rho.append(spearmanr(np.round(rd, 4), ld).statistic)
+      got = own["tilt_own"][k]
+      np.testing.assert_allclose(got["tilt"], np.mean(tilt), rtol=1e-5, atol=1e-9)
+      # r ~ 1 in float32 there, float64 here: a constant r's std is a few ulp.
+      np.testing.assert_allclose(got["r_std"], np.mean(spread), rtol=1e-5, atol=1e-6)
+      if rho:
+        np.testing.assert_allclose(got["spearman"], np.mean(rho), rtol=1e-6)
+        correlated += 1
+      else:
+        assert got["spearman"] is None
+    # The row losses are the checkpoint's: a plain forward pass and optax's
+    # cross-entropy of the probe rows (last step).
+    tokens, _, _ = analyses.probe_set(cfg, 6)
+    _, graphdef, _ = training.build_model(cfg, meta["vocab_size"])
+    logits = apply(graphdef, state.params, jnp.asarray(tokens[:, :-1]))
+    expected = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.asarray(tokens[:, 1:])).mean(1)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
     # The online curve is the trainer's own log; its ARI agrees with
     # scikit-learn's on the logged contingency tables.
     records = [r for r in analyses.read_metrics(_run(study, "dograph", seed)) if "ari" in r]
@@ -145,6 +177,8 @@ def test_domains_against_sklearn(study):
     assert (out / name).exists()
   table = (out / "table.md").read_text()
   assert "Up-weighting by source" in table and "| dograph step |" in table
+  assert "Within a source" in table and "| tilt % |" in table
+  assert correlated  # r varies within a source somewhere: the Spearman check can fail
 
 
 def test_weights_and_cost(study):

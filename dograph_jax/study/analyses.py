@@ -29,7 +29,9 @@ number plotted) into ``--out``:
     than in the plain batch mean DoGraph counts its rows at each checkpoint
     (the mean over the source's probe rows of ``r = min(w / p, max_ratio)``
     of the domain each falls in; table "up-weighting by source"; persistent
-    mode, several DoGraph labels with ``--dograph a,b``). Plots: ARI and NMI
+    mode, several DoGraph labels with ``--dograph a,b``), and within a
+    source which rows (``within_source_tilt``: does the update lean to the
+    source's high-loss rows). Plots: ARI and NMI
     against the step (mean ± std over seeds); a 2-D PCA of the unit-normalised probe
     sketches coloured by human domain, and the contingency matrices (share of
     each human domain's rows per side cluster), at initialisation, mid-run
@@ -377,8 +379,9 @@ def _read_probe(data, rows_per_domain: int):
 
 
 def make_sketcher(graphdef, cfg):
-  """Jitted ``(params, tokens (N, T + 1)) -> (N, K)``: the run's own sketches
-  of the per-sample gradients (the factored engine, the run's key and K)."""
+  """Jitted ``(params, tokens (N, T + 1)) -> (sketches (N, K), losses (N,))``:
+  the run's own sketches of the per-sample gradients (the factored engine,
+  the run's key and K) and each row's mean token loss."""
   import jax
   import dograph_jax as dg
   from dograph_jax.models import token_losses
@@ -388,9 +391,10 @@ def make_sketcher(graphdef, cfg):
 
   @jax.jit
   def sketches(params, tokens):
-    return dg.factored_grads(sequence_losses, graphdef, params, tokens,
-                             dg.projection_key(cfg.run.seed), cfg.dograph.resolved_sketch_dim(cfg.sketch),
-                             normalize_blocks=cfg.dograph.normalize_blocks).sketches
+    out = dg.factored_grads(sequence_losses, graphdef, params, tokens,
+                            dg.projection_key(cfg.run.seed), cfg.dograph.resolved_sketch_dim(cfg.sketch),
+                            normalize_blocks=cfg.dograph.normalize_blocks)
+    return out.sketches, out.losses
   return sketches
 
 
@@ -428,6 +432,42 @@ def source_ratios(ratios_M: np.ndarray, assigned_N: np.ndarray, labels_N: np.nda
           for d in range(num_sources)]
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Ranks 0..n-1 of ``x``, ties given their average rank."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x), float)
+  ranks[order] = np.arange(len(x))
+  values, inverse = np.unique(x, return_inverse=True)
+  sums = np.bincount(inverse, weights=ranks)
+  return (sums / np.bincount(inverse))[inverse]
+
+
+def within_source_tilt(r_N: np.ndarray, losses_N: np.ndarray, labels_N: np.ndarray,
+                       num_sources: int) -> dict:
+  """Which rows *within* a source DoGraph counts more: per source ``d`` (its
+  probe rows ``i``, their ``r_i`` and losses ``l_i``), the tilt
+  ``sum_i r_i l_i / sum_i r_i - mean_i l_i`` (> 0: the update leans to the
+  source's harder rows), as a fraction of ``mean_i l_i``; the Spearman rank
+  correlation of ``r`` (rounded to 1e-4) and ``l``; and the standard
+  deviation of ``r``. Each the mean over the sources where it is defined (a
+  source with a constant ``r`` or loss has no correlation); None where none
+  is."""
+  tilt, rho, spread = [], [], []
+  for d in range(num_sources):
+    r, l = r_N[labels_N == d].astype(float), losses_N[labels_N == d].astype(float)
+    if len(r) < 2:
+      continue
+    tilt.append((np.sum(r * l) / np.sum(r) - l.mean()) / l.mean())
+    spread.append(r.std())
+    # Ranks of r rounded to 1e-4: r of two clusters can differ by a float32
+    # rounding of w / p, which is no ordering.
+    r = np.round(r, 4)
+    if np.ptp(r) > 0 and np.ptp(l) > 0:
+      rho.append(np.corrcoef(_ranks(r), _ranks(l))[0, 1])
+  mean = lambda v: float(np.mean(v)) if v else None
+  return {"tilt": mean(tilt), "spearman": mean(rho), "r_std": mean(spread)}
+
+
 def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
                   keep_sketches: bool = False) -> dict:
   """ARI / NMI against the step for one run (see the module docstring), and
@@ -456,7 +496,7 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
   out = {"method": cfg.method, "names": names, "steps": [], "ari": [], "nmi": [],
          "probe_rows": int(len(labels)), "num_domains": cfg.dograph.num_domains}
   if cfg.method == "dograph":
-    out.update(ari_own=[], nmi_own=[], ratio_own=[])
+    out.update(ari_own=[], nmi_own=[], ratio_own=[], tilt_own=[])
   sketcher = make_sketcher(graphdef, cfg)
   pick = sorted({0, *steps})
   snap_at = {pick[0], pick[len(pick) // 2], pick[-1]} if snapshots else set()
@@ -473,7 +513,8 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
         # j counts r_j times as much as in the plain batch mean (persistent mode).
         ratios = np.asarray(frequency_ratios(inner.applied_weights, inner.frequencies,
                                              cfg.dograph.max_ratio))
-    z = np.asarray(jax.device_get(sketcher(params, jax.numpy.asarray(tokens))))
+    z, row_losses = (np.asarray(x) for x in jax.device_get(
+        sketcher(params, jax.numpy.asarray(tokens))))
     clusters = side_clusters(z, cfg, cfg.run.seed)
     out["steps"].append(step)
     out["ari"].append(agreement.adjusted_rand_index(labels, clusters))
@@ -483,6 +524,7 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
         out["ari_own"].append(None)
         out["nmi_own"].append(None)
         out["ratio_own"].append(None)
+        out["tilt_own"].append(None)
       else:
         assigned = np.asarray(clustering.assign(jax.numpy.asarray(z), jax.numpy.asarray(own),
                                                 cfg.dograph.distance)[0])
@@ -490,6 +532,8 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
         out["nmi_own"].append(agreement.normalized_mutual_info(labels, assigned))
         out["ratio_own"].append(None if ratios is None else source_ratios(
             ratios, assigned, labels, len(names)))
+        out["tilt_own"].append(None if ratios is None else within_source_tilt(
+            ratios[assigned], row_losses, labels, len(names)))
     if step in snap_at:
       snap = {"labels": labels.tolist(), "clusters": clusters.tolist(),
               "pca": pca_2d(_unit(z)).tolist(),
@@ -497,6 +541,7 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
                                                    cfg.dograph.num_domains).tolist()}
       if keep_sketches:
         snap["sketches"] = z.tolist()
+        snap["losses"] = row_losses.tolist()
       out["snapshots"][str(step)] = snap
   online = [r for r in read_metrics(run_dir) if "ari" in r]
   out["online"] = {"steps": [r["step"] for r in online], "ari": [r["ari"] for r in online],
@@ -566,6 +611,35 @@ def _ratio_table(by_label: dict) -> list[str]:
   return out
 
 
+def _tilt_table(by_label: dict) -> list[str]:
+  """Markdown: per DoGraph run and checkpoint, which rows within a source its
+  update leans to (``tilt_own``), mean ± std over seeds."""
+  out = []
+  for label, seeds in by_label.items():
+    runs = [r for r in seeds.values() if any(x is not None for x in r.get("tilt_own", []))]
+    if not runs:
+      continue
+    if not out:
+      out = ["Within a source: the tilt `sum_i r_i l_i / sum_i r_i − mean_i l_i` of a "
+             "source's probe rows (`r_i` as above, `l_i` the row's loss under the "
+             "checkpoint's parameters; > 0: the update leans to the source's harder rows), "
+             "in % of the source's mean loss; the Spearman correlation of `r` and `l`; the "
+             "std of `r` within a source. Each averaged over the sources, then mean ± std "
+             "over seeds.", ""]
+    out += [f"| {label} step | tilt % | Spearman(r, loss) | std of r |", "|---|---|---|---|"]
+    for k, step in enumerate(runs[0]["steps"]):
+      cells = [r["tilt_own"][k] for r in runs]
+      if any(c is None for c in cells):
+        continue
+      row = []
+      for key, scale in (("tilt", 100.0), ("spearman", 1.0), ("r_std", 1.0)):
+        values = [c[key] for c in cells if c[key] is not None]
+        row.append(_pm(*_mean_std(np.asarray(values) * scale)) if values else "—")
+      out.append(f"| {step} | " + " | ".join(row) + " |")
+    out.append("")
+  return out
+
+
 def write_domains(data: dict, out: Path, command: str, dograph: Sequence[str],
                   uniform: str) -> None:
   plt = _plt()
@@ -602,6 +676,7 @@ def write_domains(data: dict, out: Path, command: str, dograph: Sequence[str],
       ax.legend(fontsize=7)
     body.append("")
     body += _ratio_table(by_label)
+    body += _tilt_table(by_label)
   fig.tight_layout()
   fig.savefig(out / "agreement.png", dpi=120)
   plt.close(fig)
