@@ -1,7 +1,9 @@
 """experiments/analyses.py end to end on a tiny study (2 seeds, few steps),
 the quantities it plots checked against independent computations:
-scikit-learn's ARI / NMI / PCA / contingency matrix, perplexities recomputed
-from the runs' own summaries, and numpy sums of the logged coefficients."""
+scikit-learn's ARI / NMI / PCA / contingency matrix, scipy's Spearman
+correlation, optax's cross-entropy of a plain forward pass, perplexities
+recomputed from the runs' own summaries, and numpy sums of the logged
+coefficients."""
 
 import json
 import math
@@ -10,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-from scipy.stats import spearmanr
 from sklearn.metrics.cluster import contingency_matrix
 
 from dograph_jax.data import write_synthetic_corpus
@@ -113,8 +115,8 @@ def test_domains_against_sklearn(study):
         np.testing.assert_array_equal(table[np.unique(labels)][:, present],
                                       contingency_matrix(labels, clusters))
         assert table.sum() == len(labels) == run["probe_rows"]
-    # The same initialisation under either method: identical step-0 sketches.
   correlated = 0
+  # The same initialisation under either method: identical step-0 sketches.
   for seed in ("0", "1"):
     np.testing.assert_array_equal(data["uniform"][seed]["snapshots"]["0"]["sketches"],
                                   data["dograph"][seed]["snapshots"]["0"]["sketches"])

@@ -437,7 +437,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
   order = np.argsort(x, kind="stable")
   ranks = np.empty(len(x), float)
   ranks[order] = np.arange(len(x))
-  values, inverse = np.unique(x, return_inverse=True)
+  _, inverse = np.unique(x, return_inverse=True)
   sums = np.bincount(inverse, weights=ranks)
   return (sums / np.bincount(inverse))[inverse]
 
