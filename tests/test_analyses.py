@@ -397,6 +397,42 @@ def test_dynamics_against_an_offline_methods_final_stage(tmp_path):
   np.testing.assert_allclose(c["paired"]["dograph_stratified"]["diff_mean"], [-2.0, -1.0])
 
 
+def test_dynamics_training_loss_gap_by_hand(tmp_path):
+  # Window (50, 100]: step 50 is outside. Uniform's seed 0 was resumed and logged
+  # step 100 twice (its later record, 2.9, wins); DoGraph's seed 1 logged step 90,
+  # which Uniform did not: only the steps both logged count.
+  runs = tmp_path / "runs"
+  loss = lambda step, x: {"step": step, "loss": x}
+  _fake_run(runs, "c", "uniform", 0, [loss(50, 9.0), loss(75, 4.0), loss(100, 3.0),
+                                      loss(100, 2.9), _val(100, 20.0)])
+  _fake_run(runs, "c", "uniform", 1, [loss(75, 4.0), loss(100, 3.0), _val(100, 20.0)])
+  _fake_run(runs, "c", "dograph", 0, [loss(50, 1.0), loss(75, 3.9), loss(100, 2.7),
+                                      _val(100, 19.0)])
+  _fake_run(runs, "c", "dograph", 1, [loss(75, 4.1), loss(90, 1.0), _val(100, 21.0)])
+  out = tmp_path / "out"
+  assert analyses.main(["dynamics", "--runs", str(runs), "--uniform", "uniform", "--dograph",
+                        "dograph", "--at", "100,400", "--window", "50", "--out", str(out)]) == 0
+  t = json.loads((out / "analysis.json").read_text())["corpora"]["c"]["train_loss"]["dograph"]
+  assert t["seeds"] == [0, 1] and not t["own_batches"]
+  # seed 0: (3.9 - 4.0 + 2.7 - 2.9) / 2 = -0.15; seed 1: 4.1 - 4.0 = +0.1
+  x = t["at"]["100"]
+  np.testing.assert_allclose(x["diff"], [-0.025, 0.125], atol=1e-12)
+  assert (x["better"], x["seeds"], x["records"]) == (1, 2, [2, 1])
+  assert t["at"]["400"] == {"diff": None, "better": 0, "seeds": 0, "records": [0, 0]}
+  text = (out / "table.md").read_text()
+  assert "| dograph | -0.0250 ± 0.1250 (1/2) | — |" in text
+  # The sample form draws its own batches: marked.
+  _fake_run(runs, "c", "dograph_sample", 0, [loss(75, 3.0), _val(100, 19.0)],
+            apply_weights="sample")
+  assert analyses.main(["dynamics", "--runs", str(runs), "--uniform", "uniform", "--dograph",
+                        "dograph_sample", "--at", "100", "--window", "50", "--out", str(out)]) == 0
+  t = json.loads((out / "analysis.json").read_text())["corpora"]["c"]["train_loss"]
+  assert t["dograph_sample"]["own_batches"]
+  np.testing.assert_allclose(t["dograph_sample"]["at"]["100"]["diff"], [-1.0, 0.0], atol=1e-12)  # 3.0 - 4.0
+  assert ("| dograph_sample (its own batches: sampled) | -1.0000 ± 0.0000 (1/1) |"
+          in (out / "table.md").read_text())
+
+
 def test_probe_reads_validation_only_domains_after_the_training_ones():
   """--eval_domains validation: a source only the validation split has (the
   true source hidden under a coarse training label) is probed too, with

@@ -62,6 +62,16 @@ number plotted) into ``--out``:
     ``k``: ``ESS = (sum_k n_k r_k)^2 / sum_k n_k r_k^2``, ``B = sum_k n_k``
     (1 for ``--apply_weights sample`` runs, whose update is the plain mean;
     there also the spread max / min of the groups' ``sampling_ratio``).
+    *The training loss*: for each ``--dograph`` label and each ``s`` in
+    ``--at``, the seed-paired difference of the logged training loss (the
+    plain mean loss of the step's batch, before the step's update) to
+    ``--uniform``'s at the same steps, averaged over the steps in ``(s -
+    --window, s]`` both runs logged, then mean ± std over seeds. Where both
+    runs draw the same batches (the same seed and mixture, and weights
+    applied in the batch), this compares the two optimizers on the same
+    data: a lower loss on the training distribution itself, not a shifted
+    mixture. A sample-form label (``--apply_weights sample``) draws its own
+    batches and is marked so.
 
 The run directories are ``ablate.py``'s layout ``RUNS/<corpus>/<label>/seed<k>``;
 ``--uniform``, ``--dograph`` and ``--stratified`` name the labels. Examples
@@ -957,6 +967,23 @@ def window_weight_stats(records: list[dict], step: int, window: int, max_ratio: 
   return out
 
 
+def train_losses(records: list[dict]) -> dict[int, float]:
+  """``{step: loss}`` of a run's training records (the batch's plain mean
+  loss). A resumed run may log a step twice; its later record wins."""
+  return {int(r["step"]): float(r["loss"]) for r in records
+          if "loss" in r and r.get("loss") is not None}
+
+
+def window_loss_gap(label: dict[int, float], reference: dict[int, float], step: int,
+                    window: int) -> tuple[float | None, int]:
+  """Mean of ``label[t] - reference[t]`` over the steps ``t`` in ``(step -
+  window, step]`` that both logged, and how many (``None, 0`` if none)."""
+  shared = [t for t in label if step - window < t <= step and t in reference]
+  if not shared:
+    return None, 0
+  return float(np.mean([label[t] - reference[t] for t in shared])), len(shared)
+
+
 def _seed_mean_std(values) -> list | None:
   """``[mean, std]`` over the seeds that have a value; ``None`` if none."""
   v = [x for x in values if x is not None and not math.isnan(x)]
@@ -1008,6 +1035,23 @@ def dynamics(runs_dir: Path, uniform: str, dograph: Sequence[str], at: Sequence[
                        "diff_mean": diff.mean(0).tolist(), "diff_std": diff.std(0).tolist(),
                        "better": (diff < 0).sum(0).tolist(),
                        "ratio_mean": ratio.mean(0).tolist(), "ratio_std": ratio.std(0).tolist()}
+    train = {}
+    for label in present:
+      seeds = sorted(set(records[label]) & set(records[uniform]))
+      if not seeds:
+        continue
+      ours = {s: train_losses(records[label][s]) for s in seeds}
+      ref = {s: train_losses(records[uniform][s]) for s in seeds}
+      by_step = {}
+      for t in at:
+        gaps = [window_loss_gap(ours[s], ref[s], t, window) for s in seeds]
+        values = [g for g, _ in gaps if g is not None]
+        by_step[str(t)] = {"diff": _seed_mean_std(values),
+                           "better": int(sum(v < 0 for v in values)), "seeds": len(values),
+                           "records": [n for _, n in gaps]}
+      # The sample form draws its own batches: its Δ mixes the optimizer with the data.
+      own = any(_config(by_label[label][s]).get("apply_weights") == "sample" for s in seeds)
+      train[label] = {"seeds": seeds, "at": by_step, "own_batches": own}
     weight = {}
     for label in present:
       per_seed = {}
@@ -1033,7 +1077,8 @@ def dynamics(runs_dir: Path, uniform: str, dograph: Sequence[str], at: Sequence[
       weight[label] = {"apply_weights": first["apply_weights"],
                        "max_ratio": first["max_ratio"], "num_domains": first["num_domains"],
                        "at": summary, "per_seed": per_seed}
-    result[corpus] = {"curves": curves, "paired": paired, "weights": weight}
+    result[corpus] = {"curves": curves, "paired": paired, "train_loss": train,
+                      "weights": weight}
   if not result:
     raise FileNotFoundError(f"{runs_dir}: no corpus has finished {uniform!r} runs and "
                             f"finished runs of one of {', '.join(map(repr, dograph))}")
@@ -1098,6 +1143,21 @@ def write_dynamics(data: dict, out: Path, command: str) -> None:
                     f"{p['steps'][k]}; at step {p['steps'][-1]}: {p['diff_mean'][-1]:+.2f} "
                     f"({p['better'][-1]}/{len(p['seeds'])} seeds better).")
     body.append("")
+    if r.get("train_loss"):
+      body += [f"Training loss against {uniform}'s at the same steps (Δ of the logged batch "
+               f"loss, averaged over the steps in `(s - {window}, s]` both logged, then mean ± "
+               "std over seeds; seeds lower / seeds):", "",
+               "| label | " + " | ".join(f"step {s}" for s in at) + " |",
+               "|---|" + "---|" * len(at)]
+      for l, tr in r["train_loss"].items():
+        cells = []
+        for s in at:
+          x = tr["at"][str(s)]
+          cells.append(f"{_pm(*x['diff'], 4)} ({x['better']}/{x['seeds']})" if x["diff"]
+                       else "—")
+        name = f"{l} (its own batches: sampled)" if tr["own_batches"] else l
+        body.append(f"| {name} | " + " | ".join(cells) + " |")
+      body.append("")
     for l, w in r["weights"].items():
       body += [f"What {l}'s weights do (apply_weights = {w['apply_weights']}, max_ratio = "
                f"{w['max_ratio']}, M = {w['num_domains']}):", "",
