@@ -222,6 +222,7 @@ def dograph_transform(
     solver_backend: str = "auto",
     block_budget: int = DEFAULT_BLOCK_BUDGET,
     in_batch: bool = True,
+    coefficients: str = "frequency",
 ) -> optax.GradientTransformationExtraArgs:
   """DoGraph: reduce per-sample gradients to a domain-weighted update.
 
@@ -314,6 +315,15 @@ def dograph_transform(
       before -- for a trainer that applies the weights by *sampling* its
       batches with them (``--apply_weights sample``), where weighting the
       batch as well would count them twice.
+    coefficients: persistent mode: how the weights become the ``a_i``.
+      ``"frequency"`` (default): ``a_i ∝ min(w_{c(i)} / p_{c(i)},
+      max_ratio)`` (:func:`frequency_coefficients`; domain ``j``'s share of
+      the update is ``w_j`` in expectation over batches). ``"post_stratified"``:
+      the share exactly, ``a_i = s_{c(i)} / n_{c(i)}`` with ``s_j ∝ p_j
+      min(w_j / p_j, max_ratio)`` over the domains present
+      (:func:`~dograph_jax.transform_stages.coefficients.post_stratified_coefficients`;
+      with ``w = p`` the post-stratified estimator of the mean gradient).
+      Needs the whole batch's domains, so not with :class:`LaggedGrads`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update(updates, state,
@@ -368,6 +378,11 @@ def dograph_transform(
       if losses is not None:
         raise ValueError("dograph_transform: LaggedGrads carries its own losses; do not "
                          "pass losses= with it.")
+      if opts.coefficients == "post_stratified":
+        raise ValueError("dograph_transform: coefficients='post_stratified' needs this "
+                         "batch's domain counts before the update, which LaggedGrads "
+                         "(one-pass micro-batches) weights without; use "
+                         "coefficients='frequency' or a two-pass update.")
 
       def ratio_fn(z_bxK, losses_b):
         kept_b = usable_sketches(z_bxK) & jnp.isfinite(losses_b)

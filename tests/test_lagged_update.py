@@ -136,3 +136,10 @@ def test_lagged_needs_factored_persistent_domains(setup):
   fake = dg.LaggedGrads(run=None, result=None)
   with pytest.raises(ValueError, match="needs domains='persistent'"):
     tx.update(fake, tx.init({}), None)
+  # Post-stratified coefficients split a domain's share over the batch's count of it,
+  # which a one-pass lagged update does not know when it weights a row.
+  with pytest.raises(ValueError, match="--coefficients post_stratified needs"):
+    config.replace(cfg, coefficients="post_stratified")
+  tx = dg.dograph_transform(3, 8, coefficients="post_stratified")
+  with pytest.raises(ValueError, match="post_stratified.*LaggedGrads"):
+    tx.update(fake, tx.init({}), None)

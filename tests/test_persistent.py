@@ -188,6 +188,42 @@ def test_persistent_update_is_the_weighted_loss_gradient(objective):
   assert int(state.count) == 4 and np.isfinite(np.asarray(state.sums.sum_z)).all()
 
 
+def test_post_stratified_update_is_the_weighted_loss_gradient():
+  """coefficients="post_stratified": the update is grad sum_i a_i l_i with
+  a_i = s_j / n_j, s_j = p_j min(w_j / p_j, cap) over the domains present
+  (numpy, from the state's own assignments, frequencies and weights); at
+  anchor 0 the domains' shares are their frequencies."""
+  params = _params()
+  for anchor in (0.5, 0.0):
+    tx = dg.dograph_transform(M, 32, "uncertainty", batch_size=B, anchor=anchor,
+                              coefficients="post_stratified")
+    state = tx.init(params)
+    for t in range(3):
+      batch = _batch(t)
+      losses, grads = dg.per_sample_loss_and_grads(_loss, params, batch)
+      out, state = tx.update(grads, state, params, losses=losses)
+    w, p = np.asarray(state.applied_weights), np.asarray(state.frequencies)
+    assign_B = np.asarray(state.assignments)
+    n = np.bincount(assign_B, minlength=M)
+    share = np.where(n > 0, p * np.minimum(w / np.where(p > 0, p, 1), 4.0), 0)
+    want = share[assign_B] / n[assign_B] / share.sum()
+    np.testing.assert_allclose(np.asarray(state.coefficients), want, rtol=1e-5)
+    if anchor == 0.0:
+      np.testing.assert_allclose(share / share.sum(), np.where(n > 0, p, 0) / p[n > 0].sum(),
+                                 rtol=1e-5)
+    weighted = jax.grad(lambda q: jnp.sum(jnp.asarray(want, jnp.float32) * jax.vmap(
+        _loss, in_axes=(None, 0))(q, batch)))(params)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7),
+                 out, weighted)
+
+
+def test_post_stratified_needs_persistent_domains():
+  with pytest.raises(ValueError, match="post_stratified.*persistent"):
+    dg.dograph_transform(domains="batch", coefficients="post_stratified")
+  with pytest.raises(ValueError, match="coefficients must be"):
+    dg.dograph_transform(coefficients="stratified")
+
+
 def test_anchor_zero_is_the_plain_mean():
   """w = p (anchor 0): the update is the plain batch-mean gradient."""
   params = _params()

@@ -152,6 +152,7 @@ class DoGraphConfig:
   eps: float = _default("eps")  # numerical floor of variances and norms
   solver_steps: int = _default("solver_steps")  # iterations of the simplex solver
   solver_backend: Literal["auto", "jaxopt", "optax"] = _default("solver_backend")  # simplex solver backend (auto: closed form where one exists; docs/method.md)
+  coefficients: Literal["frequency", "post_stratified"] = _default("coefficients")  # persistent domains: a_i ∝ w/p (a domain's share w in expectation) | post_stratified (its share exactly: a_i = s_j / n_j)
   block_budget: int = _default("block_budget")  # entries per block of the sketch's projection (memory bound of the Gaussian map)
 
   def resolved_sketch_dim(self, sketch: str) -> int:
@@ -250,6 +251,11 @@ class TrainConfig:
       raise ValueError("--update lagged needs --sketch factored and --domains persistent "
                        "(it weights rows by the persistent domains before their batch is "
                        "clustered)")
+    if self.method == "dograph" and self.dograph.coefficients == "post_stratified" and (
+        self.dograph.domains != "persistent" or self.update == "lagged"):
+      raise ValueError("--coefficients post_stratified needs --domains persistent and a "
+                       "two-pass update (not --update lagged): it splits each domain's "
+                       "share over the batch's own count of the domain")
     if self.method == "dograph" and self.dograph.domains == "persistent" and self.dograph.buffer_size:
       raise ValueError("--buffer_size is an option of --domains batch")
     if self.method == "rnb" and self.data.hf_dataset:

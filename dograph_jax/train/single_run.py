@@ -379,7 +379,7 @@ _RESUME_FREE = {"resume", "overwrite", "traceback", "cache_dir", "hf_cache_dir",
 # DoGraph's options, and those only one of its domain modes reads: a run
 # that does not read an option is not changed by it.
 _DOGRAPH_ONLY = {f.name for f in dataclasses.fields(config.DoGraphConfig)} | {"sketch", "update"}
-_PERSISTENT_ONLY = {"prior", "decay", "anchor", "max_ratio", "reseed_fraction"}
+_PERSISTENT_ONLY = {"prior", "decay", "anchor", "max_ratio", "reseed_fraction", "coefficients"}
 _BATCH_ONLY = {"warm_start", "buffer_size"}
 
 

@@ -2,8 +2,9 @@
 
 The update is always ``sum_i a_i g_i = grad(sum_i a_i l_i)``, so a trainer
 may apply DoGraph's weights as a weighted loss instead of holding per-sample
-gradients. Persistent domains use :func:`frequency_coefficients`, per-batch
-domains :func:`sample_coefficients`.
+gradients. Persistent domains use :func:`frequency_coefficients` (or, with
+``coefficients="post_stratified"``, :func:`post_stratified_coefficients`),
+per-batch domains :func:`sample_coefficients`.
 
 Shape legend: ``B`` batch, ``M`` domains.
 """
@@ -77,4 +78,47 @@ def frequency_coefficients(weights: jax.Array, frequencies: jax.Array,
   kept = jnp.sum(mask.astype(jnp.float32))
   fallback = jnp.where(mask, 1.0, 0.0) / jnp.maximum(kept, 1.0)
   return jnp.where(total > 0, r_B / jnp.where(total > 0, total, 1.0),
+                   fallback).astype(jnp.float32)
+
+
+def post_stratified_coefficients(weights: jax.Array, frequencies: jax.Array,
+                                 assignments: jax.Array, counts: jax.Array,
+                                 sample_mask: jax.Array | None = None,
+                                 max_ratio=jnp.inf) -> jax.Array:
+  """Post-stratified per-sample coefficients (persistent domains).
+
+  Each domain ``j`` present in the batch (``n_j`` kept samples) gets the
+  share ``s_j ∝ p_j min(w_j / p_j, max_ratio)`` of the update, split evenly
+  over its samples: ``a_i = s_{c(i)} / n_{c(i)}``, the shares renormalised
+  over the present domains (``sum_i a_i = 1``). Where
+  :func:`frequency_coefficients` gives domain ``j`` the share ``w_j`` only in
+  expectation over batches (its share is ``n_j r_j / sum_k n_k r_k``, which
+  moves with the batch's counts), this gives it exactly, so the counts' own
+  noise leaves the update. With ``w = p`` it is the classic post-stratified
+  estimator of the mean gradient: ``sum_j p_j mu_j`` with ``mu_j`` the
+  batch's mean gradient of domain ``j``, whose variance lacks the plain
+  mean's between-domain term ``sum_j p_j |m_j - m|^2 / B`` (``m_j`` the
+  domain's population mean), to first order in ``1 / B`` (Cochran, *Sampling
+  Techniques*, 3rd ed., §5A.9).
+
+  Args:
+    weights: ``(M,)`` domain weights; frequencies: ``(M,)`` running ``p``;
+    assignments: ``(B,)`` int; counts: ``(M,)`` kept samples per domain in
+    this batch; sample_mask: optional ``(B,)`` bool (``False``: ``a_i = 0``).
+
+  Returns:
+    ``(B,)`` float32 coefficients summing to 1 (uniform over the kept samples
+    where no present domain has a positive share; all 0 if none is kept).
+  """
+  counts = jnp.asarray(counts, jnp.float32)
+  share = jnp.asarray(frequencies, jnp.float32) * frequency_ratios(weights, frequencies,
+                                                                   max_ratio)
+  share = jnp.where(counts > 0, share, 0.0)
+  total = jnp.sum(share)
+  mask = (jnp.ones(assignments.shape, bool) if sample_mask is None
+          else jnp.asarray(sample_mask, bool))
+  a = jnp.where(mask, share[assignments] / jnp.maximum(counts[assignments], 1.0), 0.0)
+  kept = jnp.sum(mask.astype(jnp.float32))
+  fallback = jnp.where(mask, 1.0, 0.0) / jnp.maximum(kept, 1.0)
+  return jnp.where(total > 0, a / jnp.where(total > 0, total, 1.0),
                    fallback).astype(jnp.float32)

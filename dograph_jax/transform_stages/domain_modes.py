@@ -35,7 +35,9 @@ from dograph_jax.domains import (DomainStats, RunningSums, domain_stats, running
                                  update_running_sums, zero_running_sums)
 from dograph_jax.projection import unit_rows
 from dograph_jax.transform_stages.coefficients import (frequency_coefficients,
-                                                       frequency_ratios, sample_coefficients)
+                                                       frequency_ratios,
+                                                       post_stratified_coefficients,
+                                                       sample_coefficients)
 from dograph_jax.transform_stages.options import DoGraphOptions
 from dograph_jax.transform_stages.weights import Weights, batch_weights, running_weights
 
@@ -214,8 +216,12 @@ PERSISTENT = DomainMode(
     init=persistent_init, step=persistent_step,
     weights=lambda state, part, prev_M, count, opts: running_weights(
         part.stats, state.frequencies, prev_M, count, opts),
-    coefficients=lambda state, part, applied_M, kept_B, opts: frequency_coefficients(
-        applied_M, state.frequencies, part.assignments, kept_B, opts.max_ratio))
+    coefficients=lambda state, part, applied_M, kept_B, opts: (
+        post_stratified_coefficients(applied_M, state.frequencies, part.assignments,
+                                     part.counts, kept_B, opts.max_ratio)
+        if opts.coefficients == "post_stratified" else
+        frequency_coefficients(applied_M, state.frequencies, part.assignments, kept_B,
+                               opts.max_ratio)))
 
 BATCH = DomainMode(
     init=batch_init, step=batch_step,

@@ -71,6 +71,7 @@ class DoGraphOptions:
   solver_backend: str
   block_budget: int
   in_batch: bool
+  coefficients: str
 
   def __post_init__(self):
     _validate(self)
@@ -128,6 +129,12 @@ def _validate(o: DoGraphOptions) -> None:
                      f"got {o.prior!r}.")
   if o.sketch_kind not in ("gaussian", "kronecker"):
     raise ValueError(f"dograph_transform: unknown sketch_kind {o.sketch_kind!r}.")
+  if o.coefficients not in ("frequency", "post_stratified"):
+    raise ValueError(f"dograph_transform: coefficients must be 'frequency' or "
+                     f"'post_stratified', got {o.coefficients!r}.")
+  if o.coefficients == "post_stratified" and o.domains != "persistent":
+    raise ValueError("dograph_transform: coefficients='post_stratified' is an option of "
+                     "domains='persistent' (per-batch domains already give a_i = w_j / |C_j|).")
   if o.buffer_size < 0:
     raise ValueError(f"dograph_transform: buffer_size must be >= 0, got {o.buffer_size}.")
   if o.buffer_size and o.domains == "persistent":

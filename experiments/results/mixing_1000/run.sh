@@ -40,14 +40,18 @@ python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE
     --results_dir experiments/results/mixing_1000_true_labels
 # 4. Five seeds for the five best methods on local's average, Uniform and
 #    DoGraph; and DoGraph on stratified (step 2) beside its references on
-#    local and its coarse-label version.
+#    local and its coarse-label version, with its weights' dose: anchor 0
+#    (the natural mixture: DoGraph's code path with the plain mean's update,
+#    the control) and anchor 1 (the objective's optimum).
 TOP=uniform,dograph,ado,stratified,mixing_law,odm,rnb
 python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@]}" \
     --seeds 0,1,2,3,4 --only "$TOP" --results_dir experiments/results/mixing_1000_5seeds
 python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,data/local_licenses_in_python \
     "${BASE[@]}" --seeds 0,1,2,3,4 --results_dir experiments/results/mixing_1000_levers_5seeds \
     --config uniform:method=uniform --config dograph:method=dograph \
-    --config stratified:method=stratified --config dograph_stratified:method=dograph,sampling=uniform
+    --config stratified:method=stratified --config dograph_stratified:method=dograph,sampling=uniform \
+    --config dograph_stratified_anchor0:method=dograph,sampling=uniform,anchor=0.0 \
+    --config dograph_stratified_anchor1:method=dograph,sampling=uniform,anchor=1.0
 # 5. The same rows at batch 48 x 128 tokens (6,144 tokens a step, 3x the table's).
 python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@]}" \
     --batch_size 48 --seq_len 128 --out_dir runs/mixing_1000_b48 --only "$TOP" \
@@ -59,7 +63,8 @@ python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform unifor
     --out experiments/results/analysis_dynamics
 #    The same for DoGraph on stratified batches against stratified (lever, step 2).
 python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform stratified \
-    --dograph dograph_stratified --at 100,400,1000 --window 100 \
+    --dograph dograph_stratified,dograph_stratified_anchor0,dograph_stratified_anchor1 \
+    --at 100,400,1000 --window 100 \
     --out experiments/results/analysis_dynamics_stratified
 # 7. Which sources DoGraph's weights favour, on natural and on stratified
 #    batches of the coarse corpus: the same runs as the table (bit for bit),
