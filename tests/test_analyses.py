@@ -14,7 +14,8 @@ import optax
 import pytest
 from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import (adjusted_rand_score, calinski_harabasz_score,
+                             normalized_mutual_info_score)
 from sklearn.metrics.cluster import contingency_matrix
 
 from dograph_jax.data import write_synthetic_corpus
@@ -115,7 +116,7 @@ def test_domains_against_sklearn(study):
         np.testing.assert_array_equal(table[np.unique(labels)][:, present],
                                       contingency_matrix(labels, clusters))
         assert table.sum() == len(labels) == run["probe_rows"]
-  correlated = 0
+  correlated = between = 0
   # The same initialisation under either method: identical step-0 sketches.
   for seed in ("0", "1"):
     np.testing.assert_array_equal(data["uniform"][seed]["snapshots"]["0"]["sketches"],
@@ -152,6 +153,13 @@ def test_domains_against_sklearn(study):
       np.testing.assert_allclose(got["tilt"], np.mean(tilt), rtol=1e-5, atol=1e-9)
       # r ~ 1 in float32 there, float64 here: a constant r's std is a few ulp.
       np.testing.assert_allclose(got["r_std"], np.mean(spread), rtol=1e-5, atol=1e-6)
+      # The clusters' share of the sketch variance, from scikit-learn's
+      # Calinski-Harabasz index CH = (B / (c - 1)) / (W / (n - c)).
+      c, n = len(np.unique(nearest)), len(nearest)
+      if 1 < c < n:
+        ratio = calinski_harabasz_score(z, nearest) * (c - 1) / (n - c)
+        np.testing.assert_allclose(got["between"], ratio / (1 + ratio), rtol=1e-6)
+        between += 1
       if rho:
         np.testing.assert_allclose(got["spearman"], np.mean(rho), rtol=1e-6)
         correlated += 1
@@ -181,6 +189,8 @@ def test_domains_against_sklearn(study):
   assert "Up-weighting by source" in table and "| dograph step |" in table
   assert "Within a source" in table and "| tilt % |" in table
   assert correlated  # r varies within a source somewhere: the Spearman check can fail
+  assert between  # some step has 2 or more clusters among the probe rows
+  assert "| between % |" in table
 
 
 def test_weights_and_cost(study):

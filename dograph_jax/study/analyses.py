@@ -478,6 +478,22 @@ def within_source_tilt(r_N: np.ndarray, losses_N: np.ndarray, labels_N: np.ndarr
   return {"tilt": mean(tilt), "spearman": mean(rho), "r_std": mean(spread)}
 
 
+def between_share(z_NxK: np.ndarray, assigned_N: np.ndarray) -> float:
+  """The share of the sketches' total variance that lies between clusters,
+  ``1 - sum_i |z_i - zbar_{c(i)}|^2 / sum_i |z_i - zbar|^2`` (``zbar_c`` the
+  mean of the rows assigned to ``c``): how much of the per-sample gradients'
+  spread (in sketch space) the clusters account for — what an update that
+  gives each cluster its exact share could remove (the between-domain term
+  of ``post_stratified_coefficients``). NaN when every row is the same."""
+  z = np.asarray(z_NxK, np.float64)
+  _, inverse = np.unique(assigned_N, return_inverse=True)
+  counts = np.bincount(inverse)
+  means = np.stack([np.bincount(inverse, weights=z[:, k]) for k in range(z.shape[1])], 1)
+  means /= counts[:, None]
+  total = np.sum((z - z.mean(0)) ** 2)
+  return float(1.0 - np.sum((z - means[inverse]) ** 2) / total) if total > 0 else math.nan
+
+
 def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
                   keep_sketches: bool = False) -> dict:
   """ARI / NMI against the step for one run (see the module docstring), and
@@ -542,8 +558,11 @@ def run_agreement(run_dir: Path, probe_rows: int, snapshots: bool = True,
         out["nmi_own"].append(agreement.normalized_mutual_info(labels, assigned))
         out["ratio_own"].append(None if ratios is None else source_ratios(
             ratios, assigned, labels, len(names)))
-        out["tilt_own"].append(None if ratios is None else within_source_tilt(
-            ratios[assigned], row_losses, labels, len(names)))
+        tilt = None if ratios is None else within_source_tilt(ratios[assigned], row_losses,
+                                                              labels, len(names))
+        if tilt is not None:
+          tilt["between"] = between_share(z, assigned)
+        out["tilt_own"].append(tilt)
     if step in snap_at:
       snap = {"labels": labels.tolist(), "clusters": clusters.tolist(),
               "pca": pca_2d(_unit(z)).tolist(),
@@ -635,15 +654,19 @@ def _tilt_table(by_label: dict) -> list[str]:
              "checkpoint's parameters; > 0: the update leans to the source's harder rows), "
              "in % of the source's mean loss; the Spearman correlation of `r` and `l`; the "
              "std of `r` within a source. Each averaged over the sources, then mean ± std "
-             "over seeds.", ""]
-    out += [f"| {label} step | tilt % | Spearman(r, loss) | std of r |", "|---|---|---|---|"]
+             "over seeds. Between %: the share of the probe sketches' variance that lies "
+             "between DoGraph's clusters, `1 − within SS / total SS` (what giving each "
+             "cluster its exact share of the update could remove).", ""]
+    out += [f"| {label} step | tilt % | Spearman(r, loss) | std of r | between % |",
+            "|---|---|---|---|---|"]
     for k, step in enumerate(runs[0]["steps"]):
       cells = [r["tilt_own"][k] for r in runs]
       if any(c is None for c in cells):
         continue
       row = []
-      for key, scale in (("tilt", 100.0), ("spearman", 1.0), ("r_std", 1.0)):
-        values = [c[key] for c in cells if c[key] is not None]
+      for key, scale in (("tilt", 100.0), ("spearman", 1.0), ("r_std", 1.0),
+                         ("between", 100.0)):
+        values = [c.get(key) for c in cells if c.get(key) is not None]
         row.append(_pm(*_mean_std(np.asarray(values) * scale)) if values else "—")
       out.append(f"| {step} | " + " | ".join(row) + " |")
     out.append("")
