@@ -35,6 +35,15 @@ python experiments/ablate.py --name mixing_1000_levers --data_dirs "$ALL" "${BAS
     --config dograph_anchor1:method=dograph,anchor=1.0 \
     --config dograph_sample_anchor1:method=dograph,apply_weights=sample,anchor=1.0 \
     --config dograph_stratified:method=dograph,sampling=uniform
+#    Post-stratified coefficients (each cluster's share of the update exactly,
+#    not in expectation: --coefficients post_stratified), on natural and on
+#    stratified batches, on the two real-text corpora.
+python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,data/local_licenses_in_python \
+    "${BASE[@]}" --results_dir experiments/results/mixing_1000_levers_post_stratified \
+    --config uniform:method=uniform --config dograph:method=dograph \
+    --config stratified:method=stratified --config dograph_stratified:method=dograph,sampling=uniform \
+    --config dograph_post_stratified:method=dograph,coefficients=post_stratified \
+    --config dograph_stratified_post_stratified:method=dograph,sampling=uniform,coefficients=post_stratified
 # 3. The reference DoGraph cannot read: stratified over the true sources.
 python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE" "${BASE[@]}" \
     --results_dir experiments/results/mixing_1000_true_labels
