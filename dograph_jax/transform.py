@@ -324,6 +324,8 @@ def dograph_transform(
       (:func:`~dograph_jax.transform_stages.coefficients.post_stratified_coefficients`;
       with ``w = p`` the post-stratified estimator of the mean gradient).
       Needs the whole batch's domains, so not with :class:`LaggedGrads`.
+      Measured worse than the default (docs/method.md, "Post-stratified
+      coefficients").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update(updates, state,

@@ -68,12 +68,12 @@ python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@
 [ "${REPORT_ONLY:-0}" = 1 ] && exit 0
 # 6. Where the gap to Uniform opens and closes, what DoGraph's weights do.
 python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform uniform \
-    --dograph dograph,dograph_sample --at 100,400,1000 --window 100 \
+    --dograph dograph,dograph_sample --at 100,200,400,600,800,1000 --window 100 \
     --out experiments/results/analysis_dynamics
 #    The same for DoGraph on stratified batches against stratified (lever, step 2).
 python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform stratified \
     --dograph dograph_stratified,dograph_stratified_anchor0,dograph_stratified_anchor1 \
-    --at 100,400,1000 --window 100 \
+    --at 100,200,400,600,800,1000 --window 100 \
     --out experiments/results/analysis_dynamics_stratified
 # 7. Which sources DoGraph's weights favour, on natural and on stratified
 #    batches of the coarse corpus: the same runs as the table (bit for bit),
