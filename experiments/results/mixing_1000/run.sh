@@ -34,7 +34,8 @@ python experiments/ablate.py --name mixing_1000_levers --data_dirs "$ALL" "${BAS
     --results_dir experiments/results/mixing_1000_levers \
     --config dograph_anchor1:method=dograph,anchor=1.0 \
     --config dograph_sample_anchor1:method=dograph,apply_weights=sample,anchor=1.0 \
-    --config dograph_stratified:method=dograph,sampling=uniform
+    --config dograph_stratified:method=dograph,sampling=uniform \
+    --config dograph_stratified_anchor1:method=dograph,sampling=uniform,anchor=1.0
 #    Post-stratified coefficients (each cluster's share of the update exactly,
 #    not in expectation: --coefficients post_stratified), on natural and on
 #    stratified batches, on the two real-text corpora.
