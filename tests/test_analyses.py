@@ -438,7 +438,8 @@ def test_dynamics_training_loss_gap_by_hand(tmp_path):
                         "dograph_sample", "--at", "100", "--window", "50", "--out", str(out)]) == 0
   t = json.loads((out / "analysis.json").read_text())["corpora"]["c"]["train_loss"]
   assert t["dograph_sample"]["own_batches"]
-  np.testing.assert_allclose(t["dograph_sample"]["at"]["100"]["diff"], [-1.0, 0.0], atol=1e-12)  # 3.0 - 4.0
+  # seed 0 only: 3.0 - 4.0
+  np.testing.assert_allclose(t["dograph_sample"]["at"]["100"]["diff"], [-1.0, 0.0], atol=1e-12)
   assert ("| dograph_sample (its own batches: sampled) | -1.0000 ± 0.0000 (1/1) |"
           in (out / "table.md").read_text())
 
