@@ -45,6 +45,12 @@ python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,da
     --config stratified:method=stratified --config dograph_stratified:method=dograph,sampling=uniform \
     --config dograph_post_stratified:method=dograph,coefficients=post_stratified \
     --config dograph_stratified_post_stratified:method=dograph,sampling=uniform,coefficients=post_stratified
+#    Clusters of per-block gradient directions (--normalize_blocks: every
+#    parameter block's sketch of a sample scaled to unit norm before the sum).
+python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,data/local_licenses_in_python \
+    "${BASE[@]}" --results_dir experiments/results/mixing_1000_levers_normalize_blocks \
+    --config uniform:method=uniform --config dograph:method=dograph \
+    --config dograph_normalize_blocks:method=dograph,normalize_blocks=true
 # 3. The reference DoGraph cannot read: stratified over the true sources.
 python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE" "${BASE[@]}" \
     --results_dir experiments/results/mixing_1000_true_labels
