@@ -993,8 +993,7 @@ def window_weight_stats(records: list[dict], step: int, window: int, max_ratio: 
 def train_losses(records: list[dict]) -> dict[int, float]:
   """``{step: loss}`` of a run's training records (the batch's plain mean
   loss). A resumed run may log a step twice; its later record wins."""
-  return {int(r["step"]): float(r["loss"]) for r in records
-          if "loss" in r and r.get("loss") is not None}
+  return {int(r["step"]): float(r["loss"]) for r in records if r.get("loss") is not None}
 
 
 def window_loss_gap(label: dict[int, float], reference: dict[int, float], step: int,

@@ -71,13 +71,22 @@ def frequency_coefficients(weights: jax.Array, frequencies: jax.Array,
     if every ratio is 0; all 0 if no sample is kept).
   """
   ratio = frequency_ratios(weights, frequencies, max_ratio)
-  mask = (jnp.ones(assignments.shape, bool) if sample_mask is None
+  mask = _mask(assignments, sample_mask)
+  return _normalised(jnp.where(mask, ratio[assignments], 0.0), mask)
+
+
+def _mask(assignments: jax.Array, sample_mask: jax.Array | None) -> jax.Array:
+  return (jnp.ones(assignments.shape, bool) if sample_mask is None
           else jnp.asarray(sample_mask, bool))
-  r_B = jnp.where(mask, ratio[assignments], 0.0)
-  total = jnp.sum(r_B)
-  kept = jnp.sum(mask.astype(jnp.float32))
-  fallback = jnp.where(mask, 1.0, 0.0) / jnp.maximum(kept, 1.0)
-  return jnp.where(total > 0, r_B / jnp.where(total > 0, total, 1.0),
+
+
+def _normalised(a_B: jax.Array, mask_B: jax.Array) -> jax.Array:
+  """``a_B / sum(a_B)`` in float32; uniform over the kept samples where the sum
+  is 0, all 0 where none is kept."""
+  total = jnp.sum(a_B)
+  kept = jnp.sum(mask_B.astype(jnp.float32))
+  fallback = jnp.where(mask_B, 1.0, 0.0) / jnp.maximum(kept, 1.0)
+  return jnp.where(total > 0, a_B / jnp.where(total > 0, total, 1.0),
                    fallback).astype(jnp.float32)
 
 
@@ -114,11 +123,8 @@ def post_stratified_coefficients(weights: jax.Array, frequencies: jax.Array,
   share = jnp.asarray(frequencies, jnp.float32) * frequency_ratios(weights, frequencies,
                                                                    max_ratio)
   share = jnp.where(counts > 0, share, 0.0)
-  total = jnp.sum(share)
-  mask = (jnp.ones(assignments.shape, bool) if sample_mask is None
-          else jnp.asarray(sample_mask, bool))
-  a = jnp.where(mask, share[assignments] / jnp.maximum(counts[assignments], 1.0), 0.0)
-  kept = jnp.sum(mask.astype(jnp.float32))
-  fallback = jnp.where(mask, 1.0, 0.0) / jnp.maximum(kept, 1.0)
-  return jnp.where(total > 0, a / jnp.where(total > 0, total, 1.0),
-                   fallback).astype(jnp.float32)
+  mask = _mask(assignments, sample_mask)
+  # Each kept sample carries share / n of its domain: the a_i sum to the
+  # shares of the domains present, which _normalised brings to 1.
+  return _normalised(jnp.where(mask, share[assignments] / jnp.maximum(counts[assignments], 1.0),
+                               0.0), mask)
