@@ -51,6 +51,21 @@ python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,da
     "${BASE[@]}" --results_dir experiments/results/mixing_1000_levers_normalize_blocks \
     --config uniform:method=uniform --config dograph:method=dograph \
     --config dograph_normalize_blocks:method=dograph,normalize_blocks=true
+#    Clusters kept distinct late in training (the share of the gradients'
+#    spread between DoGraph's clusters falls from 15 % to 3 % over the run):
+#    dead clusters re-seeded below half the mean mass instead of 5 %, twice
+#    the clusters, centroids and statistics that track faster (decay 0.5).
+python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,data/local_licenses_in_python \
+    "${BASE[@]}" --results_dir experiments/results/mixing_1000_levers_clusters \
+    --config uniform:method=uniform --config dograph:method=dograph \
+    --config dograph_reseed05:method=dograph,reseed_fraction=0.5 \
+    --config dograph_m22:method=dograph,num_domains=22 \
+    --config dograph_decay05:method=dograph,decay=0.5
+#    The one that tied the default there (decay 0.5), on the synthetic corpora.
+python experiments/ablate.py --name mixing_1000_levers --data_dirs data/synthetic,data/synthetic_dna_in_prose \
+    "${BASE[@]}" --results_dir experiments/results/mixing_1000_levers_decay_synthetic \
+    --config uniform:method=uniform --config dograph:method=dograph \
+    --config dograph_decay05:method=dograph,decay=0.5
 # 3. The reference DoGraph cannot read: stratified over the true sources.
 python experiments/ablate.py --name mixing_1000_true_labels --data_dirs "$COARSE" "${BASE[@]}" \
     --results_dir experiments/results/mixing_1000_true_labels
@@ -68,6 +83,12 @@ python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,da
     --config stratified:method=stratified --config dograph_stratified:method=dograph,sampling=uniform \
     --config dograph_stratified_anchor0:method=dograph,sampling=uniform,anchor=0.0 \
     --config dograph_stratified_anchor1:method=dograph,sampling=uniform,anchor=1.0
+#    Five seeds of the cluster lever of step 2 that tied or beat the default
+#    on 3 seeds (decay 0.5: its clusters collapse into one by step 400).
+python experiments/ablate.py --name mixing_1000_levers --data_dirs data/local,data/local_licenses_in_python \
+    "${BASE[@]}" --seeds 0,1,2,3,4 --results_dir experiments/results/mixing_1000_levers_decay_5seeds \
+    --config uniform:method=uniform --config dograph:method=dograph \
+    --config dograph_decay05:method=dograph,decay=0.5
 # 5. The same rows at batch 48 x 128 tokens (6,144 tokens a step, 3x the table's).
 python experiments/ablate.py --name mixing_1000 --data_dirs data/local "${BASE[@]}" \
     --batch_size 48 --seq_len 128 --out_dir runs/mixing_1000_b48 --only "$TOP" \
@@ -82,13 +103,25 @@ python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform strati
     --dograph dograph_stratified,dograph_stratified_anchor0,dograph_stratified_anchor1 \
     --at 100,200,400,600,800,1000 --window 100 \
     --out experiments/results/analysis_dynamics_stratified
+#    The same for the cluster levers of step 2 (3 seeds, the real-text corpora).
+python experiments/analyses.py dynamics --runs runs/mixing_1000 --uniform uniform \
+    --dograph dograph,dograph_reseed05,dograph_m22,dograph_decay05 \
+    --at 100,200,400,600,800,1000 --window 100 \
+    --out experiments/results/analysis_dynamics_clusters
 # 7. Which sources DoGraph's weights favour, on natural and on stratified
 #    batches of the coarse corpus: the same runs as the table (bit for bit),
 #    2 seeds, with a checkpoint every 100 steps for the probe.
 python experiments/ablate.py --name probe_ckpt --data_dirs data/local_licenses_in_python \
     "${BASE[@]}" --seeds 0,1 --save_every 100 --keep_checkpoints 11 --out_dir runs/probe_ckpt \
     --results_dir runs/probe_ckpt_study \
-    --config dograph:method=dograph --config dograph_stratified:method=dograph,sampling=uniform
+    --config dograph:method=dograph --config dograph_stratified:method=dograph,sampling=uniform \
+    --config dograph_reseed05:method=dograph,reseed_fraction=0.5 \
+    --config dograph_m22:method=dograph,num_domains=22
 python experiments/analyses.py domains --runs runs/probe_ckpt --uniform none \
     --dograph dograph,dograph_stratified --probe_rows 32 \
     --out experiments/results/analysis_sources_composition
+#    Do the cluster levers of step 2 keep more of the gradients' spread
+#    between the clusters late in training?
+python experiments/analyses.py domains --runs runs/probe_ckpt --uniform none \
+    --dograph dograph,dograph_reseed05,dograph_m22 --probe_rows 32 \
+    --out experiments/results/analysis_clusters_late
