@@ -21,10 +21,11 @@ Compiled at LLVM optimisation level 0 (``XLA_FLAGS=
 programs and runs each a few times, so XLA:CPU's code generation is most of
 its time; level 0 cuts a third of it. The HLO passes (fusion, buffer
 assignment: what the memory and FLOPs tests read) are XLA's usual ones; the
-floats may differ from a default compile in the last bits. Only the
-bit-for-bit pin against a record written with the default compile
-(``test_golden_methods.py``) depends on that, so it trains in a child
-process with the default compile; the rest of the suite passes either way. An ``XLA_FLAGS``
+floats may differ from a default compile in the last bits. The pin
+against a record written with the default compile
+(``test_golden_methods.py``, compared to float32 rounding) trains in a
+child process with the default compile, so that only the CPU, not the
+compile, separates it from the record; the rest of the suite passes either way. An ``XLA_FLAGS``
 that already names an optimisation level is left alone;
 ``DOGRAPH_TEST_DEFAULT_OPT=1`` keeps the default compile.
 """
