@@ -173,7 +173,7 @@ def _assert_close(got, want, where: str) -> None:
     for i, (g, w) in enumerate(zip(got, want)):
       _assert_close(g, w, f"{where}[{i}]")
   elif isinstance(want, float):
-    assert isinstance(got, (int, float)) and not isinstance(got, bool), where
+    assert isinstance(got, float), f"{where}: {got!r} is not a float"
     assert got == pytest.approx(want, rel=METRICS_RTOL, abs=1e-12), where
   else:  # int, str, bool, None: exact (an int is not a float here, nor the reverse)
     assert type(got) is type(want) and got == want, f"{where}: {got!r} != {want!r}"
